@@ -1,0 +1,67 @@
+# portagent — every set-up step lives here so a clean Debian 12 machine needs only
+# `make demo` and `make test` (as root).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_APT := .cache/apt.stamp
+STAMP_VENV := $(VENV)/.installed
+
+# Debian packages the agent, the tests and the demo need at run time.
+APT_PACKAGES := nftables libnftables1 conntrack iproute2 protobuf-compiler protobuf-compiler-grpc \
+	libsystemd-dev pkg-config python3-venv python3-dev gcc systemd procps
+
+PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto
+PB_OUT := src/portagent/v1/agent_pb2.py src/portagent/health/v1/health_pb2.py
+
+.PHONY: all deps venv proto test test-unit test-slow lint demo deb test-packaging bench clean
+
+all: venv
+
+$(STAMP_APT):
+	@mkdir -p .cache
+	@if [ "$$(id -u)" != 0 ]; then echo "make: run as root (apt packages, network namespaces)"; exit 1; fi
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+deps: $(STAMP_APT)
+
+# Debian's protoc + grpc plugin: their output imports on Debian's grpcio 1.51 /
+# protobuf 3.21 and on current PyPI releases alike (docs/adr/0002-protobuf-codegen.md).
+$(PB_OUT) &: $(PROTOS) | $(STAMP_APT)
+	cd proto && protoc -I. --python_out=../src --grpc_python_out=../src \
+		--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin $(patsubst proto/%,%,$(PROTOS))
+
+proto: $(PB_OUT)
+
+$(STAMP_VENV): pyproject.toml | $(STAMP_APT)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP_VENV) $(PB_OUT)
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: venv lint
+	$(PY) -m pytest
+
+test-unit: venv
+	$(PY) -m pytest tests/unit
+
+test-slow: venv
+	$(PY) -m pytest -m slow
+
+demo: venv
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .cache build dist src/*.egg-info $(PB_OUT) $(PB_OUT:_pb2.py=_pb2_grpc.py)

@@ -1,0 +1,63 @@
+"""The nftables adapter: the only module that talks to libnftables.
+
+One `Nftables` context, used from one thread only (contexts are not thread-safe).
+Batches arrive as text rendered by `portagent.render` from validated values.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import nftables
+
+from portagent.errors import EnforcementError
+from portagent.render import FAMILY, TABLE, KernelState, parse_listing, render_delete_table
+
+
+class NftablesFirewall:
+    """Applies batches to, and lists, the `inet portagent` table of this network namespace."""
+
+    def __init__(self) -> None:
+        self._nft = nftables.Nftables()
+        self._nft.set_handle_output(False)
+        self._nft.set_echo_output(False)
+
+    def apply(self, batch: str) -> None:
+        """Run `batch` as one kernel transaction: all of it, or (on error) none of it."""
+        self._nft.set_json_output(False)
+        rc, _out, err = self._nft.cmd(batch)
+        if rc != 0:
+            raise EnforcementError(f"nftables refused the change: {err.strip()}")
+
+    def _json(self, command: str) -> dict[str, Any]:
+        self._nft.set_json_output(True)
+        try:
+            rc, out, err = self._nft.cmd(command)
+        finally:
+            self._nft.set_json_output(False)
+        if rc != 0:
+            raise EnforcementError(f"nftables: {command!r} failed: {err.strip()}")
+        doc: dict[str, Any] = json.loads(out)
+        return doc
+
+    def table_exists(self) -> bool:
+        tables = self._json(f"list tables {FAMILY}").get("nftables", [])
+        return any(item.get("table", {}).get("name") == TABLE for item in tables)
+
+    def list_raw(self) -> dict[str, Any] | None:
+        """`list table` as parsed JSON, or None when our table does not exist."""
+        if not self.table_exists():
+            return None
+        return self._json(f"list table {FAMILY} {TABLE}")
+
+    def read_state(self, now: float) -> KernelState:
+        doc = self.list_raw()
+        return parse_listing(doc, now) if doc is not None else KernelState()
+
+    def delete_table(self) -> bool:
+        """Remove our table; False when there was none."""
+        if not self.table_exists():
+            return False
+        self.apply(render_delete_table())
+        return True

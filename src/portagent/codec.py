@@ -1,0 +1,93 @@
+"""Conversion between the wire format (portagent.v1 protobuf) and the domain model."""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from portagent.model import Grant, GrantRecord, GrantState, PortRange, Protocol
+from portagent.v1 import agent_pb2 as pb
+
+PROTOCOL_TO_PB = {Protocol.TCP: pb.PROTOCOL_TCP, Protocol.UDP: pb.PROTOCOL_UDP}
+PROTOCOL_FROM_PB = {v: k for k, v in PROTOCOL_TO_PB.items()}
+STATE_TO_PB = {
+    GrantState.ACTIVE: pb.GRANT_STATE_ACTIVE,
+    GrantState.EXPIRED: pb.GRANT_STATE_EXPIRED,
+    GrantState.REVOKED: pb.GRANT_STATE_REVOKED,
+}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    whole = int(seconds // 1)
+    return Timestamp(seconds=whole, nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+
+
+def seconds_of(ts: Timestamp) -> float:
+    return float(ts.seconds) + ts.nanos / 1e9
+
+
+def grant_to_pb(grant: Grant, nonce: bytes = b"") -> pb.Grant:
+    return pb.Grant(
+        grant_id=grant.grant_id,
+        host_id=grant.host_id,
+        subject=grant.subject,
+        source_prefixes=[str(n) for n in grant.sources],
+        protocol=PROTOCOL_TO_PB[grant.protocol],
+        port_start=grant.ports.first,
+        port_end=grant.ports.last,
+        not_before=timestamp(grant.not_before),
+        expire_time=timestamp(grant.expire_time),
+        issue_time=timestamp(grant.issue_time),
+        nonce=nonce,
+        key_id=grant.key_id,
+        reason=grant.reason,
+    )
+
+
+def status_to_pb(record: GrantRecord) -> pb.GrantStatus:
+    status = pb.GrantStatus(
+        grant=pb.Grant.FromString(record.grant_bytes),
+        state=STATE_TO_PB[record.state],
+        apply_time=timestamp(record.apply_time),
+    )
+    if record.revoke_time is not None:
+        status.revoke_time.CopyFrom(timestamp(record.revoke_time))
+    return status
+
+
+def grant_from_pb(msg: pb.Grant) -> Grant:
+    """A Grant from a message that was verified when it was first accepted (store reload).
+
+    Policy checks live in `portagent.verify`; this only converts.
+    """
+    return Grant(
+        grant_id=msg.grant_id,
+        host_id=msg.host_id,
+        subject=msg.subject,
+        sources=tuple(ip_network(text) for text in msg.source_prefixes),
+        protocol=PROTOCOL_FROM_PB[msg.protocol],
+        ports=PortRange(msg.port_start, msg.port_end or msg.port_start),
+        not_before=seconds_of(msg.not_before),
+        expire_time=seconds_of(msg.expire_time),
+        issue_time=seconds_of(msg.issue_time),
+        key_id=msg.key_id,
+        reason=msg.reason,
+    )
+
+
+def describe_unverified(payload: bytes) -> dict[str, object]:
+    """Audit fields from grant bytes that failed verification (best effort, never trusted)."""
+    try:
+        msg = pb.Grant.FromString(payload)
+    except Exception:
+        return {}
+    fields: dict[str, object] = {
+        "GRANT_ID": msg.grant_id[:64] or None,
+        "SUBJECT": msg.subject[:256] or None,
+        "SOURCE": [s[:64] for s in msg.source_prefixes[:8]] or None,
+        "PORT": (f"{msg.port_start}-{msg.port_end}" if msg.port_end not in (0, msg.port_start)
+                 else str(msg.port_start)) if msg.port_start else None,
+        "PROTOCOL": {pb.PROTOCOL_TCP: "tcp", pb.PROTOCOL_UDP: "udp"}.get(msg.protocol),
+    }
+    return {k: v for k, v in fields.items() if v is not None}

@@ -1,0 +1,428 @@
+"""The engine: owns desired state, the kernel table and the store, from one thread.
+
+API threads (gRPC, admin socket) submit commands and wait on a future. The writer
+thread drains every pending command, verifies them, writes the store in one
+transaction, applies one kernel batch, and only then commits the store: a refused
+or failed command changes nothing. The same loop garbage-collects expired grants,
+repairs tampering and re-asserts the table on a slow timer (level-triggered).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from portagent.adapters.journal import EventLog, Priority
+from portagent.codec import describe_unverified
+from portagent.errors import (
+    EnforcementError,
+    GrantConflict,
+    GrantNotFound,
+    GrantNotInWindow,
+    PortagentError,
+)
+from portagent.model import Element, ElementKey, GrantRecord, GrantState
+from portagent.plan import Plan, apply_plan, desired_elements, plan_changes
+from portagent.render import KernelState, Layout, render_plan
+from portagent.settings import Settings
+from portagent.store import Store
+from portagent.verify import Revocation, Verifier
+
+# Commands coalesced into one kernel transaction at most.
+MAX_BATCH = 20_000
+
+
+class Firewall(Protocol):
+    def apply(self, batch: str) -> None: ...
+    def read_state(self, now: float) -> KernelState: ...
+
+
+@dataclass(frozen=True)
+class SignedInput:
+    payload: bytes
+    signature: bytes
+    key_id: str
+
+
+@dataclass
+class _Command:
+    kind: str  # "apply" | "revoke" | "revoke_local"
+    future: Future[GrantRecord | None]
+    signed: SignedInput | None = None
+    grant_id: str = ""
+    actor: str = ""
+
+
+@dataclass
+class _Pending:
+    """Outcome of one batch before the kernel accepted it."""
+
+    inserts: list[GrantRecord] = field(default_factory=list)
+    revokes: list[tuple[GrantRecord, Revocation | None, str]] = field(default_factory=list)
+    revoked_ids: list[tuple[str, float]] = field(default_factory=list)
+    results: list[tuple[_Command, GrantRecord | None]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, settings: Settings, firewall: Firewall, store: Store, events: EventLog,
+                 clock: Callable[[], float] = time.time,
+                 watchdog: Callable[[], None] | None = None) -> None:
+        self._settings = settings
+        self._verifier = Verifier(settings.host_id, settings.trusted_keys, settings.policy)
+        self._firewall = firewall
+        self._store = store
+        self._events = events
+        self._clock = clock
+        self._watchdog = watchdog
+        self._queue: queue.Queue[_Command] = queue.Queue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._full_reconcile = threading.Event()
+        self._lock = threading.Lock()  # guards _records for readers on other threads
+        self._records: dict[str, GrantRecord] = {}
+        self._revoked: dict[str, float] = {}
+        self._actual: dict[ElementKey, Element] = {}
+        self._maps: frozenset[tuple[int, int]] = frozenset()
+        self._layout_dirty = True
+        self._thread: threading.Thread | None = None
+        self.last_reconcile: float = 0.0
+        self.stall_check: Callable[[], bool] = lambda: False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the store and converge the kernel once (synchronously), then run the loop."""
+        for record in self._store.load():
+            self._records[record.grant.grant_id] = record
+        self._revoked = self._store.revoked_ids()
+        self._reconcile_full()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop. Kernel elements stay: they expire on their own (fail-safe)."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        while True:
+            try:
+                command = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            command.future.set_exception(EnforcementError("agent is shutting down",
+                                                          reason="SHUTTING_DOWN"))
+
+    def update_settings(self, settings: Settings) -> None:
+        """Reload: new trust and policy for new grants; active grants stay as they are."""
+        with self._lock:
+            self._settings = settings
+            self._verifier = Verifier(settings.host_id, settings.trusted_keys, settings.policy)
+        self._layout_dirty = True
+        self.request_full_reconcile()
+
+    # ---- API (any thread) ------------------------------------------------------------
+
+    def apply_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord:
+        record = self._submit(_Command("apply", Future(), signed=signed), timeout)
+        assert record is not None
+        return record
+
+    def revoke_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord | None:
+        return self._submit(_Command("revoke", Future(), signed=signed), timeout)
+
+    def revoke_local(self, grant_id: str, actor: str, timeout: float = 30.0) -> GrantRecord:
+        record = self._submit(_Command("revoke_local", Future(), grant_id=grant_id, actor=actor),
+                              timeout)
+        assert record is not None
+        return record
+
+    def get(self, grant_id: str) -> GrantRecord:
+        with self._lock:
+            record = self._records.get(grant_id)
+        if record is None:
+            raise GrantNotFound(f"grant_id: no grant {grant_id!r} on this host")
+        return self._with_state(record, self._clock())
+
+    def list_grants(self) -> list[GrantRecord]:
+        with self._lock:
+            records = list(self._records.values())
+        now = self._clock()
+        return sorted((self._with_state(r, now) for r in records), key=lambda r: r.grant.grant_id)
+
+    def request_full_reconcile(self) -> None:
+        self._full_reconcile.set()
+        self._wake.set()
+
+    def on_foreign_change(self, pid: int, process: str) -> None:
+        self._events.emit("tamper", f"ruleset changed by {process} (pid {pid}); reconciling",
+                          Priority.ALERT, CHANGED_BY_PID=pid, CHANGED_BY=process)
+        self._layout_dirty = True
+        self.request_full_reconcile()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @staticmethod
+    def _with_state(record: GrantRecord, now: float) -> GrantRecord:
+        if record.state is GrantState.ACTIVE and record.grant.expire_time <= now:
+            return replace(record, state=GrantState.EXPIRED)
+        return record
+
+    def _submit(self, command: _Command, timeout: float) -> GrantRecord | None:
+        if self._stopping.is_set():
+            raise EnforcementError("agent is shutting down", reason="SHUTTING_DOWN")
+        self._queue.put(command)
+        self._wake.set()
+        return command.future.result(timeout=timeout)
+
+    # ---- writer thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_full = self._clock() + self._settings.reconcile_interval
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=self._sleep_for(next_full))
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                commands = self._drain()
+                if commands:
+                    self._process(commands)
+                self._expire()
+                if self._full_reconcile.is_set() or self._clock() >= next_full:
+                    self._full_reconcile.clear()
+                    self._reconcile_full()
+                    next_full = self._clock() + self._settings.reconcile_interval
+            except Exception as exc:
+                self._events.emit("error", f"reconcile failed: {exc}", Priority.ERR)
+                self._full_reconcile.set()
+                time.sleep(0.2)
+            if self._watchdog is not None and not self.stall_check():
+                self._watchdog()
+
+    def _sleep_for(self, next_full: float) -> float:
+        now = self._clock()
+        with self._lock:
+            expiries = [r.grant.expire_time for r in self._records.values()
+                        if r.state is GrantState.ACTIVE]
+        wake_at = min([next_full, *expiries]) if expiries else next_full
+        # Wake at least every 2 s so watchdog pings keep flowing.
+        return max(0.0, min(wake_at - now, 2.0))
+
+    def _drain(self) -> list[_Command]:
+        commands: list[_Command] = []
+        while len(commands) < MAX_BATCH:
+            try:
+                commands.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return commands
+
+    def _process(self, commands: list[_Command]) -> None:
+        now = self._clock()
+        pending = _Pending()
+        staged: dict[str, GrantRecord] = {}  # grant id -> record as it will be after commit
+        for command in commands:
+            try:
+                result = self._stage(command, now, staged, pending)
+            except PortagentError as exc:
+                self._refused(command, exc)
+                command.future.set_exception(exc)
+                continue
+            pending.results.append((command, result))
+        if not (pending.inserts or pending.revokes or pending.revoked_ids):
+            for command, result in pending.results:
+                command.future.set_result(result)
+            return
+        merged = {**self._records, **staged}
+        try:
+            self._commit(pending, merged, now)
+        except PortagentError as exc:
+            for command, _ in pending.results:
+                command.future.set_exception(exc)
+            self._full_reconcile.set()
+            return
+        for command, result in pending.results:
+            command.future.set_result(result)
+
+    def _stage(self, command: _Command, now: float, staged: dict[str, GrantRecord],
+               pending: _Pending) -> GrantRecord | None:
+        if command.kind == "apply":
+            assert command.signed is not None
+            signed = command.signed
+            grant = self._verifier.verify_grant(signed.payload, signed.signature, signed.key_id, now)
+            if grant.grant_id in self._revoked:
+                raise GrantNotInWindow(f"grant_id: {grant.grant_id!r} was revoked; it never "
+                                       "reopens", reason="GRANT_REVOKED")
+            known = staged.get(grant.grant_id) or self._records.get(grant.grant_id)
+            if known is not None:
+                if known.grant_bytes != signed.payload:
+                    raise GrantConflict(f"grant_id: {grant.grant_id!r} is already known with "
+                                        "different content")
+                if known.state is GrantState.REVOKED:
+                    raise GrantNotInWindow(f"grant_id: {grant.grant_id!r} was revoked; it never "
+                                           "reopens", reason="GRANT_REVOKED")
+                return known  # idempotent re-delivery
+            record = GrantRecord(grant=grant, handle=0, grant_bytes=signed.payload,
+                                 signature=signed.signature, state=GrantState.ACTIVE,
+                                 apply_time=now)
+            staged[grant.grant_id] = record
+            pending.inserts.append(record)
+            return record
+        if command.kind == "revoke":
+            assert command.signed is not None
+            signed = command.signed
+            revocation = self._verifier.verify_revocation(signed.payload, signed.signature,
+                                                          signed.key_id, now)
+            return self._stage_revoke(revocation.grant_id, now, staged, pending, revocation,
+                                      "broker", must_exist=False)
+        return self._stage_revoke(command.grant_id, now, staged, pending, None, command.actor,
+                                  must_exist=True)
+
+    def _stage_revoke(self, grant_id: str, now: float, staged: dict[str, GrantRecord],
+                      pending: _Pending, revocation: Revocation | None, actor: str,
+                      must_exist: bool) -> GrantRecord | None:
+        known = staged.get(grant_id) or self._records.get(grant_id)
+        policy = self._settings.policy
+        if known is None:
+            if must_exist:
+                raise GrantNotFound(f"grant_id: no grant {grant_id!r} on this host")
+            # Revoked before delivery: remember the id until any grant with it would have
+            # expired anyway.
+            issued = revocation.issue_time if revocation else now
+            pending.revoked_ids.append((grant_id, max(issued, now) + policy.max_ttl
+                                        + 2 * policy.clock_skew))
+            return None
+        if known.state is GrantState.REVOKED:
+            return known
+        revoked = replace(known, state=GrantState.REVOKED, revoke_time=now)
+        staged[grant_id] = revoked
+        pending.revokes.append((revoked, revocation, actor))
+        pending.revoked_ids.append((grant_id, known.grant.expire_time + policy.clock_skew))
+        return revoked
+
+    def _commit(self, pending: _Pending, merged: dict[str, GrantRecord], now: float) -> None:
+        store = self._store
+        try:
+            with store.transaction():
+                for index, record in enumerate(pending.inserts):
+                    with_handle = replace(record, handle=store.next_handle())
+                    pending.inserts[index] = with_handle
+                    merged[record.grant.grant_id] = with_handle
+                    store.insert(with_handle)
+                for record, _, _ in pending.revokes:
+                    store.mark_revoked(record.grant.grant_id, now)
+                for grant_id, forget_after in pending.revoked_ids:
+                    store.remember_revoked(grant_id, forget_after)
+                # Kernel last, inside the store transaction: if nftables refuses, the
+                # store rolls back and nothing changed anywhere.
+                self._converge(merged, now)
+        except PortagentError:
+            raise
+        except Exception as exc:
+            raise EnforcementError(f"could not persist the change: {exc}") from exc
+        with self._lock:
+            self._records = merged
+            for grant_id, forget_after in pending.revoked_ids:
+                self._revoked[grant_id] = forget_after
+        for record in pending.inserts:
+            self._log_grant("apply", "grant applied", Priority.NOTICE, record)
+        for record, revocation, actor in pending.revokes:
+            self._log_grant("revoke", f"grant revoked by {actor}", Priority.NOTICE, record,
+                            REASON=revocation.reason if revocation else None, ACTOR=actor)
+        # Fix the results so callers see handles and final records.
+        by_id = {r.grant.grant_id: r for r in pending.inserts}
+        pending.results = [(c, by_id.get(r.grant.grant_id, r) if r else r)
+                           for c, r in pending.results]
+
+    def _converge(self, records: dict[str, GrantRecord], now: float) -> None:
+        """Plan against our model of the kernel and apply one batch."""
+        desired = desired_elements(records.values(), now)
+        plan = plan_changes(desired, self._actual, now)
+        self._apply(plan, now)
+
+    def _apply(self, plan: Plan, now: float) -> None:
+        maps = self._maps | plan.maps
+        layout = None
+        if maps != self._maps or self._layout_dirty:
+            layout = Layout(self._settings.policy.guarded, self._settings.refuse_action,
+                            frozenset(maps))
+        if plan.is_empty and layout is None:
+            return
+        self._firewall.apply(render_plan(plan, now, layout))
+        self._actual = apply_plan(self._actual, plan)
+        self._maps = frozenset(maps)
+        self._layout_dirty = False
+
+    def _reconcile_full(self) -> None:
+        """Read the kernel, then converge with the layout re-asserted."""
+        now = self._clock()
+        state = self._firewall.read_state(now)
+        self._actual = state.elements
+        self._maps = frozenset(state.maps) if state.present else frozenset()
+        self._layout_dirty = True
+        with self._lock:
+            records = dict(self._records)
+        self._converge(records, now)
+        self.last_reconcile = self._clock()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        skew = self._settings.policy.clock_skew
+        with self._lock:
+            expired = [r for r in self._records.values()
+                       if r.state is GrantState.ACTIVE and r.grant.expire_time <= now]
+            forget = [r for r in self._records.values()
+                      if r.state is GrantState.REVOKED and r.grant.expire_time + skew <= now]
+        if expired or forget:
+            with self._store.transaction():
+                self._store.delete([r.grant.grant_id for r in expired + forget])
+            with self._lock:
+                for record in expired + forget:
+                    self._records.pop(record.grant.grant_id, None)
+            for record in expired:
+                self._log_grant("expire", "grant expired", Priority.INFO,
+                                replace(record, state=GrantState.EXPIRED))
+        stale_ids = [g for g, t in self._revoked.items() if t < now]
+        if stale_ids:
+            with self._store.transaction():
+                self._store.forget_revoked_before(now)
+            for grant_id in stale_ids:
+                self._revoked.pop(grant_id, None)
+        # Elements the kernel has expired by itself leave our model of it too.
+        self._actual = {k: e for k, e in self._actual.items() if e.expire_time > now}
+
+    # ---- logging ---------------------------------------------------------------------
+
+    def _log_grant(self, action: str, message: str, priority: Priority, record: GrantRecord,
+                   **extra: object) -> None:
+        grant = record.grant
+        self._events.emit(
+            action, f"{message}: {grant.grant_id} {grant.subject} -> {grant.ports}/"
+            f"{grant.protocol.value}", priority,
+            GRANT_ID=grant.grant_id, SUBJECT=grant.subject,
+            SOURCE=[str(s) for s in grant.sources], PORT=str(grant.ports),
+            PROTOCOL=grant.protocol.value, EXPIRE_TIME=f"{grant.expire_time:.3f}",
+            HANDLE=record.handle, **extra)
+
+    def _refused(self, command: _Command, error: PortagentError) -> None:
+        fields: dict[str, object] = {"REASON": error.reason}
+        if command.signed is not None:
+            fields["KEY_ID"] = command.signed.key_id
+            if command.kind == "apply":
+                fields.update(describe_unverified(command.signed.payload))
+        if command.grant_id:
+            fields["GRANT_ID"] = command.grant_id
+        self._events.emit("refuse", f"{command.kind} refused: {error.message}", Priority.WARNING,
+                          **fields)
+
+
+def records_by_handle(records: Iterable[GrantRecord]) -> dict[int, GrantRecord]:
+    return {r.handle: r for r in records}

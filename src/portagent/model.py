@@ -1,0 +1,140 @@
+"""The domain model: what a verified grant is, and what the kernel holds for it.
+
+Everything here is immutable and does no I/O. Addresses are `ipaddress` objects
+by the time they reach this module, so nothing downstream ever hands a string
+that could be a hostname to libnftables.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from enum import Enum
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Protocol(Enum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class GrantState(Enum):
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """Inclusive port range; `first == last` for a single port."""
+
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.first <= self.last <= 65535):
+            raise ValueError(f"invalid port range {self.first}-{self.last}")
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def covers(self, other: PortRange) -> bool:
+        return self.first <= other.first and other.last <= self.last
+
+    def ports(self) -> range:
+        return range(self.first, self.last + 1)
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True, order=True)
+class GuardedPort:
+    """A port range this host guards: only granted sources may reach it."""
+
+    protocol: Protocol
+    ports: PortRange
+
+    def __str__(self) -> str:
+        return f"{self.ports}/{self.protocol.value}"
+
+
+def parse_port_spec(text: str) -> GuardedPort:
+    """Parse "22/tcp", "53/udp", "8000-8010/tcp" (protocol defaults to tcp)."""
+    spec = text.strip().lower()
+    ports_text, _, proto_text = spec.partition("/")
+    try:
+        protocol = Protocol(proto_text or "tcp")
+    except ValueError:
+        raise ValueError(f"unknown protocol {proto_text!r} in {text!r} (tcp or udp)") from None
+    first_text, dash, last_text = ports_text.partition("-")
+    if not first_text.isdigit() or (dash and not last_text.isdigit()):
+        raise ValueError(f"not a port or port range: {text!r} (e.g. 22/tcp, 8000-8010/tcp)")
+    first = int(first_text)
+    last = int(last_text) if dash else first
+    return GuardedPort(protocol, PortRange(first, last))
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A verified grant. Times are POSIX seconds (float)."""
+
+    grant_id: str
+    host_id: str
+    subject: str
+    sources: tuple[IPNetwork, ...]
+    protocol: Protocol
+    ports: PortRange
+    not_before: float
+    expire_time: float
+    issue_time: float
+    key_id: str
+    reason: str
+
+    def remaining(self, now: float) -> float:
+        return self.expire_time - now
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """A grant as the agent keeps it: the verified grant, its exact signed bytes,
+    the kernel handle (ct mark value) and its lifecycle."""
+
+    grant: Grant
+    handle: int
+    grant_bytes: bytes
+    signature: bytes
+    state: GrantState
+    apply_time: float
+    revoke_time: float | None = None
+
+
+@dataclass(frozen=True, order=True)
+class ElementKey:
+    """One kernel map element's key: masked source network, protocol, one port.
+
+    The map it lives in is determined by the network's version and prefix length.
+    """
+
+    network: IPNetwork
+    protocol: Protocol
+    port: int
+
+    @property
+    def map_name(self) -> str:
+        return map_name(self.network.version, self.network.prefixlen)
+
+
+def map_name(version: int, prefixlen: int) -> str:
+    """Kernel map holding elements of one address family and prefix length."""
+    return f"g{version}_{prefixlen}"
+
+
+@dataclass(frozen=True)
+class Element:
+    """A kernel map element: key -> grant handle, closing itself at `expire_time`."""
+
+    key: ElementKey
+    handle: int
+    expire_time: float

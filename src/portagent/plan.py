@@ -1,0 +1,96 @@
+"""Planning: from the grants we want enforced and what the kernel holds, the change.
+
+Pure functions over the model; the nftables adapter renders and applies the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from portagent.model import Element, ElementKey, GrantRecord, GrantState
+
+# An element already in the kernel whose expiry is this much shorter than wanted is
+# refreshed; listings report whole seconds, so anything finer would churn.
+REFRESH_TOLERANCE = 2.0
+
+
+def desired_elements(records: Iterable[GrantRecord], now: float) -> dict[ElementKey, Element]:
+    """One element per (source network, protocol, port) of every active grant.
+
+    Where grants overlap on the same key, the one that lasts longest wins (ties: the
+    lower handle), so revoking it hands the key back to the other on the next plan.
+    """
+    wanted: dict[ElementKey, Element] = {}
+    for record in records:
+        grant = record.grant
+        if record.state is not GrantState.ACTIVE or grant.expire_time <= now:
+            continue
+        for network in grant.sources:
+            for port in grant.ports.ports():
+                key = ElementKey(network, grant.protocol, port)
+                candidate = Element(key, record.handle, grant.expire_time)
+                current = wanted.get(key)
+                if current is None or (candidate.expire_time, -candidate.handle) > (
+                        current.expire_time, -current.handle):
+                    wanted[key] = candidate
+    return wanted
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Element changes for one atomic kernel transaction."""
+
+    add: tuple[Element, ...] = ()
+    # (what the kernel holds, what it should hold instead)
+    replace: tuple[tuple[Element, Element], ...] = ()
+    delete: tuple[Element, ...] = ()
+    maps: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.add or self.replace or self.delete)
+
+
+def plan_changes(desired: Mapping[ElementKey, Element], actual: Mapping[ElementKey, Element],
+                 now: float) -> Plan:
+    """What to add, replace and delete so the kernel holds exactly `desired`.
+
+    An element whose kernel expiry is later than its grant's is replaced: no element
+    may outlive its grant. One that expires in the kernel before we would delete it
+    is left to the kernel.
+    """
+    add: list[Element] = []
+    replace: list[tuple[Element, Element]] = []
+    for key, want in desired.items():
+        have = actual.get(key)
+        if have is None or have.expire_time <= now:
+            add.append(want)
+        elif (have.handle != want.handle or have.expire_time > want.expire_time
+              or have.expire_time < want.expire_time - REFRESH_TOLERANCE):
+            replace.append((have, want))
+    delete = [have for key, have in actual.items()
+              if key not in desired and have.expire_time > now]
+    maps = {(k.network.version, k.network.prefixlen) for k in desired}
+    maps |= {(e.key.network.version, e.key.network.prefixlen) for e in delete}
+    maps |= {(old.key.network.version, old.key.network.prefixlen) for old, _ in replace}
+    return Plan(tuple(sorted(add, key=_order)), tuple(sorted(replace, key=lambda p: _order(p[1]))),
+                tuple(sorted(delete, key=_order)), frozenset(maps))
+
+
+def apply_plan(actual: Mapping[ElementKey, Element], plan: Plan) -> dict[ElementKey, Element]:
+    """The kernel state after `plan` was committed on top of `actual`."""
+    result = dict(actual)
+    for element in plan.delete:
+        result.pop(element.key, None)
+    for _, new in plan.replace:
+        result[new.key] = new
+    for element in plan.add:
+        result[element.key] = element
+    return result
+
+
+def _order(element: Element) -> tuple[int, int, str, str, int]:
+    key = element.key
+    return (key.network.version, key.network.prefixlen, str(key.network.network_address),
+            key.protocol.value, key.port)
