@@ -70,8 +70,9 @@ def record_to_json(record: GrantRecord, now: float) -> dict[str, Any]:
 
 
 class AdminServer:
-    def __init__(self, engine: Engine, path: Path, group: str, events: EventLog,
-                 started: float) -> None:
+    def __init__(
+        self, engine: Engine, path: Path, group: str, events: EventLog, started: float
+    ) -> None:
         self._engine = engine
         self._events = events
         self._started = started
@@ -91,11 +92,15 @@ class AdminServer:
             os.chown(path, 0 if os.geteuid() == 0 else -1, gid)
             path.chmod(0o660)
         except KeyError:
-            events.emit("config", f"admin group {group!r} does not exist; admin socket is "
-                        "root-only", Priority.WARNING)
+            events.emit(
+                "config",
+                f"admin group {group!r} does not exist; admin socket is root-only",
+                Priority.WARNING,
+            )
         self.path = path
-        self._thread = threading.Thread(target=self._server.serve_forever, name="admin",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="admin", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

@@ -26,8 +26,9 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
@@ -38,11 +39,18 @@ def _local_time(seconds: float) -> str:
 
 
 def _list_rows(grants: list[dict[str, Any]]) -> list[list[str]]:
-    return [[
-        g["grant_id"], g["subject"], ",".join(g["sources"]), f"{g['ports']}/{g['protocol']}",
-        format_duration(g["remaining_seconds"]) if g["state"] == "active" else "-",
-        _local_time(g["expire_time"]), g["state"],
-    ] for g in grants]
+    return [
+        [
+            g["grant_id"],
+            g["subject"],
+            ",".join(g["sources"]),
+            f"{g['ports']}/{g['protocol']}",
+            format_duration(g["remaining_seconds"]) if g["state"] == "active" else "-",
+            _local_time(g["expire_time"]),
+            g["state"],
+        ]
+        for g in grants
+    ]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -53,8 +61,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not grants:
         print("no grants")
         return 0
-    print(_table(_list_rows(grants),
-                 ["ID", "SUBJECT", "SOURCE", "PORT", "LEFT", "UNTIL", "STATE"]))
+    print(_table(_list_rows(grants), ["ID", "SUBJECT", "SOURCE", "PORT", "LEFT", "UNTIL", "STATE"]))
     return 0
 
 
@@ -64,19 +71,29 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(grant, indent=2))
         return 0
     fields = [
-        ("Grant", grant["grant_id"]), ("Subject", grant["subject"]),
+        ("Grant", grant["grant_id"]),
+        ("Subject", grant["subject"]),
         ("Sources", ", ".join(grant["sources"])),
-        ("Port", f"{grant['ports']}/{grant['protocol']}"), ("State", grant["state"]),
+        ("Port", f"{grant['ports']}/{grant['protocol']}"),
+        ("State", grant["state"]),
         ("Applied", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(grant["apply_time"]))),
-        ("Expires", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(grant["expire_time"]))
-         + (f" (in {format_duration(grant['remaining_seconds'])})"
-            if grant["state"] == "active" else "")),
-        ("Reason", grant["reason"] or "-"), ("Signed by", grant["key_id"]),
+        (
+            "Expires",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(grant["expire_time"]))
+            + (
+                f" (in {format_duration(grant['remaining_seconds'])})"
+                if grant["state"] == "active"
+                else ""
+            ),
+        ),
+        ("Reason", grant["reason"] or "-"),
+        ("Signed by", grant["key_id"]),
         ("Handle", f"{grant['handle']} (ct mark)"),
     ]
     if grant.get("revoke_time"):
-        fields.append(("Revoked", time.strftime("%Y-%m-%d %H:%M:%S",
-                                                time.localtime(grant["revoke_time"]))))
+        fields.append(
+            ("Revoked", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(grant["revoke_time"])))
+        )
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name + ':':<{width + 1}} {value}")
@@ -111,26 +128,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portagent",
         description="Inspect and control the portagent agent on this host (admin socket; root "
-                    "or group portagent).",
+        "or group portagent).",
         epilog="examples:\n  portagent list\n  portagent show g-3f2a9c1d0b7e4a55\n"
-               "  portagent revoke g-3f2a9c1d0b7e4a55\n  portagent status -o json",
+        "  portagent revoke g-3f2a9c1d0b7e4a55\n  portagent status -o json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=os.environ.get("PORTAGENT_CONFIG",
-                                                           str(DEFAULT_CONFIG_PATH)),
-                        help="agent config, to find the admin socket "
-                             f"(default $PORTAGENT_CONFIG or {DEFAULT_CONFIG_PATH})")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("PORTAGENT_CONFIG", str(DEFAULT_CONFIG_PATH)),
+        help="agent config, to find the admin socket "
+        f"(default $PORTAGENT_CONFIG or {DEFAULT_CONFIG_PATH})",
+    )
     parser.add_argument("--socket", help="admin socket path (overrides --config)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("-o", "--output", choices=["table", "json"], default="table",
-                         help="output format (default table)")
+        cmd.add_argument(
+            "-o",
+            "--output",
+            choices=["table", "json"],
+            default="table",
+            help="output format (default table)",
+        )
         return cmd
 
     add("list", "list grants: id, subject, source, port, time left, state").set_defaults(
-        func=cmd_list)
+        func=cmd_list
+    )
     show = add("show", "show one grant in detail")
     show.add_argument("grant_id")
     show.set_defaults(func=cmd_show)
@@ -138,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("grant_id")
     revoke.set_defaults(func=cmd_revoke)
     add("status", "daemon status: host, API, guarded ports, grant counts").set_defaults(
-        func=cmd_status)
+        func=cmd_status
+    )
     return parser
 
 
@@ -151,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"portagent: {exc.reason}: {exc.message}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        print(f"portagent: cannot reach the agent's admin socket: {exc}. Is portagentd running?",
-              file=sys.stderr)
+        print(
+            f"portagent: cannot reach the agent's admin socket: {exc}. Is portagentd running?",
+            file=sys.stderr,
+        )
         return 2
     except PermissionError as exc:
         print(f"portagent: {exc}: run as root or as a member of group portagent", file=sys.stderr)

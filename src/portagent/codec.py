@@ -20,7 +20,7 @@ STATE_TO_PB = {
 
 def timestamp(seconds: float) -> Timestamp:
     whole = int(seconds // 1)
-    return Timestamp(seconds=whole, nanos=int(round((seconds - whole) * 1e9)) % 1_000_000_000)
+    return Timestamp(seconds=whole, nanos=round((seconds - whole) * 1e9) % 1_000_000_000)
 
 
 def seconds_of(ts: Timestamp) -> float:
@@ -86,8 +86,13 @@ def describe_unverified(payload: bytes) -> dict[str, object]:
         "GRANT_ID": msg.grant_id[:64] or None,
         "SUBJECT": msg.subject[:256] or None,
         "SOURCE": [s[:64] for s in msg.source_prefixes[:8]] or None,
-        "PORT": (f"{msg.port_start}-{msg.port_end}" if msg.port_end not in (0, msg.port_start)
-                 else str(msg.port_start)) if msg.port_start else None,
+        "PORT": (
+            f"{msg.port_start}-{msg.port_end}"
+            if msg.port_end not in (0, msg.port_start)
+            else str(msg.port_start)
+        )
+        if msg.port_start
+        else None,
         "PROTOCOL": {pb.PROTOCOL_TCP: "tcp", pb.PROTOCOL_UDP: "udp"}.get(msg.protocol),
     }
     return {k: v for k, v in fields.items() if v is not None}

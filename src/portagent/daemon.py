@@ -44,17 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portagentd",
         description="portagent agent daemon: verifies signed grants from the broker and "
-                    "enforces them in the nftables table 'inet portagent' of this host's "
-                    "network namespace. Runs in the foreground.",
+        "enforces them in the nftables table 'inet portagent' of this host's "
+        "network namespace. Runs in the foreground.",
         epilog="Signals: SIGHUP re-reads the config and trusted keys (active grants stay); "
-               "SIGTERM stops the daemon and leaves active grants to expire in the kernel.",
+        "SIGTERM stops the daemon and leaves active grants to expire in the kernel.",
     )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
-                        help=f"agent config file (default {DEFAULT_CONFIG_PATH})")
-    parser.add_argument("--check-config", action="store_true",
-                        help="validate the config, print every problem, exit 0 if valid")
-    parser.add_argument("--delete-table", action="store_true",
-                        help="delete the 'inet portagent' table (closes every grant) and exit")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help=f"agent config file (default {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the config, print every problem, exit 0 if valid",
+    )
+    parser.add_argument(
+        "--delete-table",
+        action="store_true",
+        help="delete the 'inet portagent' table (closes every grant) and exit",
+    )
     parser.add_argument("--version", action="version", version=f"portagentd {__version__}")
     return parser
 
@@ -74,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"portagentd: {args.config}: {problem}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:
-        print(f"{args.config}: ok (host {settings.host_id}, {len(settings.policy.guarded)} guarded "
-              f"port ranges, {len(settings.trusted_keys)} trusted keys)")
+        print(
+            f"{args.config}: ok (host {settings.host_id}, {len(settings.policy.guarded)} guarded "
+            f"port ranges, {len(settings.trusted_keys)} trusted keys)"
+        )
         return 0
     return run(settings, args.config)
 
@@ -93,8 +105,9 @@ def run(settings: Settings, config_path: Path) -> int:
     started = time.time()
     watchdog_interval, ping = _watchdog_pinger()
     store = Store(settings.store_path)
-    engine = Engine(settings, NftablesFirewall(), store, events,
-                    watchdog=ping if callable(ping) else None)
+    engine = Engine(
+        settings, NftablesFirewall(), store, events, watchdog=ping if callable(ping) else None
+    )
     stall_file = os.environ.get("PORTAGENT_TEST_STALL_FILE")
     if stall_file:
         # Test hook for the systemd watchdog test: stop pinging while this file exists.
@@ -109,8 +122,12 @@ def run(settings: Settings, config_path: Path) -> int:
         watcher = RulesetWatcher(engine.on_foreign_change)
         watcher.start()
     except OSError as exc:
-        events.emit("error", f"tamper detection off ({exc}); relying on the "
-                    f"{settings.reconcile_interval:.0f}s reconcile timer", Priority.WARNING)
+        events.emit(
+            "error",
+            f"tamper detection off ({exc}); relying on the "
+            f"{settings.reconcile_interval:.0f}s reconcile timer",
+            Priority.WARNING,
+        )
 
     def healthy() -> bool:
         limit = max(3 * settings.reconcile_interval, 10.0)
@@ -137,9 +154,14 @@ def run(settings: Settings, config_path: Path) -> int:
     signal.signal(signal.SIGHUP, on_hup)
 
     active = sum(1 for r in engine.list_grants() if r.state.value == "active")
-    events.emit("start", f"portagentd {__version__} ready: host {settings.host_id}, api "
-                f"{settings.api.listen}, {active} active grants adopted", Priority.NOTICE,
-                HOST_ID=settings.host_id, WATCHDOG_SECONDS=watchdog_interval)
+    events.emit(
+        "start",
+        f"portagentd {__version__} ready: host {settings.host_id}, api "
+        f"{settings.api.listen}, {active} active grants adopted",
+        Priority.NOTICE,
+        HOST_ID=settings.host_id,
+        WATCHDOG_SECONDS=watchdog_interval,
+    )
     _notify("READY=1")
     while True:
         stop.wait()
@@ -152,14 +174,20 @@ def run(settings: Settings, config_path: Path) -> int:
                 engine.update_settings(new)
                 events.emit("reload", "configuration reloaded", Priority.NOTICE)
             except ConfigError as exc:
-                events.emit("reload", "reload refused, keeping the running configuration: "
-                            + "; ".join(exc.problems), Priority.ERR)
+                events.emit(
+                    "reload",
+                    "reload refused, keeping the running configuration: " + "; ".join(exc.problems),
+                    Priority.ERR,
+                )
             _notify("READY=1")
             continue
         break
     _notify("STOPPING=1")
-    events.emit("stop", "portagentd stopping; active grants stay until they expire in the kernel",
-                Priority.NOTICE)
+    events.emit(
+        "stop",
+        "portagentd stopping; active grants stay until they expire in the kernel",
+        Priority.NOTICE,
+    )
     server.stop(grace=2).wait(3)
     admin.stop()
     if watcher is not None:

@@ -28,7 +28,7 @@ from portagent.errors import (
 )
 from portagent.model import Element, ElementKey, GrantRecord, GrantState
 from portagent.plan import Plan, apply_plan, desired_elements, plan_changes
-from portagent.render import KernelState, Layout, render_plan
+from portagent.render import KernelState, Layout
 from portagent.settings import Settings
 from portagent.store import Store
 from portagent.verify import Revocation, Verifier
@@ -38,7 +38,9 @@ MAX_BATCH = 20_000
 
 
 class Firewall(Protocol):
-    def apply(self, batch: str) -> None: ...
+    """The kernel side: applies one plan atomically, or raises and changes nothing."""
+
+    def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None: ...
     def read_state(self, now: float) -> KernelState: ...
 
 
@@ -69,9 +71,15 @@ class _Pending:
 
 
 class Engine:
-    def __init__(self, settings: Settings, firewall: Firewall, store: Store, events: EventLog,
-                 clock: Callable[[], float] = time.time,
-                 watchdog: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        firewall: Firewall,
+        store: Store,
+        events: EventLog,
+        clock: Callable[[], float] = time.time,
+        watchdog: Callable[[], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._verifier = Verifier(settings.host_id, settings.trusted_keys, settings.policy)
         self._firewall = firewall
@@ -115,8 +123,9 @@ class Engine:
                 command = self._queue.get_nowait()
             except queue.Empty:
                 break
-            command.future.set_exception(EnforcementError("agent is shutting down",
-                                                          reason="SHUTTING_DOWN"))
+            command.future.set_exception(
+                EnforcementError("agent is shutting down", reason="SHUTTING_DOWN")
+            )
 
     def update_settings(self, settings: Settings) -> None:
         """Reload: new trust and policy for new grants; active grants stay as they are."""
@@ -137,8 +146,9 @@ class Engine:
         return self._submit(_Command("revoke", Future(), signed=signed), timeout)
 
     def revoke_local(self, grant_id: str, actor: str, timeout: float = 30.0) -> GrantRecord:
-        record = self._submit(_Command("revoke_local", Future(), grant_id=grant_id, actor=actor),
-                              timeout)
+        record = self._submit(
+            _Command("revoke_local", Future(), grant_id=grant_id, actor=actor), timeout
+        )
         assert record is not None
         return record
 
@@ -160,8 +170,13 @@ class Engine:
         self._wake.set()
 
     def on_foreign_change(self, pid: int, process: str) -> None:
-        self._events.emit("tamper", f"ruleset changed by {process} (pid {pid}); reconciling",
-                          Priority.ALERT, CHANGED_BY_PID=pid, CHANGED_BY=process)
+        self._events.emit(
+            "tamper",
+            f"ruleset changed by {process} (pid {pid}); reconciling",
+            Priority.ALERT,
+            CHANGED_BY_PID=pid,
+            CHANGED_BY=process,
+        )
         self._layout_dirty = True
         self.request_full_reconcile()
 
@@ -210,8 +225,9 @@ class Engine:
     def _sleep_for(self, next_full: float) -> float:
         now = self._clock()
         with self._lock:
-            expiries = [r.grant.expire_time for r in self._records.values()
-                        if r.state is GrantState.ACTIVE]
+            expiries = [
+                r.grant.expire_time for r in self._records.values() if r.state is GrantState.ACTIVE
+            ]
         wake_at = min([next_full, *expiries]) if expiries else next_full
         # Wake at least every 2 s so watchdog pings keep flowing.
         return max(0.0, min(wake_at - now, 2.0))
@@ -252,43 +268,66 @@ class Engine:
         for command, result in pending.results:
             command.future.set_result(result)
 
-    def _stage(self, command: _Command, now: float, staged: dict[str, GrantRecord],
-               pending: _Pending) -> GrantRecord | None:
+    def _stage(
+        self, command: _Command, now: float, staged: dict[str, GrantRecord], pending: _Pending
+    ) -> GrantRecord | None:
         if command.kind == "apply":
             assert command.signed is not None
             signed = command.signed
-            grant = self._verifier.verify_grant(signed.payload, signed.signature, signed.key_id, now)
+            grant = self._verifier.verify_grant(
+                signed.payload, signed.signature, signed.key_id, now
+            )
             if grant.grant_id in self._revoked:
-                raise GrantNotInWindow(f"grant_id: {grant.grant_id!r} was revoked; it never "
-                                       "reopens", reason="GRANT_REVOKED")
+                raise GrantNotInWindow(
+                    f"grant_id: {grant.grant_id!r} was revoked; it never reopens",
+                    reason="GRANT_REVOKED",
+                )
             known = staged.get(grant.grant_id) or self._records.get(grant.grant_id)
             if known is not None:
                 if known.grant_bytes != signed.payload:
-                    raise GrantConflict(f"grant_id: {grant.grant_id!r} is already known with "
-                                        "different content")
+                    raise GrantConflict(
+                        f"grant_id: {grant.grant_id!r} is already known with different content"
+                    )
                 if known.state is GrantState.REVOKED:
-                    raise GrantNotInWindow(f"grant_id: {grant.grant_id!r} was revoked; it never "
-                                           "reopens", reason="GRANT_REVOKED")
+                    raise GrantNotInWindow(
+                        f"grant_id: {grant.grant_id!r} was revoked; it never reopens",
+                        reason="GRANT_REVOKED",
+                    )
                 return known  # idempotent re-delivery
-            record = GrantRecord(grant=grant, handle=0, grant_bytes=signed.payload,
-                                 signature=signed.signature, state=GrantState.ACTIVE,
-                                 apply_time=now)
+            record = GrantRecord(
+                grant=grant,
+                handle=0,
+                grant_bytes=signed.payload,
+                signature=signed.signature,
+                state=GrantState.ACTIVE,
+                apply_time=now,
+            )
             staged[grant.grant_id] = record
             pending.inserts.append(record)
             return record
         if command.kind == "revoke":
             assert command.signed is not None
             signed = command.signed
-            revocation = self._verifier.verify_revocation(signed.payload, signed.signature,
-                                                          signed.key_id, now)
-            return self._stage_revoke(revocation.grant_id, now, staged, pending, revocation,
-                                      "broker", must_exist=False)
-        return self._stage_revoke(command.grant_id, now, staged, pending, None, command.actor,
-                                  must_exist=True)
+            revocation = self._verifier.verify_revocation(
+                signed.payload, signed.signature, signed.key_id, now
+            )
+            return self._stage_revoke(
+                revocation.grant_id, now, staged, pending, revocation, "broker", must_exist=False
+            )
+        return self._stage_revoke(
+            command.grant_id, now, staged, pending, None, command.actor, must_exist=True
+        )
 
-    def _stage_revoke(self, grant_id: str, now: float, staged: dict[str, GrantRecord],
-                      pending: _Pending, revocation: Revocation | None, actor: str,
-                      must_exist: bool) -> GrantRecord | None:
+    def _stage_revoke(
+        self,
+        grant_id: str,
+        now: float,
+        staged: dict[str, GrantRecord],
+        pending: _Pending,
+        revocation: Revocation | None,
+        actor: str,
+        must_exist: bool,
+    ) -> GrantRecord | None:
         known = staged.get(grant_id) or self._records.get(grant_id)
         policy = self._settings.policy
         if known is None:
@@ -297,8 +336,9 @@ class Engine:
             # Revoked before delivery: remember the id until any grant with it would have
             # expired anyway.
             issued = revocation.issue_time if revocation else now
-            pending.revoked_ids.append((grant_id, max(issued, now) + policy.max_ttl
-                                        + 2 * policy.clock_skew))
+            pending.revoked_ids.append(
+                (grant_id, max(issued, now) + policy.max_ttl + 2 * policy.clock_skew)
+            )
             return None
         if known.state is GrantState.REVOKED:
             return known
@@ -335,12 +375,19 @@ class Engine:
         for record in pending.inserts:
             self._log_grant("apply", "grant applied", Priority.NOTICE, record)
         for record, revocation, actor in pending.revokes:
-            self._log_grant("revoke", f"grant revoked by {actor}", Priority.NOTICE, record,
-                            REASON=revocation.reason if revocation else None, ACTOR=actor)
+            self._log_grant(
+                "revoke",
+                f"grant revoked by {actor}",
+                Priority.NOTICE,
+                record,
+                REASON=revocation.reason if revocation else None,
+                ACTOR=actor,
+            )
         # Fix the results so callers see handles and final records.
         by_id = {r.grant.grant_id: r for r in pending.inserts}
-        pending.results = [(c, by_id.get(r.grant.grant_id, r) if r else r)
-                           for c, r in pending.results]
+        pending.results = [
+            (c, by_id.get(r.grant.grant_id, r) if r else r) for c, r in pending.results
+        ]
 
     def _converge(self, records: dict[str, GrantRecord], now: float) -> None:
         """Plan against our model of the kernel and apply one batch."""
@@ -352,11 +399,12 @@ class Engine:
         maps = self._maps | plan.maps
         layout = None
         if maps != self._maps or self._layout_dirty:
-            layout = Layout(self._settings.policy.guarded, self._settings.refuse_action,
-                            frozenset(maps))
+            layout = Layout(
+                self._settings.policy.guarded, self._settings.refuse_action, frozenset(maps)
+            )
         if plan.is_empty and layout is None:
             return
-        self._firewall.apply(render_plan(plan, now, layout))
+        self._firewall.apply_plan(plan, now, layout)
         self._actual = apply_plan(self._actual, plan)
         self._maps = frozenset(maps)
         self._layout_dirty = False
@@ -377,10 +425,16 @@ class Engine:
         now = self._clock()
         skew = self._settings.policy.clock_skew
         with self._lock:
-            expired = [r for r in self._records.values()
-                       if r.state is GrantState.ACTIVE and r.grant.expire_time <= now]
-            forget = [r for r in self._records.values()
-                      if r.state is GrantState.REVOKED and r.grant.expire_time + skew <= now]
+            expired = [
+                r
+                for r in self._records.values()
+                if r.state is GrantState.ACTIVE and r.grant.expire_time <= now
+            ]
+            forget = [
+                r
+                for r in self._records.values()
+                if r.state is GrantState.REVOKED and r.grant.expire_time + skew <= now
+            ]
         if expired or forget:
             with self._store.transaction():
                 self._store.delete([r.grant.grant_id for r in expired + forget])
@@ -388,8 +442,12 @@ class Engine:
                 for record in expired + forget:
                     self._records.pop(record.grant.grant_id, None)
             for record in expired:
-                self._log_grant("expire", "grant expired", Priority.INFO,
-                                replace(record, state=GrantState.EXPIRED))
+                self._log_grant(
+                    "expire",
+                    "grant expired",
+                    Priority.INFO,
+                    replace(record, state=GrantState.EXPIRED),
+                )
         stale_ids = [g for g, t in self._revoked.items() if t < now]
         if stale_ids:
             with self._store.transaction():
@@ -401,16 +459,23 @@ class Engine:
 
     # ---- logging ---------------------------------------------------------------------
 
-    def _log_grant(self, action: str, message: str, priority: Priority, record: GrantRecord,
-                   **extra: object) -> None:
+    def _log_grant(
+        self, action: str, message: str, priority: Priority, record: GrantRecord, **extra: object
+    ) -> None:
         grant = record.grant
         self._events.emit(
-            action, f"{message}: {grant.grant_id} {grant.subject} -> {grant.ports}/"
-            f"{grant.protocol.value}", priority,
-            GRANT_ID=grant.grant_id, SUBJECT=grant.subject,
-            SOURCE=[str(s) for s in grant.sources], PORT=str(grant.ports),
-            PROTOCOL=grant.protocol.value, EXPIRE_TIME=f"{grant.expire_time:.3f}",
-            HANDLE=record.handle, **extra)
+            action,
+            f"{message}: {grant.grant_id} {grant.subject} -> {grant.ports}/{grant.protocol.value}",
+            priority,
+            GRANT_ID=grant.grant_id,
+            SUBJECT=grant.subject,
+            SOURCE=[str(s) for s in grant.sources],
+            PORT=str(grant.ports),
+            PROTOCOL=grant.protocol.value,
+            EXPIRE_TIME=f"{grant.expire_time:.3f}",
+            HANDLE=record.handle,
+            **extra,
+        )
 
     def _refused(self, command: _Command, error: PortagentError) -> None:
         fields: dict[str, object] = {"REASON": error.reason}
@@ -420,8 +485,9 @@ class Engine:
                 fields.update(describe_unverified(command.signed.payload))
         if command.grant_id:
             fields["GRANT_ID"] = command.grant_id
-        self._events.emit("refuse", f"{command.kind} refused: {error.message}", Priority.WARNING,
-                          **fields)
+        self._events.emit(
+            "refuse", f"{command.kind} refused: {error.message}", Priority.WARNING, **fields
+        )
 
 
 def records_by_handle(records: Iterable[GrantRecord]) -> dict[int, GrantRecord]:

@@ -49,7 +49,7 @@ class PortRange:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class GuardedPort:
     """A port range this host guards: only granted sources may reach it."""
 
@@ -73,7 +73,10 @@ def parse_port_spec(text: str) -> GuardedPort:
         raise ValueError(f"not a port or port range: {text!r} (e.g. 22/tcp, 8000-8010/tcp)")
     first = int(first_text)
     last = int(last_text) if dash else first
-    return GuardedPort(protocol, PortRange(first, last))
+    try:
+        return GuardedPort(protocol, PortRange(first, last))
+    except ValueError:
+        raise ValueError(f"invalid port range in {text!r} (1-65535, first <= last)") from None
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class GrantRecord:
     revoke_time: float | None = None
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class ElementKey:
     """One kernel map element's key: masked source network, protocol, one port.
 

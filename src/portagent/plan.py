@@ -32,7 +32,9 @@ def desired_elements(records: Iterable[GrantRecord], now: float) -> dict[Element
                 candidate = Element(key, record.handle, grant.expire_time)
                 current = wanted.get(key)
                 if current is None or (candidate.expire_time, -candidate.handle) > (
-                        current.expire_time, -current.handle):
+                    current.expire_time,
+                    -current.handle,
+                ):
                     wanted[key] = candidate
     return wanted
 
@@ -52,8 +54,9 @@ class Plan:
         return not (self.add or self.replace or self.delete)
 
 
-def plan_changes(desired: Mapping[ElementKey, Element], actual: Mapping[ElementKey, Element],
-                 now: float) -> Plan:
+def plan_changes(
+    desired: Mapping[ElementKey, Element], actual: Mapping[ElementKey, Element], now: float
+) -> Plan:
     """What to add, replace and delete so the kernel holds exactly `desired`.
 
     An element whose kernel expiry is later than its grant's is replaced: no element
@@ -66,16 +69,22 @@ def plan_changes(desired: Mapping[ElementKey, Element], actual: Mapping[ElementK
         have = actual.get(key)
         if have is None or have.expire_time <= now:
             add.append(want)
-        elif (have.handle != want.handle or have.expire_time > want.expire_time
-              or have.expire_time < want.expire_time - REFRESH_TOLERANCE):
+        elif (
+            have.handle != want.handle
+            or have.expire_time > want.expire_time
+            or have.expire_time < want.expire_time - REFRESH_TOLERANCE
+        ):
             replace.append((have, want))
-    delete = [have for key, have in actual.items()
-              if key not in desired and have.expire_time > now]
+    delete = [have for key, have in actual.items() if key not in desired and have.expire_time > now]
     maps = {(k.network.version, k.network.prefixlen) for k in desired}
     maps |= {(e.key.network.version, e.key.network.prefixlen) for e in delete}
     maps |= {(old.key.network.version, old.key.network.prefixlen) for old, _ in replace}
-    return Plan(tuple(sorted(add, key=_order)), tuple(sorted(replace, key=lambda p: _order(p[1]))),
-                tuple(sorted(delete, key=_order)), frozenset(maps))
+    return Plan(
+        tuple(sorted(add, key=_order)),
+        tuple(sorted(replace, key=lambda p: _order(p[1]))),
+        tuple(sorted(delete, key=_order)),
+        frozenset(maps),
+    )
 
 
 def apply_plan(actual: Mapping[ElementKey, Element], plan: Plan) -> dict[ElementKey, Element]:
@@ -92,5 +101,10 @@ def apply_plan(actual: Mapping[ElementKey, Element], plan: Plan) -> dict[Element
 
 def _order(element: Element) -> tuple[int, int, str, str, int]:
     key = element.key
-    return (key.network.version, key.network.prefixlen, str(key.network.network_address),
-            key.protocol.value, key.port)
+    return (
+        key.network.version,
+        key.network.prefixlen,
+        str(key.network.network_address),
+        key.protocol.value,
+        key.port,
+    )

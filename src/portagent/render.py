@@ -49,7 +49,7 @@ class KernelState:
 
 
 def _mask(version: int, prefixlen: int) -> str:
-    network = ipaddress.ip_network(("::" if version == 6 else "0.0.0.0", prefixlen))
+    network = ipaddress.ip_network(("::" if version == 6 else "0.0.0.0", prefixlen))  # noqa: S104
     return str(network.netmask)
 
 
@@ -59,8 +59,10 @@ def _map_rule(version: int, prefixlen: int) -> str:
     source = saddr if prefixlen == full else f"{saddr} & {_mask(version, prefixlen)}"
     # Stamping the grant handle into ct mark is what lets counters, conntrack
     # dumps and flushes find a grant's connections.
-    return (f"add rule {FAMILY} {TABLE} {CHAIN} ct mark set {source} . meta l4proto . th dport "
-            f"map @{map_name(version, prefixlen)} accept")
+    return (
+        f"add rule {FAMILY} {TABLE} {CHAIN} ct mark set {source} . meta l4proto . th dport "
+        f"map @{map_name(version, prefixlen)} accept"
+    )
 
 
 def render_layout(layout: Layout) -> list[str]:
@@ -78,7 +80,8 @@ def render_layout(layout: Layout) -> list[str]:
         addr_type = "ipv4_addr" if version == 4 else "ipv6_addr"
         lines.append(
             f"add map {FAMILY} {TABLE} {map_name(version, prefixlen)} {{ type {addr_type} . "
-            f"inet_proto . inet_service : mark; flags timeout; counter; size {MAP_SIZE}; }}")
+            f"inet_proto . inet_service : mark; flags timeout; counter; size {MAP_SIZE}; }}"
+        )
     lines += [
         f"add chain {FAMILY} {TABLE} {CHAIN} {{ type filter hook input priority filter - 10; "
         "policy accept; }",
@@ -89,10 +92,14 @@ def render_layout(layout: Layout) -> list[str]:
     for version, prefixlen in sorted(layout.maps, key=lambda m: (m[0], -m[1])):
         lines.append(_map_rule(version, prefixlen))
     if layout.refuse_action == "reject":
-        lines.append(f'add rule {FAMILY} {TABLE} {CHAIN} meta l4proto tcp counter name "refused" '
-                     "reject with tcp reset")
-        lines.append(f'add rule {FAMILY} {TABLE} {CHAIN} counter name "refused" '
-                     "reject with icmpx type port-unreachable")
+        lines.append(
+            f'add rule {FAMILY} {TABLE} {CHAIN} meta l4proto tcp counter name "refused" '
+            "reject with tcp reset"
+        )
+        lines.append(
+            f'add rule {FAMILY} {TABLE} {CHAIN} counter name "refused" '
+            "reject with icmpx type port-unreachable"
+        )
     else:
         lines.append(f'add rule {FAMILY} {TABLE} {CHAIN} counter name "refused" drop')
     return lines
@@ -100,8 +107,10 @@ def render_layout(layout: Layout) -> list[str]:
 
 def _element_text(element: Element, timeout_ms: int) -> str:
     key = element.key
-    return (f"{key.network.network_address} . {key.protocol.value} . {key.port} "
-            f"timeout {timeout_ms}ms : {element.handle}")
+    return (
+        f"{key.network.network_address} . {key.protocol.value} . {key.port} "
+        f"timeout {timeout_ms}ms : {element.handle}"
+    )
 
 
 def _timeout_ms(element: Element, now: float) -> int:
@@ -116,8 +125,10 @@ def render_plan(plan: Plan, now: float, layout: Layout | None = None) -> str:
         guard = _element_text(old, DELETE_GUARD_TIMEOUT_MS)
         lines.append(f"add element {FAMILY} {TABLE} {old.key.map_name} {{ {guard} }}")
         key = old.key
-        lines.append(f"delete element {FAMILY} {TABLE} {key.map_name} {{ "
-                     f"{key.network.network_address} . {key.protocol.value} . {key.port} }}")
+        lines.append(
+            f"delete element {FAMILY} {TABLE} {key.map_name} {{ "
+            f"{key.network.network_address} . {key.protocol.value} . {key.port} }}"
+        )
     fresh = [new for _, new in plan.replace] + list(plan.add)
     by_map: dict[str, list[str]] = {}
     for element in fresh:
@@ -128,7 +139,7 @@ def render_plan(plan: Plan, now: float, layout: Layout | None = None) -> str:
     for name, texts in sorted(by_map.items()):
         # Chunked so a single command line stays small for the parser.
         for start in range(0, len(texts), 2048):
-            chunk = ", ".join(texts[start:start + 2048])
+            chunk = ", ".join(texts[start : start + 2048])
             lines.append(f"add element {FAMILY} {TABLE} {name} {{ {chunk} }}")
     return "\n".join(lines) + "\n"
 
@@ -168,8 +179,9 @@ def parse_listing(doc: Mapping[str, Any], now: float) -> KernelState:
     return state
 
 
-def _parse_element(pair: Any, version: int, prefixlen: int,
-                   now: float) -> tuple[Element, tuple[int, int]]:
+def _parse_element(
+    pair: Any, version: int, prefixlen: int, now: float
+) -> tuple[Element, tuple[int, int]]:
     key_part, value = pair
     meta = key_part.get("elem", {}) if isinstance(key_part, dict) else {}
     concat = (meta.get("val", key_part) if meta else key_part)["concat"]
@@ -181,8 +193,10 @@ def _parse_element(pair: Any, version: int, prefixlen: int,
     expires = meta.get("expires")
     expire_time = now + float(expires) if expires is not None else math.inf
     counter = meta.get("counter") or {}
-    return (Element(key, int(value), expire_time),
-            (int(counter.get("packets", 0)), int(counter.get("bytes", 0))))
+    return (
+        Element(key, int(value), expire_time),
+        (int(counter.get("packets", 0)), int(counter.get("bytes", 0))),
+    )
 
 
 def handles_of(elements: Iterable[Element]) -> set[int]:

@@ -82,8 +82,15 @@ class _Reader:
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
 
-    def get(self, table: dict[str, Any], name: str, kind: type, where: str,
-            default: Any = None, required: bool = False) -> Any:
+    def get(
+        self,
+        table: dict[str, Any],
+        name: str,
+        kind: type,
+        where: str,
+        default: Any = None,
+        required: bool = False,
+    ) -> Any:
         if name not in table:
             if required:
                 self.problems.append(f"{where}{name}: required")
@@ -153,7 +160,11 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
             problems.append(f"{where}key_id: duplicate {key_id!r}")
             continue
         keys.append(TrustedKey(key_id, raw))
-    if "trusted_keys" in doc and not keys and not any(p.startswith("trusted_keys") for p in problems):
+    if (
+        "trusted_keys" in doc
+        and not keys
+        and not any(p.startswith("trusted_keys") for p in problems)
+    ):
         problems.append("trusted_keys: at least one key is required")
 
     pol = read.get(doc, "policy", dict, "", default={}, required=True)
@@ -163,7 +174,11 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
             guarded.append(parse_port_spec(str(spec)))
         except ValueError as exc:
             problems.append(f"policy.guarded: {exc}")
-    if "guarded" in pol and not guarded and not any(p.startswith("policy.guarded") for p in problems):
+    if (
+        "guarded" in pol
+        and not guarded
+        and not any(p.startswith("policy.guarded") for p in problems)
+    ):
         problems.append("policy.guarded: at least one port is required")
     min4 = read.get(pol, "min_prefix_v4", int, "policy.", 16)
     min6 = read.get(pol, "min_prefix_v6", int, "policy.", 48)
@@ -175,7 +190,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
     if max_ttl <= 0:
         problems.append("policy.max_ttl: must be positive")
     policy = Policy(
-        guarded=tuple(sorted(set(guarded))),
+        guarded=tuple(sorted(set(guarded), key=lambda g: (g.protocol.value, g.ports))),
         max_ttl=max_ttl,
         clock_skew=read.duration(pol, "clock_skew", "policy.", 30.0),
         min_prefix_v4=min4,
@@ -189,7 +204,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
     agent_t = read.get(doc, "agent", dict, "", default={})
     refuse = read.get(nft_t, "refuse", str, "nftables.", "drop")
     if refuse not in ("drop", "reject"):
-        problems.append(f"nftables.refuse: expected \"drop\" or \"reject\", got {refuse!r}")
+        problems.append(f'nftables.refuse: expected "drop" or "reject", got {refuse!r}')
     interval = read.duration(agent_t, "reconcile_interval", "agent.", 30.0)
     if interval <= 0:
         problems.append("agent.reconcile_interval: must be positive")
@@ -203,7 +218,8 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         policy=policy,
         state_dir=_resolve(base_dir, read.get(state_t, "dir", str, "state.", "/var/lib/portagent")),
         admin_socket=_resolve(
-            base_dir, read.get(admin_t, "socket", str, "admin.", "/run/portagent/admin.sock")),
+            base_dir, read.get(admin_t, "socket", str, "admin.", "/run/portagent/admin.sock")
+        ),
         admin_group=read.get(admin_t, "group", str, "admin.", "portagent"),
         refuse_action=refuse,
         reconcile_interval=interval,

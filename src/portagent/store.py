@@ -53,7 +53,9 @@ class Store:
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if row is None:
-            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self._db.execute(
+                "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
         elif int(row[0]) != SCHEMA_VERSION:
             raise StoreError(f"{path}: schema version {row[0]}, this agent reads {SCHEMA_VERSION}")
         path.chmod(0o600)
@@ -74,11 +76,18 @@ class Store:
 
     def load(self) -> list[GrantRecord]:
         rows = self._db.execute(
-            "SELECT handle, grant_bytes, signature, state, apply_time, revoke_time FROM grants")
+            "SELECT handle, grant_bytes, signature, state, apply_time, revoke_time FROM grants"
+        )
         return [
-            GrantRecord(grant=grant_from_pb(pb.Grant.FromString(blob)), handle=handle,
-                        grant_bytes=blob, signature=sig, state=GrantState(state),
-                        apply_time=applied, revoke_time=revoked)
+            GrantRecord(
+                grant=grant_from_pb(pb.Grant.FromString(blob)),
+                handle=handle,
+                grant_bytes=blob,
+                signature=sig,
+                state=GrantState(state),
+                apply_time=applied,
+                revoke_time=revoked,
+            )
             for handle, blob, sig, state, applied, revoked in rows
         ]
 
@@ -100,16 +109,28 @@ class Store:
     def insert(self, record: GrantRecord) -> None:
         self._db.execute(
             "INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.grant.grant_id, record.handle, record.grant_bytes, record.signature,
-             record.grant.expire_time, record.state.value, record.apply_time, record.revoke_time))
+            (
+                record.grant.grant_id,
+                record.handle,
+                record.grant_bytes,
+                record.signature,
+                record.grant.expire_time,
+                record.state.value,
+                record.apply_time,
+                record.revoke_time,
+            ),
+        )
 
     def mark_revoked(self, grant_id: str, when: float) -> None:
-        self._db.execute("UPDATE grants SET state=?, revoke_time=? WHERE grant_id=?",
-                         (GrantState.REVOKED.value, when, grant_id))
+        self._db.execute(
+            "UPDATE grants SET state=?, revoke_time=? WHERE grant_id=?",
+            (GrantState.REVOKED.value, when, grant_id),
+        )
 
     def remember_revoked(self, grant_id: str, forget_after: float) -> None:
-        self._db.execute("INSERT OR REPLACE INTO revoked_ids VALUES (?, ?)",
-                         (grant_id, forget_after))
+        self._db.execute(
+            "INSERT OR REPLACE INTO revoked_ids VALUES (?, ?)", (grant_id, forget_after)
+        )
 
     def delete(self, grant_ids: list[str]) -> None:
         self._db.executemany("DELETE FROM grants WHERE grant_id=?", [(g,) for g in grant_ids])

@@ -44,8 +44,9 @@ def parse_source(text: str, field: str = "source_prefixes") -> IPNetwork:
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:
-        raise InvalidGrant(f"{field}: {text!r} is not an IP address or network: {exc}",
-                           reason="INVALID_SOURCE") from None
+        raise InvalidGrant(
+            f"{field}: {text!r} is not an IP address or network: {exc}", reason="INVALID_SOURCE"
+        ) from None
 
 
 def is_guarded(guarded: Iterable[GuardedPort], protocol: object, ports: PortRange) -> bool:
@@ -71,53 +72,76 @@ class Verifier:
     def _check_signature(self, payload: bytes, signature: bytes, key_id: str) -> None:
         public_key = self._keys.get(key_id)
         if public_key is None:
-            raise GrantDenied(f"key_id: {key_id!r} is not a trusted broker key",
-                              reason="UNKNOWN_KEY")
+            raise GrantDenied(
+                f"key_id: {key_id!r} is not a trusted broker key", reason="UNKNOWN_KEY"
+            )
         try:
             public_key.verify(signature, payload)
         except InvalidSignature:
-            raise GrantDenied(f"signature: does not verify with key {key_id!r}",
-                              reason="BAD_SIGNATURE") from None
+            raise GrantDenied(
+                f"signature: does not verify with key {key_id!r}", reason="BAD_SIGNATURE"
+            ) from None
 
     def verify_grant(self, grant_bytes: bytes, signature: bytes, key_id: str, now: float) -> Grant:
         self._check_signature(grant_bytes, signature, key_id)
         try:
             msg = pb.Grant.FromString(grant_bytes)
         except DecodeError:
-            raise InvalidGrant("grant: bytes are not a portagent.v1.Grant",
-                               reason="MALFORMED_GRANT") from None
+            raise InvalidGrant(
+                "grant: bytes are not a portagent.v1.Grant", reason="MALFORMED_GRANT"
+            ) from None
         if msg.key_id != key_id:
-            raise InvalidGrant(f"key_id: grant names {msg.key_id!r} but was signed by {key_id!r}",
-                               reason="KEY_ID_MISMATCH")
+            raise InvalidGrant(
+                f"key_id: grant names {msg.key_id!r} but was signed by {key_id!r}",
+                reason="KEY_ID_MISMATCH",
+            )
         if not GRANT_ID_PATTERN.fullmatch(msg.grant_id):
-            raise InvalidGrant(f"grant_id: {msg.grant_id!r} is not 1-64 of [A-Za-z0-9._-]",
-                               reason="INVALID_GRANT_ID")
+            raise InvalidGrant(
+                f"grant_id: {msg.grant_id!r} is not 1-64 of [A-Za-z0-9._-]",
+                reason="INVALID_GRANT_ID",
+            )
         if msg.host_id != self.host_id:
-            raise GrantDenied(f"host_id: grant is for {msg.host_id!r}, this is {self.host_id!r}",
-                              reason="WRONG_HOST")
-        if not msg.subject or len(msg.subject) > MAX_SUBJECT_LENGTH or not msg.subject.isprintable():
-            raise InvalidGrant("subject: required, printable, at most 256 characters",
-                               reason="INVALID_SUBJECT")
+            raise GrantDenied(
+                f"host_id: grant is for {msg.host_id!r}, this is {self.host_id!r}",
+                reason="WRONG_HOST",
+            )
+        if (
+            not msg.subject
+            or len(msg.subject) > MAX_SUBJECT_LENGTH
+            or not msg.subject.isprintable()
+        ):
+            raise InvalidGrant(
+                "subject: required, printable, at most 256 characters", reason="INVALID_SUBJECT"
+            )
         if len(msg.reason) > MAX_REASON_LENGTH or not msg.reason.isprintable():
-            raise InvalidGrant("reason: printable, at most 1024 characters",
-                               reason="INVALID_REASON")
+            raise InvalidGrant(
+                "reason: printable, at most 1024 characters", reason="INVALID_REASON"
+            )
         sources = self._sources(msg.source_prefixes)
         protocol = PROTOCOL_FROM_PB.get(msg.protocol)
         if protocol is None:
-            raise InvalidGrant("protocol: must be PROTOCOL_TCP or PROTOCOL_UDP",
-                               reason="INVALID_PROTOCOL")
+            raise InvalidGrant(
+                "protocol: must be PROTOCOL_TCP or PROTOCOL_UDP", reason="INVALID_PROTOCOL"
+            )
         last = msg.port_end or msg.port_start
         try:
             ports = PortRange(msg.port_start, last)
         except ValueError:
-            raise InvalidGrant(f"port_start/port_end: {msg.port_start}-{last} is not a port range "
-                               "within 1-65535", reason="INVALID_PORT") from None
+            raise InvalidGrant(
+                f"port_start/port_end: {msg.port_start}-{last} is not a port range within 1-65535",
+                reason="INVALID_PORT",
+            ) from None
         if len(sources) * len(ports.ports()) > MAX_ELEMENTS_PER_GRANT:
-            raise GrantDenied(f"grant: {len(sources)} sources x {len(ports.ports())} ports exceeds "
-                              f"{MAX_ELEMENTS_PER_GRANT} kernel elements", reason="GRANT_TOO_LARGE")
+            raise GrantDenied(
+                f"grant: {len(sources)} sources x {len(ports.ports())} ports exceeds "
+                f"{MAX_ELEMENTS_PER_GRANT} kernel elements",
+                reason="GRANT_TOO_LARGE",
+            )
         if not is_guarded(self.policy.guarded, protocol, ports):
-            raise GrantDenied(f"port: {ports}/{protocol.value} is not guarded on this host",
-                              reason="PORT_NOT_GUARDED")
+            raise GrantDenied(
+                f"port: {ports}/{protocol.value} is not guarded on this host",
+                reason="PORT_NOT_GUARDED",
+            )
         grant = Grant(
             grant_id=msg.grant_id,
             host_id=msg.host_id,
@@ -137,21 +161,30 @@ class Verifier:
     def _sources(self, texts: Iterable[str]) -> tuple[IPNetwork, ...]:
         texts = list(texts)
         if not texts:
-            raise InvalidGrant("source_prefixes: at least one source is required",
-                               reason="INVALID_SOURCE")
+            raise InvalidGrant(
+                "source_prefixes: at least one source is required", reason="INVALID_SOURCE"
+            )
         if len(texts) > MAX_SOURCES:
-            raise InvalidGrant(f"source_prefixes: at most {MAX_SOURCES} sources",
-                               reason="INVALID_SOURCE")
+            raise InvalidGrant(
+                f"source_prefixes: at most {MAX_SOURCES} sources", reason="INVALID_SOURCE"
+            )
         networks = []
         for text in texts:
             network = parse_source(text)
-            minimum = self.policy.min_prefix_v4 if network.version == 4 else self.policy.min_prefix_v6
+            minimum = (
+                self.policy.min_prefix_v4 if network.version == 4 else self.policy.min_prefix_v6
+            )
             if network.prefixlen == 0 and not self.policy.allow_any_source:
-                raise GrantDenied(f"source_prefixes: {network} allows every address; "
-                                  "policy.allow_any_source is off", reason="SOURCE_TOO_BROAD")
+                raise GrantDenied(
+                    f"source_prefixes: {network} allows every address; "
+                    "policy.allow_any_source is off",
+                    reason="SOURCE_TOO_BROAD",
+                )
             if network.prefixlen < minimum and network.prefixlen != 0:
-                raise GrantDenied(f"source_prefixes: {network} is broader than /{minimum}",
-                                  reason="SOURCE_TOO_BROAD")
+                raise GrantDenied(
+                    f"source_prefixes: {network} is broader than /{minimum}",
+                    reason="SOURCE_TOO_BROAD",
+                )
             networks.append(network)
         return tuple(sorted(set(networks), key=lambda n: (n.version, str(n))))
 
@@ -160,40 +193,58 @@ class Verifier:
             raise InvalidGrant("expire_time: required", reason="INVALID_VALIDITY")
         start = grant.not_before or grant.issue_time or now
         if grant.expire_time <= start:
-            raise InvalidGrant("expire_time: must be after not_before (TTL must be positive)",
-                               reason="INVALID_VALIDITY")
+            raise InvalidGrant(
+                "expire_time: must be after not_before (TTL must be positive)",
+                reason="INVALID_VALIDITY",
+            )
         skew = self.policy.clock_skew
         # Both the lifetime the broker issued and what is left of it from now count.
         lifetime = max(grant.expire_time - start, grant.expire_time - now)
         if lifetime > self.policy.max_ttl + skew:
-            raise GrantDenied(f"expire_time: lifetime {lifetime:.0f}s exceeds policy.max_ttl "
-                              f"{self.policy.max_ttl:.0f}s", reason="TTL_EXCEEDS_LIMIT")
+            raise GrantDenied(
+                f"expire_time: lifetime {lifetime:.0f}s exceeds policy.max_ttl "
+                f"{self.policy.max_ttl:.0f}s",
+                reason="TTL_EXCEEDS_LIMIT",
+            )
         if grant.not_before > now + skew:
-            raise GrantNotInWindow(f"not_before: grant is valid only from {grant.not_before:.0f}",
-                                   reason="GRANT_NOT_YET_VALID")
+            raise GrantNotInWindow(
+                f"not_before: grant is valid only from {grant.not_before:.0f}",
+                reason="GRANT_NOT_YET_VALID",
+            )
         if grant.expire_time <= now:
-            raise GrantNotInWindow(f"expire_time: grant expired {now - grant.expire_time:.0f}s ago",
-                                   reason="GRANT_EXPIRED")
+            raise GrantNotInWindow(
+                f"expire_time: grant expired {now - grant.expire_time:.0f}s ago",
+                reason="GRANT_EXPIRED",
+            )
 
-    def verify_revocation(self, payload: bytes, signature: bytes, key_id: str,
-                          now: float) -> Revocation:
+    def verify_revocation(
+        self, payload: bytes, signature: bytes, key_id: str, now: float
+    ) -> Revocation:
         self._check_signature(payload, signature, key_id)
         try:
             msg = pb.Revocation.FromString(payload)
         except DecodeError:
-            raise InvalidGrant("revocation: bytes are not a portagent.v1.Revocation",
-                               reason="MALFORMED_REVOCATION") from None
+            raise InvalidGrant(
+                "revocation: bytes are not a portagent.v1.Revocation", reason="MALFORMED_REVOCATION"
+            ) from None
         if msg.key_id != key_id:
-            raise InvalidGrant(f"key_id: revocation names {msg.key_id!r} but was signed by "
-                               f"{key_id!r}", reason="KEY_ID_MISMATCH")
+            raise InvalidGrant(
+                f"key_id: revocation names {msg.key_id!r} but was signed by {key_id!r}",
+                reason="KEY_ID_MISMATCH",
+            )
         if not GRANT_ID_PATTERN.fullmatch(msg.grant_id):
-            raise InvalidGrant(f"grant_id: {msg.grant_id!r} is not 1-64 of [A-Za-z0-9._-]",
-                               reason="INVALID_GRANT_ID")
+            raise InvalidGrant(
+                f"grant_id: {msg.grant_id!r} is not 1-64 of [A-Za-z0-9._-]",
+                reason="INVALID_GRANT_ID",
+            )
         if msg.host_id != self.host_id:
-            raise GrantDenied(f"host_id: revocation is for {msg.host_id!r}, this is "
-                              f"{self.host_id!r}", reason="WRONG_HOST")
+            raise GrantDenied(
+                f"host_id: revocation is for {msg.host_id!r}, this is {self.host_id!r}",
+                reason="WRONG_HOST",
+            )
         issued = seconds_of(msg.issue_time)
         if issued > now + self.policy.clock_skew:
-            raise GrantNotInWindow("issue_time: revocation is issued in the future",
-                                   reason="REVOCATION_NOT_YET_VALID")
+            raise GrantNotInWindow(
+                "issue_time: revocation is issued in the future", reason="REVOCATION_NOT_YET_VALID"
+            )
         return Revocation(msg.grant_id, msg.host_id, issued, msg.key_id, msg.reason)

@@ -45,8 +45,9 @@ class EventLog:
     def to_journal(self) -> bool:
         return self._send is not None
 
-    def emit(self, action: str, message: str, priority: Priority = Priority.INFO,
-             **fields: object) -> None:
+    def emit(
+        self, action: str, message: str, priority: Priority = Priority.INFO, **fields: object
+    ) -> None:
         record = {key.upper(): _text(value) for key, value in fields.items() if value is not None}
         record["ACTION"] = action
         if self._send is not None:

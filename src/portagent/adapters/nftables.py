@@ -12,7 +12,16 @@ from typing import Any
 import nftables
 
 from portagent.errors import EnforcementError
-from portagent.render import FAMILY, TABLE, KernelState, parse_listing, render_delete_table
+from portagent.plan import Plan
+from portagent.render import (
+    FAMILY,
+    TABLE,
+    KernelState,
+    Layout,
+    parse_listing,
+    render_delete_table,
+    render_plan,
+)
 
 
 class NftablesFirewall:
@@ -50,6 +59,9 @@ class NftablesFirewall:
         if not self.table_exists():
             return None
         return self._json(f"list table {FAMILY} {TABLE}")
+
+    def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None:
+        self.apply(render_plan(plan, now, layout))
 
     def read_state(self, now: float) -> KernelState:
         doc = self.list_raw()

@@ -8,7 +8,6 @@ process that made it. A change by anyone but us wakes the reconcile loop, so a
 from __future__ import annotations
 
 import os
-import select
 import threading
 from collections.abc import Callable
 
@@ -22,34 +21,49 @@ class RulesetWatcher:
     def __init__(self, on_foreign_change: Callable[[int, str], None]) -> None:
         self._callback = on_foreign_change
         self._stop = threading.Event()
-        self._socket = NFTSocket()
-        self._socket.bind(groups=1 << (NFNLGRP_NFTABLES - 1))
+        self._bound = threading.Event()
+        self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="ruleset-watch", daemon=True)
 
     def start(self) -> None:
+        """Subscribe; raises OSError when netlink refuses (the caller falls back to timers)."""
         self._thread.start()
+        self._bound.wait(timeout=5)
+        if self._error is not None:
+            raise self._error
+        if not self._bound.is_set():
+            raise OSError("netlink subscription did not complete")
 
     def stop(self) -> None:
+        # The reader blocks in recv; it is a daemon thread and stops acting once the
+        # flag is set.
         self._stop.set()
-        self._thread.join(timeout=2)
-        self._socket.close()
 
     def _run(self) -> None:
+        # pyroute2 (0.9.x) sockets belong to the thread that made them: a socket made
+        # elsewhere never returns from get() here.
+        try:
+            sock = NFTSocket()
+            sock.bind(groups=1 << (NFNLGRP_NFTABLES - 1))
+        except OSError as exc:
+            self._error = exc
+            self._bound.set()
+            return
+        self._bound.set()
         own_pid = os.getpid()
         while not self._stop.is_set():
-            # Poll so stop() is honoured within half a second.
-            ready, _, _ = select.select([self._socket.fileno()], [], [], 0.5)
-            if not ready:
-                continue
             try:
-                messages = self._socket.get()
+                messages = sock.get()
             except OSError:
-                # ENOBUFS: events were lost; treat as a foreign change to be safe.
+                # ENOBUFS: events were lost; treat it as a foreign change to be safe.
                 self._callback(0, "?")
                 continue
             for message in messages:
+                if self._stop.is_set():
+                    break
                 if message["header"]["type"] & 0xFF != NFT_MSG_NEWGEN:
                     continue
                 pid = message.get_attr("NFTA_GEN_PROC_PID") or 0
                 if pid != own_pid:
                     self._callback(pid, message.get_attr("NFTA_GEN_PROC_NAME") or "?")
+        sock.close()

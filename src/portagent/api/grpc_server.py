@@ -55,40 +55,57 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def ApplyGrant(self, request: pb.ApplyGrantRequest,  # noqa: N802 - gRPC method name
-                   context: grpc.ServicerContext) -> pb.ApplyGrantResponse:
+    def ApplyGrant(
+        self,
+        request: pb.ApplyGrantRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.ApplyGrantResponse:
         signed = request.signed_grant
         record = _call(context, lambda: self._engine.apply_grant(_signed(signed, signed.grant)))
         return pb.ApplyGrantResponse(status=status_to_pb(record))
 
-    def RevokeGrant(self, request: pb.RevokeGrantRequest,  # noqa: N802
-                    context: grpc.ServicerContext) -> pb.RevokeGrantResponse:
+    def RevokeGrant(
+        self,
+        request: pb.RevokeGrantRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.RevokeGrantResponse:
         signed = request.signed_revocation
-        record = _call(context,
-                       lambda: self._engine.revoke_grant(_signed(signed, signed.revocation)))
+        record = _call(
+            context, lambda: self._engine.revoke_grant(_signed(signed, signed.revocation))
+        )
         response = pb.RevokeGrantResponse()
         if record is not None:
             response.status.CopyFrom(status_to_pb(record))
         return response
 
-    def GetGrant(self, request: pb.GetGrantRequest,  # noqa: N802
-                 context: grpc.ServicerContext) -> pb.GrantStatus:
+    def GetGrant(
+        self,
+        request: pb.GetGrantRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.GrantStatus:
         record = _call(context, lambda: self._engine.get(request.grant_id))
         return status_to_pb(record)
 
-    def ListGrants(self, request: pb.ListGrantsRequest,  # noqa: N802
-                   context: grpc.ServicerContext) -> pb.ListGrantsResponse:
+    def ListGrants(
+        self,
+        request: pb.ListGrantsRequest,
+        context: grpc.ServicerContext,
+    ) -> pb.ListGrantsResponse:
         if request.page_size < 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "INVALID_PAGE_SIZE: page_size must not be negative")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_PAGE_SIZE: page_size must not be negative",
+            )
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = ""
         if request.page_token:
             try:
                 after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
             except (ValueError, UnicodeDecodeError):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              "INVALID_PAGE_TOKEN: page_token is not one this agent issued")
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "INVALID_PAGE_TOKEN: page_token is not one this agent issued",
+                )
         records = [r for r in self._engine.list_grants() if r.grant.grant_id > after]
         page = records[:size]
         response = pb.ListGrantsResponse(grants=[status_to_pb(r) for r in page])
@@ -113,15 +130,21 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             return int(health_pb2.HealthCheckResponse.SERVING)
         return int(health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802
-              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+    def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+    ) -> health_pb2.HealthCheckResponse:
         status = self._status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    def Watch(self, request: health_pb2.HealthCheckRequest,  # noqa: N802
-              context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:
+    def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+    ) -> Iterator[health_pb2.HealthCheckResponse]:
         yield health_pb2.HealthCheckResponse(status=self._status(request.service))
 
 
@@ -132,9 +155,10 @@ def start_server(engine: Engine, api: ApiSettings, is_healthy: Callable[[], bool
         root_certificates=api.ca_file.read_bytes(),
         require_client_auth=True,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-                         options=[("grpc.so_reuseport", 0),
-                                  ("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+    )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(engine), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(is_healthy), server)
     if server.add_secure_port(api.listen, credentials) == 0:

@@ -7,6 +7,7 @@ when used as a context manager).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -15,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def run(argv: list[str], *, check: bool = True, timeout: float = 30.0,
-        input_text: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=timeout,
-                          input=input_text)
+def run(
+    argv: list[str], *, check: bool = True, timeout: float = 30.0, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, check=check, capture_output=True, text=True, timeout=timeout, input=input_text
+    )
 
 
 @dataclass
@@ -60,10 +63,25 @@ class NetnsPair:
             run(["ip", "netns", "add", self.client])
             veth_s, veth_c = f"v{self.server[-10:-4]}s", f"v{self.server[-10:-4]}c"
             # Created inside the server namespace, so nothing ever appears in ours.
-            self.exec_server(["ip", "link", "add", veth_s, "type", "veth", "peer", "name",
-                              veth_c, "netns", self.client])
-            for ns, dev, v4, v6 in ((self.server, veth_s, self.server_ip, self.server_ip6),
-                                    (self.client, veth_c, self.client_ip, self.client_ip6)):
+            self.exec_server(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    veth_s,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    veth_c,
+                    "netns",
+                    self.client,
+                ]
+            )
+            for ns, dev, v4, v6 in (
+                (self.server, veth_s, self.server_ip, self.server_ip6),
+                (self.client, veth_c, self.client_ip, self.client_ip6),
+            ):
                 self.exec(ns, ["ip", "addr", "add", f"{v4}/30", "dev", dev])
                 self.exec(ns, ["ip", "addr", "add", f"{v6}/64", "dev", dev, "nodad"])
                 self.exec(ns, ["ip", "link", "set", dev, "up"])
@@ -90,10 +108,8 @@ class NetnsPair:
             # Killing what still runs inside lets the namespace go away.
             pids = run(["ip", "netns", "pids", ns], check=False).stdout.split()
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
             if Path(f"/run/netns/{ns}").exists():
                 run(["ip", "netns", "del", ns], check=False)
 

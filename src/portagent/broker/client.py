@@ -1,0 +1,139 @@
+"""The broker's gRPC client for one agent, over mutual TLS.
+
+gRPC errors are mapped here, at the boundary, into two exceptions: the agent
+answered and refused (AgentRefusedError), or there was no usable answer
+(AgentUnreachableError). Callers never see grpc.RpcError.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from portagent.broker.settings import parse_address
+from portagent.v1 import agent_pb2 as pb
+from portagent.v1 import agent_pb2_grpc
+
+DEFAULT_TIMEOUT = 10.0
+LIST_PAGE_SIZE = 1000
+# The agent aborts with details "REASON: message" (UPPER_SNAKE reason first).
+_AGENT_REASON = re.compile(r"[A-Z][A-Z0-9_]*: ")
+
+
+class AgentError(Exception):
+    """Base of the client's errors."""
+
+
+class AgentRefusedError(AgentError):
+    """The agent answered with an error status; `details` starts with its reason."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code} {details}")
+        self.code = code
+        self.details = details
+
+    @property
+    def reason(self) -> str:
+        """The agent's UPPER_SNAKE reason, or "" when the details carry none."""
+        match = _AGENT_REASON.match(self.details)
+        return match.group(0)[:-2] if match else ""
+
+
+class AgentUnreachableError(AgentError):
+    """No answer: connection, TLS handshake or deadline failure."""
+
+    def __init__(self, address: str, detail: str, *, timed_out: bool = False) -> None:
+        super().__init__(f"cannot reach agent at {address}: {detail}")
+        self.address = address
+        self.detail = detail
+        # After a deadline the request may still have been applied: say so to the caller.
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM bytes for mutual TLS: the CA that signs agents, the broker's cert and key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def load(cls, ca_file: Path, cert_file: Path, key_file: Path) -> TlsFiles:
+        return cls(ca_file.read_bytes(), cert_file.read_bytes(), key_file.read_bytes())
+
+
+def _map_error(address: str, error: grpc.RpcError, timeout: float) -> AgentError:
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (error.details() if isinstance(error, grpc.Call) else None) or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return AgentUnreachableError(address, f"no answer within {timeout:g}s", timed_out=True)
+    # gRPC reports transport and TLS failures as UNAVAILABLE too; an agent's own
+    # UNAVAILABLE (e.g. ENFORCEMENT_FAILED) is recognisable by its leading reason.
+    if code == grpc.StatusCode.UNAVAILABLE and not _AGENT_REASON.match(details):
+        return AgentUnreachableError(address, details or "unavailable")
+    return AgentRefusedError(code.name, details)
+
+
+class AgentClient:
+    """Calls one agent's AgentService. Use as a context manager, or call close()."""
+
+    def __init__(self, address: str, tls: TlsFiles, *, server_name: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        host, port = parse_address(address)  # ValueError early, not a gRPC resolver error
+        self.address = address
+        self.timeout = timeout
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
+        # Only when the certificate cannot name the address we dial: normally the SAN
+        # matches (an IPAddress SAN for an IP) and gRPC checks it as is.
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise _map_error(self.address, error, self.timeout) from None
+
+    def apply(self, signed_grant: pb.SignedGrant) -> pb.GrantStatus:
+        response = self._call("ApplyGrant", pb.ApplyGrantRequest(signed_grant=signed_grant))
+        return response.status
+
+    def revoke(self, signed_revocation: pb.SignedRevocation) -> pb.GrantStatus | None:
+        """The grant's status after revocation, or None when the agent never saw it."""
+        response = self._call(
+            "RevokeGrant", pb.RevokeGrantRequest(signed_revocation=signed_revocation))
+        return response.status if response.HasField("status") else None
+
+    def get(self, grant_id: str) -> pb.GrantStatus:
+        return self._call("GetGrant", pb.GetGrantRequest(grant_id=grant_id))
+
+    def list(self) -> Iterator[pb.GrantStatus]:
+        """Every grant the agent knows, following pages."""
+        token = ""
+        while True:
+            page = self._call("ListGrants", pb.ListGrantsRequest(
+                page_size=LIST_PAGE_SIZE, page_token=token))
+            yield from page.grants
+            token = page.next_page_token
+            if not token:
+                return
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,65 @@
+"""Fakes that ship with the package: unit tests use them in place of the kernel and
+the clock. Real-kernel tests (tests/integration, tests/e2e) prove the behaviour."""
+
+from __future__ import annotations
+
+import io
+
+from portagent.adapters.journal import EventLog
+from portagent.errors import EnforcementError
+from portagent.model import Element, ElementKey
+from portagent.plan import Plan, apply_plan
+from portagent.render import KernelState, Layout
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeFirewall:
+    """Holds elements like the kernel does (expired ones vanish) and can be told to fail."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.state = KernelState()
+        self.layout: Layout | None = None
+        self.batches: list[Plan] = []
+        self.fail_next = False
+
+    def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise EnforcementError("nftables refused the change: injected failure")
+        for element in plan.add + tuple(new for _, new in plan.replace):
+            # The kernel would read a zero timeout as "forever" on newer kernels.
+            if element.expire_time <= now:
+                raise AssertionError(f"element with no time left: {element}")
+        self.state.elements = apply_plan(self._live(now), plan)
+        if layout is not None:
+            self.layout = layout
+            self.state.maps |= set(layout.maps)
+        self.state.present = True
+        self.batches.append(plan)
+
+    def _live(self, now: float) -> dict[ElementKey, Element]:
+        return {k: e for k, e in self.state.elements.items() if e.expire_time > now}
+
+    def read_state(self, now: float) -> KernelState:
+        return KernelState(self.state.present, set(self.state.maps), self._live(now), {})
+
+    def flush(self) -> None:
+        """What `nft flush ruleset` does to us."""
+        self.state = KernelState()
+        self.layout = None
+
+
+def memory_log() -> tuple[io.StringIO, EventLog]:
+    stream = io.StringIO()
+    return stream, EventLog(stream=stream, use_journal=False)

@@ -1,0 +1,245 @@
+"""The broker's trust set-up against a real gRPC server on 127.0.0.1 (no root needed).
+
+A small AgentService stands in for the agent: it serves the certificates `init`
+wrote with client authentication required, and verifies grants with the
+Verifier built from the agent.toml `init` wrote, which is the real contract.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from portagent.broker import cli, pki
+from portagent.broker.client import (
+    AgentClient,
+    AgentRefusedError,
+    AgentUnreachableError,
+    TlsFiles,
+)
+from portagent.broker.signing import Signer, grant_request
+from portagent.errors import PortagentError
+from portagent.model import parse_port_spec
+from portagent.settings import load_settings_file
+from portagent.v1 import agent_pb2 as pb
+from portagent.v1 import agent_pb2_grpc
+from portagent.verify import Verifier
+
+HOST = "web1"
+
+
+class FakeAgent(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
+    """Verifies like the agent, keeps grants in a dict, pages ListGrants by one."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self.grants: dict[str, Any] = {}
+        self.abort_with: tuple[grpc.StatusCode, str] | None = None
+
+    def _refuse(self, context: grpc.ServicerContext, exc: PortagentError) -> None:
+        context.abort(getattr(grpc.StatusCode, exc.status.value), f"{exc.reason}: {exc.message}")
+
+    def ApplyGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if self.abort_with:
+            context.abort(*self.abort_with)
+        signed = request.signed_grant
+        try:
+            self.verifier.verify_grant(signed.grant, signed.signature, signed.key_id, time.time())
+        except PortagentError as exc:
+            self._refuse(context, exc)
+        status = pb.GrantStatus(grant=pb.Grant.FromString(signed.grant),
+                                state=pb.GRANT_STATE_ACTIVE)
+        status.apply_time.GetCurrentTime()
+        self.grants[status.grant.grant_id] = status
+        return pb.ApplyGrantResponse(status=status)
+
+    def RevokeGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        signed = request.signed_revocation
+        try:
+            revocation = self.verifier.verify_revocation(
+                signed.revocation, signed.signature, signed.key_id, time.time())
+        except PortagentError as exc:
+            self._refuse(context, exc)
+        status = self.grants.get(revocation.grant_id)
+        if status is None:
+            return pb.RevokeGrantResponse()
+        status.state = pb.GRANT_STATE_REVOKED
+        status.revoke_time.GetCurrentTime()
+        return pb.RevokeGrantResponse(status=status)
+
+    def GetGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.grant_id not in self.grants:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"GRANT_NOT_FOUND: {request.grant_id}")
+        return self.grants[request.grant_id]
+
+    def ListGrants(self, request: Any, context: grpc.ServicerContext) -> Any:
+        ids = sorted(self.grants)
+        start = ids.index(request.page_token) if request.page_token else 0
+        page = ids[start:start + 1]
+        token = ids[start + 1] if start + 1 < len(ids) else ""
+        return pb.ListGrantsResponse(grants=[self.grants[i] for i in page], next_page_token=token)
+
+
+class Env:
+    def __init__(self, directory: Path, port: int, agent: FakeAgent) -> None:
+        self.dir = directory
+        self.port = port
+        self.agent = agent
+        self.address = f"127.0.0.1:{port}"
+        self.tls = TlsFiles.load(directory / "ca.pem", directory / "broker.pem",
+                                 directory / "broker.key")
+
+    def cli(self, *args: str) -> list[str]:
+        return ["--config", str(self.dir / "broker.toml"), *args]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    directory = tmp_path / "dev"
+    # The certificate names the address, not the port: any free port will do.
+    pki.init_dev_setup(directory, host_id=HOST, agent_address="127.0.0.1:50051",
+                       guarded=[parse_port_spec("22/tcp"), parse_port_spec("8000-8010/tcp")])
+    settings = load_settings_file(directory / "agent.toml")
+    agent = FakeAgent(Verifier(settings.host_id, settings.trusted_keys, settings.policy))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, server)
+    credentials = grpc.ssl_server_credentials(
+        [(settings.api.key_file.read_bytes(), settings.api.cert_file.read_bytes())],
+        root_certificates=settings.api.ca_file.read_bytes(), require_client_auth=True)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        yield Env(directory, port, agent)
+    finally:
+        server.stop(None).wait()
+
+
+def _signed_grant(env: Env, port: str = "22/tcp") -> Any:
+    signer = Signer.from_file(env.dir / "signing.key")
+    request = grant_request(host_id=HOST, subject="alice", sources=["192.0.2.10"], port=port,
+                            ttl="5m")
+    return signer.sign_grant(request, now=time.time())
+
+
+def test_client_with_broker_certificate_is_served(env: Env) -> None:
+    with AgentClient(env.address, env.tls, timeout=5) as client:
+        status = client.apply(_signed_grant(env))
+    assert status.state == pb.GRANT_STATE_ACTIVE
+    assert status.grant.host_id == HOST
+
+
+def test_server_certificate_matches_by_ip_and_by_localhost(env: Env) -> None:
+    for address in (env.address, f"localhost:{env.port}"):
+        with AgentClient(address, env.tls, timeout=5) as client:
+            assert list(client.list()) == []
+
+
+def test_server_name_is_checked(env: Env) -> None:
+    """A name the agent certificate does not carry fails the handshake: the SAN check is on."""
+    with AgentClient(env.address, env.tls, server_name="other.example", timeout=5) as client, \
+            pytest.raises(AgentUnreachableError):
+        list(client.list())
+
+
+def _raw_call(env: Env, credentials: grpc.ChannelCredentials) -> None:
+    with grpc.secure_channel(env.address, credentials) as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        stub.ListGrants(pb.ListGrantsRequest(), timeout=5)
+
+
+def test_client_without_certificate_is_refused(env: Env) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=env.tls.ca)
+    with pytest.raises(grpc.RpcError) as caught:
+        _raw_call(env, credentials)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_certificate_from_another_ca_is_refused(env: Env, tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    other_ca_key, key = pki.new_tls_key(), pki.new_tls_key()
+    other_ca = pki.make_ca(other_ca_key, now)
+    cert = pki.issue_leaf(other_ca_key, other_ca, key.public_key(), common_name=pki.BROKER_CN,
+                          usage=ExtendedKeyUsageOID.CLIENT_AUTH, now=now)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=env.tls.ca, private_key=pki.private_key_pem(key),
+        certificate_chain=cert.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(grpc.RpcError) as caught:
+        _raw_call(env, credentials)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_agent_certificate_cannot_act_as_broker(env: Env) -> None:
+    """The agent's certificate is serverAuth only: a compromised agent cannot call others."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=env.tls.ca, private_key=(env.dir / "agent.key").read_bytes(),
+        certificate_chain=(env.dir / "agent.pem").read_bytes())
+    with pytest.raises(grpc.RpcError) as caught:
+        _raw_call(env, credentials)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_cli_grant_list_get_revoke(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    agent = ["--host", HOST, "--agent", env.address]
+    ids = []
+    for _ in range(2):
+        assert cli.main(env.cli("grant", *agent, "--source", "192.0.2.10", "--source",
+                                "2001:db8::/64", "--port", "8000-8010", "--ttl", "10m",
+                                "--subject", "alice", "--reason", "CHG-1")) == 0
+        ids.append(capsys.readouterr().out.strip())
+    assert sorted(ids) == sorted(env.agent.grants)  # stdout is only the id
+    grant = env.agent.grants[ids[0]].grant
+    assert list(grant.source_prefixes) == ["192.0.2.10/32", "2001:db8::/64"]
+    assert (grant.port_start, grant.port_end, grant.reason) == (8000, 8010, "CHG-1")
+
+    assert cli.main(env.cli("list", *agent)) == 0  # two pages of one: paging is followed
+    out = capsys.readouterr().out
+    assert all(i in out for i in ids) and "8000-8010/tcp" in out
+
+    assert cli.main(env.cli("get", *agent, ids[0], "-o", "json")) == 0
+    assert f'"grant_id": "{ids[0]}"' in capsys.readouterr().out
+
+    assert cli.main(env.cli("revoke", *agent, ids[0], "--reason", "done")) == 0
+    assert capsys.readouterr().out.strip() == f"{ids[0]}: revoked"
+    assert env.agent.grants[ids[0]].state == pb.GRANT_STATE_REVOKED
+
+
+def test_cli_reports_agent_refusal(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real Verifier refuses an unguarded port; the CLI shows code and reason, exits 1."""
+    assert cli.main(env.cli("grant", "--host", HOST, "--agent", env.address, "--source",
+                            "192.0.2.10", "--port", "23/tcp", "--ttl", "5m",
+                            "--subject", "alice")) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("portagent-broker: refused by agent: PERMISSION_DENIED "
+                            "PORT_NOT_GUARDED: port: 23/tcp is not guarded on this host\n")
+
+
+def test_agent_unavailable_with_reason_is_a_refusal(env: Env) -> None:
+    env.agent.abort_with = (grpc.StatusCode.UNAVAILABLE, "ENFORCEMENT_FAILED: nft said no")
+    with AgentClient(env.address, env.tls, timeout=5) as client, \
+            pytest.raises(AgentRefusedError) as caught:
+        client.apply(_signed_grant(env))
+    assert (caught.value.code, caught.value.reason) == ("UNAVAILABLE", "ENFORCEMENT_FAILED")
+
+
+def test_cli_unreachable_agent_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pki.init_dev_setup(tmp_path, host_id=HOST, agent_address="127.0.0.1:50051",
+                       guarded=[parse_port_spec("22/tcp")])
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    assert cli.main(["--config", str(tmp_path / "broker.toml"), "grant", "--host", HOST,
+                     "--agent", address, "--source", "192.0.2.10", "--port", "22",
+                     "--ttl", "5m", "--subject", "alice"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"portagent-broker: cannot reach agent at {address}: ")

@@ -1,0 +1,206 @@
+"""The portagent-broker command line, with a fake agent client (no network)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from portagent.broker import cli, pki
+from portagent.broker.client import AgentRefusedError, AgentUnreachableError, TlsFiles
+from portagent.model import parse_port_spec
+from portagent.settings import load_settings, load_settings_file
+from portagent.v1 import agent_pb2 as pb
+from portagent.verify import Verifier
+
+
+class FakeClient:
+    """Stands in for AgentClient: records calls, answers like an agent, or fails."""
+
+    instances: ClassVar[list[FakeClient]] = []
+    fail_with: ClassVar[Exception | None] = None
+
+    def __init__(self, address: str, tls: TlsFiles, *, server_name: str | None = None,
+                 timeout: float = 10.0) -> None:
+        self.address, self.timeout = address, timeout
+        self.applied: list[Any] = []
+        self.revoked: list[Any] = []
+        FakeClient.instances.append(self)
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def apply(self, signed: Any) -> Any:
+        if self.fail_with:
+            raise self.fail_with
+        self.applied.append(signed)
+        return pb.GrantStatus(grant=pb.Grant.FromString(signed.grant),
+                              state=pb.GRANT_STATE_ACTIVE)
+
+    def revoke(self, signed: Any) -> Any:
+        self.revoked.append(signed)
+        return None
+
+
+@pytest.fixture
+def dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    pki.init_dev_setup(tmp_path, host_id="web1", agent_address="192.0.2.5:50051",
+                       guarded=[parse_port_spec("22/tcp")])
+    FakeClient.instances = []
+    FakeClient.fail_with = None
+    monkeypatch.setattr(cli, "AgentClient", FakeClient)
+    monkeypatch.setenv(cli.CONFIG_ENV, str(tmp_path / "broker.toml"))
+    return tmp_path
+
+
+GRANT = ["grant", "--host", "web1", "--source", "192.0.2.10", "--port", "22", "--ttl", "5m",
+         "--subject", "alice"]
+
+
+def test_grant_prints_only_the_id_and_the_agent_verifies_it(
+        dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(GRANT) == 0
+    grant_id = capsys.readouterr().out
+    (client,) = FakeClient.instances
+    assert client.address == "192.0.2.5:50051" and client.timeout == 10
+    (signed,) = client.applied
+    settings = load_settings_file(dev / "agent.toml")
+    verifier = Verifier(settings.host_id, settings.trusted_keys, settings.policy)
+    grant = verifier.verify_grant(signed.grant, signed.signature, signed.key_id,
+                                  pb.Grant.FromString(signed.grant).issue_time.seconds)
+    assert grant_id == grant.grant_id + "\n"
+
+
+def test_grant_json(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([*GRANT, "-o", "json", "--reason", "CHG-1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["state"] == "active" and out["port"] == "22/tcp" and out["reason"] == "CHG-1"
+    assert out["sources"] == ["192.0.2.10/32"] and out["expire_time"].endswith("Z")
+
+
+def test_default_ttl_and_agent_override(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [a for a in GRANT if a not in ("--ttl", "5m")]
+    assert cli.main([*args, "--agent", "[::1]:6000"]) == 0
+    (client,) = FakeClient.instances
+    assert client.address == "[::1]:6000"
+    grant = pb.Grant.FromString(client.applied[0].grant)
+    assert grant.expire_time.seconds - grant.not_before.seconds in (3600, 3601)
+
+
+def test_config_option_after_the_command(dev: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cli.CONFIG_ENV)
+    assert cli.main([*GRANT, "--config", str(dev / "broker.toml")]) == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--source", "example.com"], "--source: 'example.com' is not an IP address or network"),
+    (["--port", "22/icmp"], "--port: unknown protocol 'icmp'"),
+    (["--ttl", "0s"], "--ttl: '0s' must be longer than 0s"),
+    (["--port", "53/udp", "--protocol", "tcp"], "--protocol: 'tcp' contradicts --port"),
+    (["--host", "db9"], "--host: 'db9' is not in"),
+    (["--agent", "nowhere"], "--agent: expected ADDRESS:PORT"),
+])
+def test_bad_input_exits_2_naming_the_field(dev: Path, capsys: pytest.CaptureFixture[str],
+                                            args: list[str], message: str) -> None:
+    assert cli.main([*GRANT, *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"portagent-broker: {message}")
+    assert not any(c.applied for c in FakeClient.instances)
+
+
+def test_exact_source_message(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([*GRANT, "--source", "example.com"]) == 2
+    assert capsys.readouterr().err == (
+        "portagent-broker: --source: 'example.com' is not an IP address or network\n")
+
+
+def test_refusal_exits_1(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    FakeClient.fail_with = AgentRefusedError(
+        "PERMISSION_DENIED", "SOURCE_TOO_BROAD: source_prefixes: 10.0.0.0/8 is broader than /16")
+    assert cli.main(GRANT) == 1
+    assert capsys.readouterr().err == (
+        "portagent-broker: refused by agent: PERMISSION_DENIED SOURCE_TOO_BROAD: "
+        "source_prefixes: 10.0.0.0/8 is broader than /16\n")
+
+
+def test_unreachable_exits_2(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    FakeClient.fail_with = AgentUnreachableError("192.0.2.5:50051", "connection refused")
+    assert cli.main(GRANT) == 2
+    assert capsys.readouterr().err == (
+        "portagent-broker: cannot reach agent at 192.0.2.5:50051: connection refused\n")
+
+
+def test_timeout_names_the_grant_to_check(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    FakeClient.fail_with = AgentUnreachableError("192.0.2.5:50051", "no answer within 10s",
+                                                 timed_out=True)
+    assert cli.main(GRANT) == 2
+    err = capsys.readouterr().err
+    assert "may have been applied" in err and "portagent-broker get --host web1 g-" in err
+
+
+def test_revoke_unknown_grant(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["revoke", "--host", "web1", "g-0123456789abcdef"]) == 0
+    assert "did not know this grant" in capsys.readouterr().out
+    assert cli.main(["revoke", "--host", "web1", "../x"]) == 2
+    assert capsys.readouterr().err.startswith("portagent-broker: GRANT_ID: '../x'")
+
+
+def test_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cli.CONFIG_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(GRANT) == 2
+    assert capsys.readouterr().err.startswith("portagent-broker: broker.toml: ")
+
+
+def test_missing_signing_key(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (dev / "signing.key").unlink()
+    assert cli.main(GRANT) == 2
+    assert capsys.readouterr().err.startswith("portagent-broker: signing.key_file: cannot read")
+
+
+def test_init_refuses_then_forces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["init", "--dir", str(tmp_path / "d"), "--host-id", "web1", "--agent-address",
+            "127.0.0.1:50051", "--guard", "22/tcp", "--guard", "8000-8010/tcp"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "signing.key  0600" in out and "portagent-broker grant --host web1" in out
+    assert cli.main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli.main([*args, "--force"]) == 0
+    assert cli.main([*args[:-1], "22/icmp", "--force"]) == 2
+    assert capsys.readouterr().err.startswith("portagent-broker: --guard: unknown protocol")
+
+
+def test_keygen_and_pubkey_print_a_trusted_keys_entry(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "signing-2.key"
+    assert cli.main(["keygen", "--out", str(key)]) == 0
+    keygen_out = capsys.readouterr().out
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert cli.main(["keygen", "--out", str(key)]) == 2
+    capsys.readouterr()
+    assert cli.main(["pubkey", str(key)]) == 0
+    entry = capsys.readouterr().out
+    assert entry in keygen_out
+    (trusted,) = tomllib.loads(entry)["trusted_keys"]
+    # The printed entry is one the agent accepts as is.
+    agent = load_settings(f'host_id = "h"\n[api]\nlisten = "127.0.0.1:1"\nca_file = "a"\n'
+                          f'cert_file = "b"\nkey_file = "c"\n[policy]\nguarded = ["22/tcp"]\n'
+                          f"{entry}")
+    assert agent.trusted_keys[0].key_id == trusted["key_id"]
+
+
+def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["--help"], ["grant", "--help"], ["init", "--help"]):
+        with pytest.raises(SystemExit) as caught:
+            cli.main(args)
+        assert caught.value.code == 0
+        assert "example" in capsys.readouterr().out

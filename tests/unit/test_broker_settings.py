@@ -1,0 +1,116 @@
+"""broker.toml parsing and the small TOML/address helpers behind it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from portagent.broker.settings import (
+    load_broker_settings,
+    parse_address,
+    render_broker_toml,
+    toml_string,
+)
+from portagent.errors import ConfigError
+
+MINIMAL = """
+[tls]
+ca_file = "ca.pem"
+cert_file = "/etc/pb/broker.pem"
+key_file = "broker.key"
+[signing]
+key_file = "signing.key"
+"""
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("192.0.2.5:50051", ("192.0.2.5", 50051)),
+    ("[2001:db8::5]:443", ("2001:db8::5", 443)),
+    ("agent.example.net:50051", ("agent.example.net", 50051)),
+    ("localhost:1", ("localhost", 1)),
+])
+def test_parse_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_address(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "192.0.2.5", ":50051", "192.0.2.5:", "192.0.2.5:0", "192.0.2.5:65536", "192.0.2.5:x",
+    "2001:db8::5:50051", "[not-v6]:1", "exa mple:1", "-bad.example:1", "a..b:1",
+])
+def test_parse_address_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match=r"ADDRESS:PORT|IPv6|neither"):
+        parse_address(text)
+
+
+def test_minimal_settings_and_defaults() -> None:
+    settings = load_broker_settings(MINIMAL, base_dir=Path("/srv/pb"))
+    assert settings.ca_file == Path("/srv/pb/ca.pem")
+    assert settings.cert_file == Path("/etc/pb/broker.pem")  # absolute stays absolute
+    assert settings.signing_key_file == Path("/srv/pb/signing.key")
+    assert settings.signing_key_id is None
+    assert settings.hosts == {}
+    assert (settings.default_ttl, settings.timeout) == (3600, 10)
+
+
+def test_hosts() -> None:
+    text = MINIMAL + """
+[hosts.web1]
+address = "192.0.2.5:50051"
+[hosts."db.example.net"]
+address = "10.0.0.7:50051"
+server_name = "db.example.net"
+"""
+    hosts = load_broker_settings(text).hosts
+    assert hosts["web1"].address == "192.0.2.5:50051"
+    assert hosts["db.example.net"].server_name == "db.example.net"
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = """
+default_ttl = "forever"
+timeout = "0s"
+colour = "blue"
+[tls]
+ca_file = 5
+[signing]
+key_file = "signing.key"
+key_id = true
+[hosts.web1]
+address = "web1"
+[hosts.web2]
+"""
+    with pytest.raises(ConfigError) as caught:
+        load_broker_settings(text)
+    problems = caught.value.problems
+    for expected in ("colour: unknown setting", "tls.ca_file: expected str",
+                     "tls.cert_file: required", "tls.key_file: required",
+                     "signing.key_id: expected str", "hosts.web1.address: expected ADDRESS:PORT",
+                     "hosts.web2.address: required", "default_ttl: not a duration",
+                     "timeout: must be positive"):
+        assert any(p.startswith(expected) for p in problems), (expected, problems)
+
+
+def test_invalid_toml() -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_broker_settings("[tls")
+
+
+@pytest.mark.parametrize("text", ['plain', 'with "quotes"', "back\\slash", "ünïcode"])
+def test_toml_string_round_trips(text: str) -> None:
+    assert tomllib.loads(f"v = {toml_string(text)}")["v"] == text
+
+
+@pytest.mark.parametrize("text", ["new\nline", "tab\there", "del\x7f"])
+def test_toml_string_refuses_control_characters(text: str) -> None:
+    with pytest.raises(ValueError, match="control character"):
+        toml_string(text)
+
+
+def test_rendered_broker_toml_parses() -> None:
+    text = render_broker_toml(host_id="web.1", address="[2001:db8::5]:50051",
+                              signing_key_id="broker-00000000")
+    settings = load_broker_settings(text, base_dir=Path("/d"))
+    assert settings.hosts["web.1"].address == "[2001:db8::5]:50051"
+    assert settings.signing_key_id == "broker-00000000"

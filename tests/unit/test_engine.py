@@ -1,0 +1,212 @@
+"""The engine with a fake kernel and clock: fail-closed, idempotent, never reopening."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from portagent.engine import Engine
+from portagent.errors import EnforcementError, GrantConflict, GrantNotFound, GrantNotInWindow
+from portagent.model import GrantState, parse_port_spec
+from portagent.settings import ApiSettings, Policy, Settings
+from portagent.store import Store
+from portagent.testing.fakes import FakeClock, FakeFirewall, memory_log
+from portagent.testing.grants import TestSigner
+
+
+@pytest.fixture
+def signer() -> TestSigner:
+    return TestSigner()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def firewall(clock: FakeClock) -> FakeFirewall:
+    return FakeFirewall(clock)
+
+
+def make_settings(signer: TestSigner, state_dir: Path) -> Settings:
+    return Settings(
+        host_id="host-a",
+        api=ApiSettings("127.0.0.1:0", Path("ca"), Path("c"), Path("k")),
+        trusted_keys=(signer.trusted,),
+        policy=Policy(
+            guarded=(parse_port_spec("5432/tcp"), parse_port_spec("53/udp")), max_ttl=3600.0
+        ),
+        state_dir=state_dir,
+        reconcile_interval=3600.0,
+    )
+
+
+class Harness:
+    def __init__(
+        self, signer: TestSigner, clock: FakeClock, firewall: FakeFirewall, state_dir: Path
+    ) -> None:
+        self.signer, self.clock, self.firewall = signer, clock, firewall
+        self.settings = make_settings(signer, state_dir)
+        self.log, events = memory_log()
+        self.store = Store(self.settings.store_path)
+        self.engine = Engine(self.settings, firewall, self.store, events, clock=clock)
+        self.engine.start()
+        firewall.batches.clear()  # start-up lays out the table; tests count what follows
+
+    def restart(self) -> None:
+        self.engine.stop()
+        self.store.close()
+        self.store = Store(self.settings.store_path)
+        self.log, events = memory_log()
+        self.engine = Engine(self.settings, self.firewall, self.store, events, clock=self.clock)
+        self.engine.start()
+
+    def kernel_handles(self) -> set[int]:
+        return {e.handle for e in self.firewall.read_state(self.clock.now).elements.values()}
+
+
+@pytest.fixture
+def harness(
+    signer: TestSigner, clock: FakeClock, firewall: FakeFirewall, tmp_path: Path
+) -> Iterator[Harness]:
+    h = Harness(signer, clock, firewall, tmp_path)
+    yield h
+    h.engine.stop()
+    h.store.close()
+
+
+def test_apply_enforces_and_persists(harness: Harness) -> None:
+    record = harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-1"))
+    assert record.handle > 0 and record.state is GrantState.ACTIVE
+    assert harness.kernel_handles() == {record.handle}
+    assert [r.grant.grant_id for r in harness.store.load()] == ["g-1"]
+    assert "ACTION=apply" in harness.log.getvalue()
+
+
+def test_redelivery_is_idempotent_and_a_conflicting_reuse_is_refused(harness: Harness) -> None:
+    signed = harness.signer.grant(harness.clock.now, grant_id="g-1")
+    first = harness.engine.apply_grant(signed)
+    again = harness.engine.apply_grant(signed)
+    assert again.handle == first.handle
+    assert len(harness.firewall.batches) == 1  # nothing re-applied
+    with pytest.raises(GrantConflict):
+        harness.engine.apply_grant(
+            harness.signer.grant(harness.clock.now, grant_id="g-1", subject="mallory")
+        )
+
+
+def test_refusal_changes_nothing_and_is_logged(harness: Harness) -> None:
+    with pytest.raises(Exception, match="not guarded"):
+        harness.engine.apply_grant(harness.signer.grant(harness.clock.now, port_start=22))
+    assert harness.firewall.batches == []
+    assert harness.store.load() == []
+    assert (
+        "ACTION=refuse" in harness.log.getvalue() and "PORT_NOT_GUARDED" in harness.log.getvalue()
+    )
+
+
+def test_kernel_failure_leaves_store_unchanged(harness: Harness) -> None:
+    harness.firewall.fail_next = True
+    with pytest.raises(EnforcementError):
+        harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-1"))
+    assert harness.store.load() == []
+    assert harness.engine.list_grants() == []
+    # The agent still works afterwards.
+    harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-2"))
+    assert [r.grant.grant_id for r in harness.store.load()] == ["g-2"]
+
+
+def test_revoked_grant_never_reopens_even_after_restart(harness: Harness) -> None:
+    signed = harness.signer.grant(harness.clock.now, grant_id="g-1")
+    harness.engine.apply_grant(signed)
+    harness.engine.revoke_grant(harness.signer.revocation(harness.clock.now, "g-1"))
+    assert harness.kernel_handles() == set()
+    with pytest.raises(GrantNotInWindow) as info:
+        harness.engine.apply_grant(signed)
+    assert info.value.reason == "GRANT_REVOKED"
+    harness.restart()
+    with pytest.raises(GrantNotInWindow):
+        harness.engine.apply_grant(signed)
+
+
+def test_revocation_before_delivery_blocks_the_grant(harness: Harness) -> None:
+    assert harness.engine.revoke_grant(harness.signer.revocation(harness.clock.now, "g-9")) is None
+    with pytest.raises(GrantNotInWindow):
+        harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-9"))
+
+
+def test_local_revoke_of_unknown_grant_is_not_found(harness: Harness) -> None:
+    with pytest.raises(GrantNotFound):
+        harness.engine.revoke_local("nope", actor="root")
+
+
+def test_overlapping_grants_revoking_either_leaves_the_other(harness: Harness) -> None:
+    now = harness.clock.now
+    wide = harness.engine.apply_grant(
+        harness.signer.grant(now, grant_id="wide", source_prefixes=["10.1.2.0/24"])
+    )
+    narrow = harness.engine.apply_grant(
+        harness.signer.grant(now, grant_id="narrow", source_prefixes=["10.1.2.3/32"])
+    )
+    assert harness.kernel_handles() == {wide.handle, narrow.handle}
+    harness.engine.revoke_local("narrow", actor="root")
+    assert harness.kernel_handles() == {wide.handle}
+
+
+def test_same_key_two_grants_revoking_the_longer_restores_the_shorter(harness: Harness) -> None:
+    now = harness.clock.now
+    short = harness.engine.apply_grant(harness.signer.grant(now, grant_id="short", ttl=60))
+    harness.engine.apply_grant(harness.signer.grant(now, grant_id="long", ttl=600))
+    harness.engine.revoke_local("long", actor="root")
+    elements = list(harness.firewall.read_state(now).elements.values())
+    assert [(e.handle, e.expire_time) for e in elements] == [(short.handle, now + 60)]
+
+
+def test_expiry_garbage_collects_and_logs(harness: Harness) -> None:
+    harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-1", ttl=5))
+    harness.clock.advance(6)
+    harness.engine._expire()  # the loop calls this when the grant's time is up
+    assert harness.engine.list_grants() == []
+    assert harness.store.load() == []
+    assert "ACTION=expire" in harness.log.getvalue()
+
+
+def test_restart_adopts_the_kernel_without_changing_it(harness: Harness) -> None:
+    harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-1"))
+    batches = len(harness.firewall.batches)
+    harness.restart()
+    assert [r.grant.grant_id for r in harness.engine.list_grants()] == ["g-1"]
+    new_batches = harness.firewall.batches[batches:]
+    assert all(plan.is_empty for plan in new_batches)  # only the layout is re-asserted
+
+
+def test_flushed_ruleset_is_repaired_by_full_reconcile(harness: Harness) -> None:
+    record = harness.engine.apply_grant(harness.signer.grant(harness.clock.now))
+    harness.firewall.flush()
+    harness.engine.on_foreign_change(4242, "nft")
+    done = threading.Event()
+    for _ in range(100):
+        if harness.kernel_handles() == {record.handle}:
+            done.set()
+            break
+        threading.Event().wait(0.02)
+    assert done.is_set()
+    assert "ACTION=tamper" in harness.log.getvalue()
+
+
+def test_many_concurrent_applies_are_coalesced(harness: Harness) -> None:
+    signed = [
+        harness.signer.grant(harness.clock.now, source_prefixes=[f"10.9.{i // 250}.{i % 250}"])
+        for i in range(200)
+    ]
+    threads = [threading.Thread(target=harness.engine.apply_grant, args=(s,)) for s in signed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(harness.engine.list_grants()) == 200
+    assert len(harness.firewall.batches) < 200
