@@ -41,6 +41,10 @@ class Revocation:
 
 def parse_source(text: str, field: str = "source_prefixes") -> IPNetwork:
     """An IP address or CIDR network; never a hostname (libnftables would resolve it)."""
+    if "%" in text:
+        # ipaddress keeps an IPv6 zone id ("fe80::1%eth0") in the text form; nft would not
+        # parse it as an address.
+        raise InvalidGrant(f"{field}: {text!r}: zone ids are not allowed", reason="INVALID_SOURCE")
     try:
         return ipaddress.ip_network(text.strip(), strict=True)
     except ValueError as exc:

@@ -151,7 +151,10 @@ class Lab:
         self.broker("revoke", "--host", HOST_ID, grant_id)
 
     def deliver_raw(self, kind: str, message: bytes) -> str:
-        """Send a serialized SignedGrant/SignedRevocation as-is; returns "OK ..." or "CODE details"."""
+        """Send a serialized SignedGrant/SignedRevocation as-is.
+
+        Returns "OK ..." or "CODE details".
+        """
         argv = [
             str(BIN / "python"),
             "-m",
