@@ -30,6 +30,7 @@ class Lab:
         tcp_ports: list[int] | None = None,
         udp_ports: list[int] | None = None,
         extra_config: str = "",
+        wrapper: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.dir = workdir / "dev"
@@ -38,6 +39,8 @@ class Lab:
         self.tcp_ports = tcp_ports or []
         self.udp_ports = udp_ports or []
         self.extra_config = extra_config
+        # Runs the daemon through this, e.g. nsenter into a journald sandbox.
+        self.wrapper = wrapper or []
         self.agent: subprocess.Popen[bytes] | None = None
         self.echo: subprocess.Popen[bytes] | None = None
         self.key_id = ""
@@ -98,9 +101,11 @@ class Lab:
         if self._log is None:
             self._log = self.log_path.open("ab")
         self.admin_socket.unlink(missing_ok=True)
-        self.agent = self.net.popen(
-            self.net.server,
-            [str(BIN / "portagentd"), "--config", str(self.config)],
+        self.agent = subprocess.Popen(
+            # The wrapper runs inside the namespace: a mount-namespace switch (nsenter -m)
+            # must come after `ip netns exec` has found /run/netns in ours.
+            ["ip", "netns", "exec", self.net.server, *self.wrapper, str(BIN / "portagentd"),
+             "--config", str(self.config)],
             stdout=self._log,
             stderr=self._log,
         )
