@@ -112,14 +112,10 @@ def run(settings: Settings, config_path: Path) -> int:
     if stall_file:
         # Test hook for the systemd watchdog test: stop pinging while this file exists.
         engine.stall_check = lambda: Path(stall_file).exists()
-    try:
-        engine.start()
-    except PortagentError as exc:
-        events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON=exc.reason)
-        return 1
     watcher = None
     try:
-        watcher = RulesetWatcher(engine.on_foreign_change)
+        # Subscribed before the first commit, so every NEWGEN of ours is counted out.
+        watcher = RulesetWatcher(engine.on_ruleset_commit, engine.on_events_lost)
         watcher.start()
     except OSError as exc:
         events.emit(
@@ -128,6 +124,11 @@ def run(settings: Settings, config_path: Path) -> int:
             f"{settings.reconcile_interval:.0f}s reconcile timer",
             Priority.WARNING,
         )
+    try:
+        engine.start()
+    except PortagentError as exc:
+        events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON=exc.reason)
+        return 1
 
     def healthy() -> bool:
         limit = max(3 * settings.reconcile_interval, 10.0)

@@ -33,8 +33,10 @@ from portagent.settings import Settings
 from portagent.store import Store
 from portagent.verify import Revocation, Verifier
 
+# After lost ruleset notifications, re-read the kernel no more often than this.
+LOST_EVENTS_RECHECK = 5.0
 # Commands coalesced into one kernel transaction at most.
-MAX_BATCH = 20_000
+MAX_BATCH = 100_000
 
 
 class Firewall(Protocol):
@@ -99,6 +101,10 @@ class Engine:
         self._layout_dirty = True
         self._thread: threading.Thread | None = None
         self.last_reconcile: float = 0.0
+        self._last_lost_check = 0.0
+        self._own_commits_lock = threading.Lock()
+        self._own_commits_pending = 0
+        self._lost_pending = False
         self.stall_check: Callable[[], bool] = lambda: False
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -142,6 +148,26 @@ class Engine:
         assert record is not None
         return record
 
+    def apply_grants(self, batch: list[SignedInput],
+                     timeout: float = 300.0) -> list[GrantRecord | PortagentError]:
+        """Apply many grants in one kernel transaction; one result (or refusal) per input."""
+        if self._stopping.is_set():
+            raise EnforcementError("agent is shutting down", reason="SHUTTING_DOWN")
+        commands = [_Command("apply", Future(), signed=signed) for signed in batch]
+        for command in commands:
+            self._queue.put(command)
+        self._wake.set()
+        results: list[GrantRecord | PortagentError] = []
+        for command in commands:
+            try:
+                record = command.future.result(timeout=timeout)
+            except PortagentError as exc:
+                results.append(exc)
+                continue
+            assert record is not None
+            results.append(record)
+        return results
+
     def revoke_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord | None:
         return self._submit(_Command("revoke", Future(), signed=signed), timeout)
 
@@ -169,6 +195,17 @@ class Engine:
         self._full_reconcile.set()
         self._wake.set()
 
+    def on_ruleset_commit(self, pid: int, process: str) -> None:
+        """A ruleset generation was committed (NEWGEN). Ours are counted out; any other
+        is tampering. The kernel reports the committing *thread* id in the init pid
+        namespace, which a daemon in a container cannot compare with its own pids, so
+        we count our own commits instead: each one we start is expected back once."""
+        with self._own_commits_lock:
+            if self._own_commits_pending > 0:
+                self._own_commits_pending -= 1
+                return
+        self.on_foreign_change(pid, process)
+
     def on_foreign_change(self, pid: int, process: str) -> None:
         self._events.emit(
             "tamper",
@@ -178,6 +215,18 @@ class Engine:
             CHANGED_BY=process,
         )
         self._layout_dirty = True
+        self.request_full_reconcile()
+
+    def on_events_lost(self) -> None:
+        """Ruleset notifications overflowed (usually our own large batch): verify the
+        kernel, at most once every few seconds."""
+        with self._own_commits_lock:
+            self._own_commits_pending = 0  # lost NEWGENs would skew the count
+        now = time.monotonic()
+        if now - self._last_lost_check < LOST_EVENTS_RECHECK:
+            self._lost_pending = True
+            return
+        self._last_lost_check = now
         self.request_full_reconcile()
 
     @property
@@ -211,6 +260,11 @@ class Engine:
                 if commands:
                     self._process(commands)
                 self._expire()
+                if self._lost_pending and (time.monotonic() - self._last_lost_check
+                                           >= LOST_EVENTS_RECHECK):
+                    self._lost_pending = False
+                    self._last_lost_check = time.monotonic()
+                    self._full_reconcile.set()
                 if self._full_reconcile.is_set() or self._clock() >= next_full:
                     self._full_reconcile.clear()
                     self._reconcile_full()
@@ -404,7 +458,14 @@ class Engine:
             )
         if plan.is_empty and layout is None:
             return
-        self._firewall.apply_plan(plan, now, layout)
+        with self._own_commits_lock:
+            self._own_commits_pending += 1
+        try:
+            self._firewall.apply_plan(plan, now, layout)
+        except BaseException:
+            with self._own_commits_lock:
+                self._own_commits_pending -= 1  # a refused batch commits nothing
+            raise
         self._actual = apply_plan(self._actual, plan)
         self._maps = frozenset(maps)
         self._layout_dirty = False

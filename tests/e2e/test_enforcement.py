@@ -50,6 +50,8 @@ def test_refused_before_open_during_refused_after_expiry(lab: Lab) -> None:
     # The expired grant is garbage-collected from the daemon's state and logged.
     assert wait_until(lambda: lab.list_json() == [], timeout=3)
     assert "ACTION=expire" in lab.log()
+    # The agent's own commits are never mistaken for tampering.
+    assert "ACTION=tamper" not in lab.log()
 
 
 def test_unguarded_port_is_untouched(lab: Lab) -> None:

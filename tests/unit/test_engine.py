@@ -210,3 +210,22 @@ def test_many_concurrent_applies_are_coalesced(harness: Harness) -> None:
         t.join(timeout=10)
     assert len(harness.engine.list_grants()) == 200
     assert len(harness.firewall.batches) < 200
+
+
+def test_own_commits_are_not_tampering_but_any_other_is(harness: Harness) -> None:
+    harness.engine.apply_grant(harness.signer.grant(harness.clock.now))
+    commits = len(harness.firewall.batches) + 1  # + the start-up layout
+    for _ in range(commits):
+        harness.engine.on_ruleset_commit(999, "portagentd")
+    assert "ACTION=tamper" not in harness.log.getvalue()
+    harness.engine.on_ruleset_commit(4242, "nft")
+    assert "ACTION=tamper" in harness.log.getvalue()
+
+
+def test_a_refused_batch_is_not_counted_as_an_own_commit(harness: Harness) -> None:
+    harness.firewall.fail_next = True
+    with pytest.raises(EnforcementError):
+        harness.engine.apply_grant(harness.signer.grant(harness.clock.now))
+    harness.engine._own_commits_pending = 0  # forget the start-up commit
+    harness.engine.on_ruleset_commit(4242, "nft")
+    assert "ACTION=tamper" in harness.log.getvalue()

@@ -7,7 +7,9 @@ process that made it. A change by anyone but us wakes the reconcile loop, so a
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import threading
 from collections.abc import Callable
 
@@ -15,11 +17,17 @@ from pyroute2.netlink.nfnetlink import NFNLGRP_NFTABLES
 from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWGEN, NFTSocket
 
 
+SO_RCVBUFFORCE = 33  # from <asm-generic/socket.h>; not exported by the socket module
+RECEIVE_BUFFER = 16 * 1024 * 1024
+
+
 class RulesetWatcher:
     """Calls `on_foreign_change(pid, process_name)` for ruleset commits not made by us."""
 
-    def __init__(self, on_foreign_change: Callable[[int, str], None]) -> None:
+    def __init__(self, on_foreign_change: Callable[[int, str], None],
+                 on_events_lost: Callable[[], None]) -> None:
         self._callback = on_foreign_change
+        self._lost = on_events_lost
         self._stop = threading.Event()
         self._bound = threading.Event()
         self._error: OSError | None = None
@@ -45,6 +53,10 @@ class RulesetWatcher:
         try:
             sock = NFTSocket()
             sock.bind(groups=1 << (NFNLGRP_NFTABLES - 1))
+            # Every element of our own batches is echoed to the group: a 10k batch
+            # overflows the default buffer. Root may exceed rmem_max with the FORCE variant.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
         except OSError as exc:
             self._error = exc
             self._bound.set()
@@ -55,8 +67,9 @@ class RulesetWatcher:
             try:
                 messages = sock.get()
             except OSError:
-                # ENOBUFS: events were lost; treat it as a foreign change to be safe.
-                self._callback(0, "?")
+                # ENOBUFS: notifications were lost, so a foreign change may hide among
+                # them; the engine re-checks the kernel (rate-limited).
+                self._lost()
                 continue
             for message in messages:
                 if self._stop.is_set():

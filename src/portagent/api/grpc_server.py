@@ -25,6 +25,7 @@ from portagent.v1 import agent_pb2_grpc
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_BATCH_SIZE = 100_000
 
 _CODES = {
     Status.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -63,6 +64,25 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         signed = request.signed_grant
         record = _call(context, lambda: self._engine.apply_grant(_signed(signed, signed.grant)))
         return pb.ApplyGrantResponse(status=status_to_pb(record))
+
+    def BatchApplyGrants(
+        self, request: pb.BatchApplyGrantsRequest, context: grpc.ServicerContext
+    ) -> pb.BatchApplyGrantsResponse:
+        if len(request.signed_grants) > MAX_BATCH_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"BATCH_TOO_LARGE: at most {MAX_BATCH_SIZE} grants per batch")
+        batch = [_signed(s, s.grant) for s in request.signed_grants]
+        outcomes = _call(context, lambda: self._engine.apply_grants(batch))
+        response = pb.BatchApplyGrantsResponse()
+        for outcome in outcomes:
+            result = response.results.add()
+            if isinstance(outcome, PortagentError):
+                result.error_code = _CODES[outcome.status].name
+                result.error_reason = outcome.reason
+                result.error_message = outcome.message
+            else:
+                result.status.CopyFrom(status_to_pb(outcome))
+        return response
 
     def RevokeGrant(
         self,
@@ -157,7 +177,8 @@ def start_server(engine: Engine, api: ApiSettings, is_healthy: Callable[[], bool
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024)],
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(engine), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(is_healthy), server)

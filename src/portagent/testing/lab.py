@@ -122,6 +122,11 @@ class Lab:
         self.agent.send_signal(sig)
         self.agent.wait(15)
 
+    def agent_pid(self) -> int:
+        """Pid of portagentd itself (the Popen is `ip netns exec`, which execs into it)."""
+        assert self.agent is not None
+        return self.agent.pid
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
