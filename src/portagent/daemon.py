@@ -117,7 +117,7 @@ def run(settings: Settings, config_path: Path) -> int:
         # Subscribed before the first commit, so every NEWGEN of ours is counted out.
         watcher = RulesetWatcher(engine.on_ruleset_commit, engine.on_events_lost)
         watcher.start()
-    except OSError as exc:
+    except (OSError, ImportError) as exc:
         events.emit(
             "error",
             f"tamper detection off ({exc}); relying on the "

@@ -1,82 +1,86 @@
-"""Tamper detection: nftables NEWGEN notifications over netlink (pyroute2).
+"""Tamper detection: nftables NEWGEN notifications over netlink.
 
-Every committed ruleset change ends with a NEWGEN message naming the pid and
+Every committed ruleset change ends with a NEWGEN message naming the thread and
 process that made it. A change by anyone but us wakes the reconcile loop, so a
 `nft flush ruleset` is repaired within milliseconds rather than at the next timer.
+
+We read the multicast group from a plain netlink socket and decode each message
+with pyroute2's `nft_gen_msg`. pyroute2's own socket classes are not used here:
+they route messages whose sender port id equals our pid to their request
+machinery (so commits from our main thread never reached `get()`), and in 0.9.x a
+socket made in one thread never returns from `get()` in another.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import errno
 import socket
+import struct
 import threading
 from collections.abc import Callable
 
-from pyroute2.netlink.nfnetlink import NFNLGRP_NFTABLES
-from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWGEN, NFTSocket
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, NFNLGRP_NFTABLES
+from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_NEWGEN, nft_gen_msg
 
-
-SO_RCVBUFFORCE = 33  # from <asm-generic/socket.h>; not exported by the socket module
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not exported by the socket module
 RECEIVE_BUFFER = 16 * 1024 * 1024
+_NEWGEN_TYPE = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN
+_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
 
 
 class RulesetWatcher:
-    """Calls `on_foreign_change(pid, process_name)` for ruleset commits not made by us."""
+    """Calls `on_commit(thread_id, process_name)` for every ruleset commit seen, and
+    `on_events_lost()` when the kernel dropped notifications (ENOBUFS)."""
 
-    def __init__(self, on_foreign_change: Callable[[int, str], None],
+    def __init__(self, on_commit: Callable[[int, str], None],
                  on_events_lost: Callable[[], None]) -> None:
-        self._callback = on_foreign_change
-        self._lost = on_events_lost
+        self._on_commit = on_commit
+        self._on_lost = on_events_lost
         self._stop = threading.Event()
-        self._bound = threading.Event()
-        self._error: OSError | None = None
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self._sock.bind((0, 0))
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        # Our own batches echo every element to the group: a 10k batch overflows the
+        # default buffer. Root may exceed rmem_max with the FORCE variant.
+        with contextlib.suppress(OSError):
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        self._sock.settimeout(0.5)  # so stop() is honoured promptly
         self._thread = threading.Thread(target=self._run, name="ruleset-watch", daemon=True)
 
     def start(self) -> None:
-        """Subscribe; raises OSError when netlink refuses (the caller falls back to timers)."""
         self._thread.start()
-        self._bound.wait(timeout=5)
-        if self._error is not None:
-            raise self._error
-        if not self._bound.is_set():
-            raise OSError("netlink subscription did not complete")
 
     def stop(self) -> None:
-        # The reader blocks in recv; it is a daemon thread and stops acting once the
-        # flag is set.
         self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
 
     def _run(self) -> None:
-        # pyroute2 (0.9.x) sockets belong to the thread that made them: a socket made
-        # elsewhere never returns from get() here.
-        try:
-            sock = NFTSocket()
-            sock.bind(groups=1 << (NFNLGRP_NFTABLES - 1))
-            # Every element of our own batches is echoed to the group: a 10k batch
-            # overflows the default buffer. Root may exceed rmem_max with the FORCE variant.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
-        except OSError as exc:
-            self._error = exc
-            self._bound.set()
-            return
-        self._bound.set()
-        own_pid = os.getpid()
         while not self._stop.is_set():
             try:
-                messages = sock.get()
-            except OSError:
-                # ENOBUFS: notifications were lost, so a foreign change may hide among
-                # them; the engine re-checks the kernel (rate-limited).
-                self._lost()
+                data = self._sock.recv(1 << 20)
+            except TimeoutError:
                 continue
-            for message in messages:
-                if self._stop.is_set():
-                    break
-                if message["header"]["type"] & 0xFF != NFT_MSG_NEWGEN:
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self._on_lost()
                     continue
-                pid = message.get_attr("NFTA_GEN_PROC_PID") or 0
-                if pid != own_pid:
-                    self._callback(pid, message.get_attr("NFTA_GEN_PROC_NAME") or "?")
-        sock.close()
+                return  # socket closed
+            self._dispatch(data)
+
+    def _dispatch(self, data: bytes) -> None:
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, msg_type = _HEADER.unpack_from(data, offset)[:2]
+            if length < _HEADER.size:
+                return
+            if msg_type == _NEWGEN_TYPE:
+                message = nft_gen_msg(data[offset:offset + length])
+                message.decode()
+                self._on_commit(message.get_attr("NFTA_GEN_PROC_PID") or 0,
+                                message.get_attr("NFTA_GEN_PROC_NAME") or "?")
+            offset += (length + 3) & ~3  # NLMSG_ALIGN
