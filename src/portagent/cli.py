@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from portagent.admin import call
+from portagent.admin import call, stream
 from portagent.durations import format_duration
 from portagent.errors import ConfigError, PortagentError
 from portagent.settings import DEFAULT_CONFIG_PATH, load_settings_file
@@ -38,7 +38,23 @@ def _local_time(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(seconds))
 
 
-def _list_rows(grants: list[dict[str, Any]]) -> list[list[str]]:
+def human_bytes(count: int) -> str:
+    """1536 -> "1.5K", like `ls -h`: B, K, M, G, T (powers of 1024)."""
+    value = float(count)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" or value >= 10 else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}T"
+
+
+def ago(when: float | None, now: float) -> str:
+    if not when:
+        return "-"
+    return "now" if now - when < 1 else f"{format_duration(now - when)} ago"
+
+
+def _list_rows(grants: list[dict[str, Any]], now: float) -> list[list[str]]:
     return [
         [
             g["grant_id"],
@@ -46,22 +62,54 @@ def _list_rows(grants: list[dict[str, Any]]) -> list[list[str]]:
             ",".join(g["sources"]),
             f"{g['ports']}/{g['protocol']}",
             format_duration(g["remaining_seconds"]) if g["state"] == "active" else "-",
-            _local_time(g["expire_time"]),
             g["state"],
+            str(g.get("connections", "-")),
+            human_bytes(g["bytes"]) if "bytes" in g else "-",
+            ago(g.get("last_seen"), now),
+            g.get("service", "-"),
         ]
         for g in grants
     ]
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    grants = call(_socket_path(args), {"op": "list"})
-    if args.output == "json":
-        print(json.dumps(grants, indent=2))
-        return 0
+LIST_HEADERS = [
+    "ID",
+    "SUBJECT",
+    "SOURCE",
+    "PORT",
+    "LEFT",
+    "STATE",
+    "CONNS",
+    "BYTES",
+    "LAST SEEN",
+    "SERVICE",
+]
+
+
+def _render_list(grants: list[dict[str, Any]]) -> str:
     if not grants:
-        print("no grants")
+        return "no grants"
+    return _table(_list_rows(grants, time.time()), LIST_HEADERS)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    if not args.watch:
+        grants = call(path, {"op": "list"})
+        print(json.dumps(grants, indent=2) if args.output == "json" else _render_list(grants))
         return 0
-    print(_table(_list_rows(grants), ["ID", "SUBJECT", "SOURCE", "PORT", "LEFT", "UNTIL", "STATE"]))
+    # Refresh in place like `watch`: clear and redraw on a terminal, append otherwise.
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+    deadline = time.monotonic() + args.duration if args.duration else None
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            grants = call(path, {"op": "list"})
+            body = json.dumps(grants) if args.output == "json" else _render_list(grants)
+            stamp = time.strftime("%H:%M:%S")
+            print(f"{clear}every {args.interval:g}s  {stamp}\n{body}", flush=True)
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -70,6 +118,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(grant, indent=2))
         return 0
+    now = time.time()
+    options = []
+    if grant.get("keep_established"):
+        options.append("keep established connections after expiry")
+    if grant.get("max_connections"):
+        options.append(f"at most {grant['max_connections']} connections")
     fields = [
         ("Grant", grant["grant_id"]),
         ("Subject", grant["subject"]),
@@ -86,9 +140,14 @@ def cmd_show(args: argparse.Namespace) -> int:
                 else ""
             ),
         ),
+        ("Options", "; ".join(options) or "-"),
         ("Reason", grant["reason"] or "-"),
         ("Signed by", grant["key_id"]),
         ("Handle", f"{grant['handle']} (ct mark)"),
+        ("Service", grant.get("service", "-")),
+        ("Traffic in", f"{human_bytes(grant.get('bytes', 0))}, {grant.get('packets', 0)} packets"),
+        ("First seen", ago(grant.get("first_seen"), now)),
+        ("Last seen", ago(grant.get("last_seen"), now)),
     ]
     if grant.get("revoke_time"):
         fields.append(
@@ -97,6 +156,48 @@ def cmd_show(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name + ':':<{width + 1}} {value}")
+    flows = grant.get("flows", [])
+    print(f"\nConnections: {len(flows)}")
+    if flows:
+        rows = [
+            [
+                f["protocol"],
+                f"{f['source']}:{f['source_port']}",
+                f"{f['destination']}:{f['destination_port']}",
+                f["state"] or "-",
+                human_bytes(f["bytes_in"]),
+                human_bytes(f["bytes_out"]),
+            ]
+            for f in flows
+        ]
+        print(_table(rows, ["PROTO", "PEER", "LOCAL", "STATE", "IN", "OUT"]))
+    return 0
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    text = f"{stamp} #{event['sequence']} {event['kind']:<18} {event['grant_id'] or '-'}"
+    if event["subject"]:
+        text += f" {event['subject']}"
+    flow = event.get("flow")
+    if flow:
+        text += (
+            f" {flow['protocol']} {flow['source']}:{flow['source_port']} -> "
+            f"{flow['destination']}:{flow['destination_port']}"
+        )
+        if event["kind"] == "connection_closed":
+            text += f" in {human_bytes(flow['bytes_in'])} out {human_bytes(flow['bytes_out'])}"
+    if event["reason"]:
+        text += f" ({event['reason']})"
+    return text
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    try:
+        for event in stream(_socket_path(args), {"op": "events", "after": args.after}):
+            print(json.dumps(event) if args.output == "json" else _event_line(event), flush=True)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -153,9 +254,25 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return cmd
 
-    add("list", "list grants: id, subject, source, port, time left, state").set_defaults(
-        func=cmd_list
+    listing = add(
+        "list",
+        "list grants: id, subject, source, port, time left, state, "
+        "connections, bytes, last seen, listening service",
     )
+    listing.add_argument("-w", "--watch", action="store_true", help="refresh until Ctrl-C")
+    listing.add_argument("--interval", type=float, default=2.0, help="--watch period (s)")
+    listing.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="stop --watch after this many seconds (0: never)",
+    )
+    listing.set_defaults(func=cmd_list)
+    events = add("events", "follow grant and connection events as they happen")
+    events.add_argument(
+        "--after", type=int, default=0, help="start after this sequence number (resume)"
+    )
+    events.set_defaults(func=cmd_events)
     show = add("show", "show one grant in detail")
     show.add_argument("grant_id")
     show.set_defaults(func=cmd_show)

@@ -94,19 +94,47 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(settings: Settings, config_path: Path) -> int:
     # Imported here so --check-config and --help work without root or libnftables.
+    from portagent.adapters.conntrack import (
+        Conntrack,
+        ConntrackEvents,
+        enable_accounting,
+        enable_events,
+    )
     from portagent.adapters.nftables import NftablesFirewall
     from portagent.adapters.ruleset_watch import RulesetWatcher
+    from portagent.adapters.services import ServiceFinder
     from portagent.admin import AdminServer
     from portagent.api.grpc_server import start_server
     from portagent.engine import Engine
     from portagent.store import Store
+    from portagent.usage import UsageReader
 
     events = EventLog()
     started = time.time()
     watchdog_interval, ping = _watchdog_pinger()
     store = Store(settings.store_path)
+    # Per-flow byte counters and DESTROY events for every entry are per-namespace
+    # sysctls; both only affect connections created from now on.
+    if not (enable_accounting() and enable_events()):
+        events.emit(
+            "error",
+            "could not enable nf_conntrack_acct/nf_conntrack_events; "
+            "connection counters may be missing",
+            Priority.WARNING,
+        )
+    try:
+        engine_conntrack: Conntrack | None = Conntrack()
+        usage_conntrack: Conntrack | None = Conntrack()
+    except PortagentError as exc:
+        events.emit("error", f"conntrack unavailable: {exc.message}", Priority.WARNING)
+        engine_conntrack = usage_conntrack = None
     engine = Engine(
-        settings, NftablesFirewall(), store, events, watchdog=ping if callable(ping) else None
+        settings,
+        NftablesFirewall(),
+        store,
+        events,
+        watchdog=ping if callable(ping) else None,
+        connections=engine_conntrack,
     )
     stall_file = os.environ.get("PORTAGENT_TEST_STALL_FILE")
     if stall_file:
@@ -129,14 +157,34 @@ def run(settings: Settings, config_path: Path) -> int:
     except PortagentError as exc:
         events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON=exc.reason)
         return 1
+    connection_events = None
+    try:
+        connection_events = ConntrackEvents()
+        threading.Thread(
+            target=connection_events.run,
+            args=(engine.on_connection_event,),
+            name="conntrack-events",
+            daemon=True,
+        ).start()
+    except PortagentError as exc:
+        events.emit("error", f"connection events off: {exc.message}", Priority.WARNING)
+    usage = UsageReader(NftablesFirewall(), usage_conntrack, engine.seen)
 
     def healthy() -> bool:
         limit = max(3 * settings.reconcile_interval, 10.0)
         return time.time() - engine.last_reconcile < limit
 
     try:
-        admin = AdminServer(engine, settings.admin_socket, settings.admin_group, events, started)
-        server = start_server(engine, settings.api, healthy)
+        admin = AdminServer(
+            engine,
+            settings.admin_socket,
+            settings.admin_group,
+            events,
+            started,
+            usage=usage,
+            services=ServiceFinder(),
+        )
+        server = start_server(engine, settings.api, healthy, usage)
     except (OSError, RuntimeError) as exc:
         events.emit("error", f"cannot start: {exc}", Priority.ERR)
         engine.stop()
@@ -193,6 +241,8 @@ def run(settings: Settings, config_path: Path) -> int:
     admin.stop()
     if watcher is not None:
         watcher.stop()
+    if connection_events is not None:
+        connection_events.stop()
     engine.stop()
     store.close()
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -26,17 +26,42 @@ from portagent.errors import (
     GrantNotInWindow,
     PortagentError,
 )
-from portagent.model import Element, ElementKey, GrantRecord, GrantState
-from portagent.plan import Plan, apply_plan, desired_elements, plan_changes
+from portagent.events import EventHub, EventKind
+from portagent.model import Element, ElementKey, Flow, GrantRecord, GrantState, MarkElement
+from portagent.plan import (
+    MarkKey,
+    Plan,
+    apply_mark_plan,
+    apply_plan,
+    desired_elements,
+    desired_marks,
+    plan_changes,
+)
 from portagent.render import KernelState, Layout
 from portagent.settings import Settings
 from portagent.store import Store
 from portagent.verify import Revocation, Verifier
 
+# Ended grants remembered for late connection events (a dict keeps insertion order).
+MAX_ENDED_REMEMBERED = 10_000
 # After lost ruleset notifications, re-read the kernel no more often than this.
 LOST_EVENTS_RECHECK = 5.0
 # Commands coalesced into one kernel transaction at most.
 MAX_BATCH = 100_000
+
+
+_EVENT_KINDS = {
+    "apply": EventKind.GRANT_APPLIED,
+    "expire": EventKind.GRANT_EXPIRED,
+    "revoke": EventKind.GRANT_REVOKED,
+}
+
+
+class ConnectionTable(Protocol):
+    """Conntrack: which grant handles (ct marks) have live connections, and cutting them."""
+
+    def count_by_mark(self) -> dict[int, int]: ...
+    def flush_mark(self, mark: int, *, count: bool = True) -> int: ...
 
 
 class Firewall(Protocol):
@@ -81,6 +106,8 @@ class Engine:
         events: EventLog,
         clock: Callable[[], float] = time.time,
         watchdog: Callable[[], None] | None = None,
+        connections: ConnectionTable | None = None,
+        hub: EventHub | None = None,
     ) -> None:
         self._settings = settings
         self._verifier = Verifier(settings.host_id, settings.trusted_keys, settings.policy)
@@ -89,6 +116,8 @@ class Engine:
         self._events = events
         self._clock = clock
         self._watchdog = watchdog
+        self._connections = connections
+        self.hub = hub or EventHub(clock=clock)
         self._queue: queue.Queue[_Command] = queue.Queue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -98,6 +127,13 @@ class Engine:
         self._revoked: dict[str, float] = {}
         self._actual: dict[ElementKey, Element] = {}
         self._maps: frozenset[tuple[int, int]] = frozenset()
+        self._actual_marks: dict[MarkKey, MarkElement] = {}
+        self._limits: frozenset[int] = frozenset()
+        # Connection statistics per grant handle: (first seen, last seen).
+        self._seen: dict[int, tuple[float, float]] = {}
+        self._handle_index: dict[int, GrantRecord] = {}
+        self._ended: dict[int, GrantRecord] = {}
+        self._handle_index_source: dict[str, GrantRecord] | None = None
         self._layout_dirty = True
         self._thread: threading.Thread | None = None
         self.last_reconcile: float = 0.0
@@ -113,6 +149,7 @@ class Engine:
         """Load the store and converge the kernel once (synchronously), then run the loop."""
         for record in self._store.load():
             self._records[record.grant.grant_id] = record
+        self._handle_index_source = None
         self._revoked = self._store.revoked_ids()
         self._reconcile_full()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -148,8 +185,9 @@ class Engine:
         assert record is not None
         return record
 
-    def apply_grants(self, batch: list[SignedInput],
-                     timeout: float = 300.0) -> list[GrantRecord | PortagentError]:
+    def apply_grants(
+        self, batch: list[SignedInput], timeout: float = 300.0
+    ) -> list[GrantRecord | PortagentError]:
         """Apply many grants in one kernel transaction; one result (or refusal) per input."""
         if self._stopping.is_set():
             raise EnforcementError("agent is shutting down", reason="SHUTTING_DOWN")
@@ -230,6 +268,10 @@ class Engine:
         self.request_full_reconcile()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
     def settings(self) -> Settings:
         return self._settings
 
@@ -260,8 +302,9 @@ class Engine:
                 if commands:
                     self._process(commands)
                 self._expire()
-                if self._lost_pending and (time.monotonic() - self._last_lost_check
-                                           >= LOST_EVENTS_RECHECK):
+                if self._lost_pending and (
+                    time.monotonic() - self._last_lost_check >= LOST_EVENTS_RECHECK
+                ):
                     self._lost_pending = False
                     self._last_lost_check = time.monotonic()
                     self._full_reconcile.set()
@@ -428,6 +471,7 @@ class Engine:
                 self._revoked[grant_id] = forget_after
         for record in pending.inserts:
             self._log_grant("apply", "grant applied", Priority.NOTICE, record)
+        self._cut_connections([record.handle for record, _, _ in pending.revokes])
         for record, revocation, actor in pending.revokes:
             self._log_grant(
                 "revoke",
@@ -446,15 +490,20 @@ class Engine:
     def _converge(self, records: dict[str, GrantRecord], now: float) -> None:
         """Plan against our model of the kernel and apply one batch."""
         desired = desired_elements(records.values(), now)
-        plan = plan_changes(desired, self._actual, now)
+        marks = desired_marks(records.values(), now, self._settings.policy.keep_established_max)
+        plan = plan_changes(desired, self._actual, now, marks, self._actual_marks)
         self._apply(plan, now)
 
     def _apply(self, plan: Plan, now: float) -> None:
         maps = self._maps | plan.maps
+        limits = self._limits | plan.limits
         layout = None
-        if maps != self._maps or self._layout_dirty:
+        if maps != self._maps or limits != self._limits or self._layout_dirty:
             layout = Layout(
-                self._settings.policy.guarded, self._settings.refuse_action, frozenset(maps)
+                self._settings.policy.guarded,
+                self._settings.refuse_action,
+                frozenset(maps),
+                frozenset(limits),
             )
         if plan.is_empty and layout is None:
             return
@@ -467,7 +516,9 @@ class Engine:
                 self._own_commits_pending -= 1  # a refused batch commits nothing
             raise
         self._actual = apply_plan(self._actual, plan)
+        self._actual_marks = apply_mark_plan(self._actual_marks, plan)
         self._maps = frozenset(maps)
+        self._limits = frozenset(limits)
         self._layout_dirty = False
 
     def _reconcile_full(self) -> None:
@@ -475,7 +526,10 @@ class Engine:
         now = self._clock()
         state = self._firewall.read_state(now)
         self._actual = state.elements
+        self._actual_marks = state.marks
         self._maps = frozenset(state.maps) if state.present else frozenset()
+        # Limit rules are rebuilt from what is wanted plus what the kernel still holds.
+        self._limits = frozenset()
         self._layout_dirty = True
         with self._lock:
             records = dict(self._records)
@@ -483,32 +537,49 @@ class Engine:
         self.last_reconcile = self._clock()
 
     def _expire(self) -> None:
+        """Grants whose time is up: log them, cut their connections (unless they keep
+        them), and drop them from the store once nothing needs them any more."""
         now = self._clock()
-        skew = self._settings.policy.clock_skew
+        policy = self._settings.policy
         with self._lock:
-            expired = [
-                r
-                for r in self._records.values()
-                if r.state is GrantState.ACTIVE and r.grant.expire_time <= now
-            ]
-            forget = [
-                r
-                for r in self._records.values()
-                if r.state is GrantState.REVOKED and r.grant.expire_time + skew <= now
-            ]
-        if expired or forget:
+            records = list(self._records.values())
+        ended = [r for r in records if r.state is GrantState.ACTIVE and r.grant.expire_time <= now]
+        kept = [r for r in ended if r.grant.keep_established]
+        done = [r for r in ended if not r.grant.keep_established]
+        done += [
+            r
+            for r in records
+            if r.state is GrantState.EXPIRED
+            and r.grant.expire_time + policy.keep_established_max <= now
+        ]
+        forget = [
+            r
+            for r in records
+            if r.state is GrantState.REVOKED and r.grant.expire_time + policy.clock_skew <= now
+        ]
+        if ended or done or forget:
             with self._store.transaction():
-                self._store.delete([r.grant.grant_id for r in expired + forget])
+                self._store.delete([r.grant.grant_id for r in done + forget])
+                for record in kept:
+                    self._store.mark_expired(record.grant.grant_id)
             with self._lock:
-                for record in expired + forget:
+                for record in done + forget:
                     self._records.pop(record.grant.grant_id, None)
-            for record in expired:
+                    self._remember_ended(record)
+                for record in kept:
+                    self._records[record.grant.grant_id] = replace(record, state=GrantState.EXPIRED)
+                self._handle_index_source = None
+            for record in ended:
                 self._log_grant(
                     "expire",
                     "grant expired",
                     Priority.INFO,
                     replace(record, state=GrantState.EXPIRED),
+                    KEEP_ESTABLISHED=record.grant.keep_established,
                 )
+            self._cut_connections([r.handle for r in done])
+            for record in done + forget:
+                self._seen.pop(record.handle, None)
         stale_ids = [g for g, t in self._revoked.items() if t < now]
         if stale_ids:
             with self._store.transaction():
@@ -517,6 +588,85 @@ class Engine:
                 self._revoked.pop(grant_id, None)
         # Elements the kernel has expired by itself leave our model of it too.
         self._actual = {k: e for k, e in self._actual.items() if e.expire_time > now}
+        self._actual_marks = {k: m for k, m in self._actual_marks.items() if m.expire_time > now}
+
+    def _cut_connections(self, handles: list[int]) -> None:
+        """Flush the conntrack entries of these grants. Their packets are already dropped
+        (no element matches); this clears the entries so nothing lingers as 'live'."""
+        if not handles or self._connections is None:
+            return
+        try:
+            in_use = self._connections.count_by_mark() if len(handles) > 1 else None
+            for handle in handles:
+                if in_use is None or handle in in_use:
+                    self._connections.flush_mark(handle, count=False)
+        except PortagentError as exc:
+            self._events.emit(
+                "error",
+                f"could not flush connections: {exc.message}",
+                Priority.ERR,
+                REASON=exc.reason,
+            )
+
+    # ---- connections -----------------------------------------------------------------
+
+    def on_connection_event(self, kind: str, flow: Flow) -> None:
+        """A conntrack NEW/DESTROY event (from the conntrack events thread)."""
+        with self._lock:
+            record = self._by_handle().get(flow.mark) or self._ended.get(flow.mark)
+        if record is None:
+            return  # not one of ours
+        now = self._clock()
+        first, _ = self._seen.get(flow.mark, (now, now))
+        self._seen[flow.mark] = (first, now)
+        grant = record.grant
+        opened = kind == "new"
+        self.hub.publish(
+            EventKind.CONNECTION_OPENED if opened else EventKind.CONNECTION_CLOSED,
+            grant_id=grant.grant_id,
+            subject=grant.subject,
+            flow=flow,
+        )
+        direction = "opened" if opened else "closed"
+        counters: dict[str, object] = {}
+        if not opened:
+            counters = {
+                "PACKETS_IN": flow.packets_orig,
+                "BYTES_IN": flow.bytes_orig,
+                "PACKETS_OUT": flow.packets_reply,
+                "BYTES_OUT": flow.bytes_reply,
+            }
+        self._events.emit(
+            f"connection_{direction}",
+            f"connection {direction}: {grant.grant_id} {flow.protocol} "
+            f"[{flow.src}]:{flow.sport} -> [{flow.dst}]:{flow.dport}",
+            Priority.INFO,
+            GRANT_ID=grant.grant_id,
+            SUBJECT=grant.subject,
+            PROTOCOL=flow.protocol,
+            SOURCE=flow.src,
+            SOURCE_PORT=flow.sport,
+            PORT=flow.dport,
+            **counters,
+        )
+
+    def _remember_ended(self, record: GrantRecord) -> None:
+        """Keep a forgotten grant's identity for the DESTROY events of its connections,
+        which arrive after it left the store (the cut itself causes them)."""
+        self._ended[record.handle] = record
+        while len(self._ended) > MAX_ENDED_REMEMBERED:
+            self._ended.pop(next(iter(self._ended)))
+
+    def seen(self, handle: int) -> tuple[float, float] | None:
+        """(first, last) time a connection of this grant was seen opening or closing."""
+        return self._seen.get(handle)
+
+    def _by_handle(self) -> dict[int, GrantRecord]:
+        # Rebuilt lazily when the records change; called with self._lock held.
+        if self._handle_index_source is not self._records:
+            self._handle_index = {r.handle: r for r in self._records.values()}
+            self._handle_index_source = self._records
+        return self._handle_index
 
     # ---- logging ---------------------------------------------------------------------
 
@@ -524,6 +674,15 @@ class Engine:
         self, action: str, message: str, priority: Priority, record: GrantRecord, **extra: object
     ) -> None:
         grant = record.grant
+        kind = _EVENT_KINDS.get(action)
+        if kind is not None:
+            reason = extra.get("REASON")
+            self.hub.publish(
+                kind,
+                grant_id=grant.grant_id,
+                subject=grant.subject,
+                reason=str(reason) if reason else "",
+            )
         self._events.emit(
             action,
             f"{message}: {grant.grant_id} {grant.subject} -> {grant.ports}/{grant.protocol.value}",
@@ -546,10 +705,12 @@ class Engine:
                 fields.update(describe_unverified(command.signed.payload))
         if command.grant_id:
             fields["GRANT_ID"] = command.grant_id
+        self.hub.publish(
+            EventKind.GRANT_REFUSED,
+            grant_id=str(fields.get("GRANT_ID", "")),
+            subject=str(fields.get("SUBJECT", "")),
+            reason=error.reason,
+        )
         self._events.emit(
             "refuse", f"{command.kind} refused: {error.message}", Priority.WARNING, **fields
         )
-
-
-def records_by_handle(records: Iterable[GrantRecord]) -> dict[int, GrantRecord]:
-    return {r.handle: r for r in records}

@@ -94,6 +94,8 @@ class Grant:
     issue_time: float
     key_id: str
     reason: str
+    keep_established: bool = False
+    max_connections: int = 0  # 0: no limit
 
     def remaining(self, now: float) -> float:
         return self.expire_time - now
@@ -141,3 +143,40 @@ class Element:
     key: ElementKey
     handle: int
     expire_time: float
+
+
+KEEP_SET = "keep"
+
+
+def limit_set(limit: int) -> str:
+    """Set of grant handles whose connections are capped at `limit`."""
+    return f"limited_{limit}"
+
+
+@dataclass(frozen=True)
+class MarkElement:
+    """A grant handle in one of the handle sets (`keep`, `limited_N`), closing itself at
+    `expire_time` like every other element."""
+
+    set_name: str
+    handle: int
+    expire_time: float
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One conntrack entry, as seen in its original direction (client → server)."""
+
+    protocol: str  # "tcp" | "udp"
+    src: str
+    sport: int
+    dst: str
+    dport: int
+    state: str | None  # TCP state ("ESTABLISHED", ...); None for udp, and in DESTROY
+    # events of kernels that do not report it
+    mark: int
+    packets_orig: int  # the four counters are 0 when nf_conntrack_acct was off at creation
+    bytes_orig: int
+    packets_reply: int
+    bytes_reply: int
+    timeout: int | None  # seconds left; None in DESTROY events

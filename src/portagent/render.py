@@ -15,18 +15,29 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from portagent.model import Element, ElementKey, GuardedPort, Protocol, map_name
-from portagent.plan import Plan
+from portagent.model import (
+    KEEP_SET,
+    Element,
+    ElementKey,
+    GuardedPort,
+    MarkElement,
+    Protocol,
+    limit_set,
+    map_name,
+)
+from portagent.plan import MarkKey, Plan
 
 TABLE = "portagent"
 FAMILY = "inet"
 CHAIN = "input"
+GRANTED_CHAIN = "granted"
 # Upper bound per map: without `size` a dynamic set stops at 65,535 elements.
 MAP_SIZE = 1 << 20
 # An element being deleted is first re-added with this timeout: deleting an element
 # that expired a moment ago fails with ENOENT and would roll back the whole batch.
 DELETE_GUARD_TIMEOUT_MS = 1000
 _MAP_NAME = re.compile(r"g([46])_(\d{1,3})")
+_MARK_SET_NAME = re.compile(r"keep|limited_\d{1,5}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,8 @@ class Layout:
     guarded: tuple[GuardedPort, ...]
     refuse_action: str = "drop"
     maps: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+    # Distinct per-grant connection limits in use (one rule each).
+    limits: frozenset[int] = field(default_factory=frozenset)
 
 
 @dataclass
@@ -46,6 +59,7 @@ class KernelState:
     maps: set[tuple[int, int]] = field(default_factory=set)
     elements: dict[ElementKey, Element] = field(default_factory=dict)
     counters: dict[ElementKey, tuple[int, int]] = field(default_factory=dict)
+    marks: dict[MarkKey, MarkElement] = field(default_factory=dict)
 
 
 def _mask(version: int, prefixlen: int) -> str:
@@ -61,7 +75,7 @@ def _map_rule(version: int, prefixlen: int) -> str:
     # dumps and flushes find a grant's connections.
     return (
         f"add rule {FAMILY} {TABLE} {CHAIN} ct mark set {source} . meta l4proto . th dport "
-        f"map @{map_name(version, prefixlen)} accept"
+        f"map @{map_name(version, prefixlen)} goto {GRANTED_CHAIN}"
     )
 
 
@@ -82,6 +96,21 @@ def render_layout(layout: Layout) -> list[str]:
             f"add map {FAMILY} {TABLE} {map_name(version, prefixlen)} {{ type {addr_type} . "
             f"inet_proto . inet_service : mark; flags timeout; counter; size {MAP_SIZE}; }}"
         )
+    mark_set = f"{{ type mark; flags timeout; size {MAP_SIZE}; }}"
+    lines.append(f"add set {FAMILY} {TABLE} {KEEP_SET} {mark_set}")
+    for limit in sorted(layout.limits):
+        lines.append(f"add set {FAMILY} {TABLE} {limit_set(limit)} {mark_set}")
+        dynamic = f"{{ type mark; flags dynamic; size {MAP_SIZE}; }}"
+        lines.append(f"add set {FAMILY} {TABLE} conns_{limit} {dynamic}")
+    # A granted packet lands here: new connections over their grant's limit are refused.
+    lines.append(f"add chain {FAMILY} {TABLE} {GRANTED_CHAIN}")
+    lines.append(f"flush chain {FAMILY} {TABLE} {GRANTED_CHAIN}")
+    for limit in sorted(layout.limits):
+        lines.append(
+            f"add rule {FAMILY} {TABLE} {GRANTED_CHAIN} ct state new ct mark @{limit_set(limit)} "
+            f'add @conns_{limit} {{ ct mark ct count over {limit} }} counter name "refused" drop'
+        )
+    lines.append(f"add rule {FAMILY} {TABLE} {GRANTED_CHAIN} accept")
     lines += [
         f"add chain {FAMILY} {TABLE} {CHAIN} {{ type filter hook input priority filter - 10; "
         "policy accept; }",
@@ -91,6 +120,10 @@ def render_layout(layout: Layout) -> list[str]:
     # Most specific first, so a connection is marked with the narrowest grant.
     for version, prefixlen in sorted(layout.maps, key=lambda m: (m[0], -m[1])):
         lines.append(_map_rule(version, prefixlen))
+    # Connections of a keep_established grant outlive its elements (not its revocation).
+    lines.append(
+        f"add rule {FAMILY} {TABLE} {CHAIN} ct state established,related ct mark @{KEEP_SET} accept"
+    )
     if layout.refuse_action == "reject":
         lines.append(
             f'add rule {FAMILY} {TABLE} {CHAIN} meta l4proto tcp counter name "refused" '
@@ -129,6 +162,19 @@ def render_plan(plan: Plan, now: float, layout: Layout | None = None) -> str:
             f"delete element {FAMILY} {TABLE} {key.map_name} {{ "
             f"{key.network.network_address} . {key.protocol.value} . {key.port} }}"
         )
+    for mark in plan.marks_delete:
+        lines.append(
+            f"add element {FAMILY} {TABLE} {mark.set_name} {{ {mark.handle} "
+            f"timeout {DELETE_GUARD_TIMEOUT_MS}ms }}"
+        )
+        lines.append(f"delete element {FAMILY} {TABLE} {mark.set_name} {{ {mark.handle} }}")
+    for mark in plan.marks_add:
+        timeout_ms = math.floor((mark.expire_time - now) * 1000)
+        if timeout_ms >= 1:
+            lines.append(
+                f"add element {FAMILY} {TABLE} {mark.set_name} {{ {mark.handle} "
+                f"timeout {timeout_ms}ms }}"
+            )
     fresh = [new for _, new in plan.replace] + list(plan.add)
     by_map: dict[str, list[str]] = {}
     for element in fresh:
@@ -164,6 +210,12 @@ def parse_listing(doc: Mapping[str, Any], now: float) -> KernelState:
         if "table" in item:
             state.present = True
             continue
+        set_body = item.get("set")
+        if set_body and _MARK_SET_NAME.fullmatch(set_body.get("name", "")):
+            for entry in set_body.get("elem", []) or []:
+                mark = _parse_mark(set_body["name"], entry, now)
+                state.marks[(mark.set_name, mark.handle)] = mark
+            continue
         body = item.get("map")
         if not body:
             continue
@@ -196,6 +248,15 @@ def _parse_element(
     return (
         Element(key, int(value), expire_time),
         (int(counter.get("packets", 0)), int(counter.get("bytes", 0))),
+    )
+
+
+def _parse_mark(set_name: str, entry: Any, now: float) -> MarkElement:
+    meta = entry.get("elem", {}) if isinstance(entry, dict) else {}
+    handle = meta.get("val", entry) if meta else entry
+    expires = meta.get("expires")
+    return MarkElement(
+        set_name, int(handle), now + float(expires) if expires is not None else math.inf
     )
 
 

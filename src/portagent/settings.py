@@ -38,6 +38,8 @@ class Policy:
     min_prefix_v4: int = 16
     min_prefix_v6: int = 48
     allow_any_source: bool = False
+    # How long a keep_established grant's connections may outlive it.
+    keep_established_max: float = 12 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         min_prefix_v4=min4,
         min_prefix_v6=min6,
         allow_any_source=read.get(pol, "allow_any_source", bool, "policy.", False),
+        keep_established_max=read.duration(pol, "keep_established_max", "policy.", 12 * 3600.0),
     )
 
     state_t = read.get(doc, "state", dict, "", default={})

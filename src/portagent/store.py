@@ -127,6 +127,11 @@ class Store:
             (GrantState.REVOKED.value, when, grant_id),
         )
 
+    def mark_expired(self, grant_id: str) -> None:
+        self._db.execute(
+            "UPDATE grants SET state=? WHERE grant_id=?", (GrantState.EXPIRED.value, grant_id)
+        )
+
     def remember_revoked(self, grant_id: str, forget_after: float) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO revoked_ids VALUES (?, ?)", (grant_id, forget_after)

@@ -26,6 +26,7 @@ GRANT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_SOURCES = 64
 MAX_SUBJECT_LENGTH = 256
 MAX_REASON_LENGTH = 1024
+MAX_CONNECTIONS_LIMIT = 65535
 # Each (source, port) pair is one kernel element; keep a single grant bounded.
 MAX_ELEMENTS_PER_GRANT = 4096
 
@@ -158,7 +159,15 @@ class Verifier:
             issue_time=seconds_of(msg.issue_time) if msg.HasField("issue_time") else 0.0,
             key_id=msg.key_id,
             reason=msg.reason,
+            keep_established=msg.options.keep_established,
+            max_connections=msg.options.max_connections,
         )
+        if grant.max_connections > MAX_CONNECTIONS_LIMIT:
+            raise InvalidGrant(
+                f"options.max_connections: {grant.max_connections} exceeds "
+                f"{MAX_CONNECTIONS_LIMIT} (0 means no limit)",
+                reason="INVALID_OPTIONS",
+            )
         self._check_window(grant, now)
         return grant
 

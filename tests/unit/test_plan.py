@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from portagent.model import (
     Element,
@@ -10,10 +11,11 @@ from portagent.model import (
     Grant,
     GrantRecord,
     GrantState,
+    MarkElement,
     PortRange,
     Protocol,
 )
-from portagent.plan import apply_plan, desired_elements, plan_changes
+from portagent.plan import apply_plan, desired_elements, desired_marks, plan_changes
 
 NOW = 1_800_000_000.0
 
@@ -125,3 +127,20 @@ def test_every_planned_element_ends_no_later_than_its_grant() -> None:
     plan = plan_changes(desired_elements(records, NOW), {}, NOW)
     for element in plan.add:
         assert element.expire_time <= by_handle[element.handle].grant.expire_time
+
+
+def test_handle_sets_keep_outlives_the_grant_and_limits_follow_it() -> None:
+    keep = record(1, ["10.0.0.1/32"], ttl=60)
+    keep = replace(keep, grant=replace(keep.grant, keep_established=True, max_connections=3))
+    marks = desired_marks([keep], NOW, keep_max=3600)
+    assert marks == {
+        ("keep", 1): MarkElement("keep", 1, NOW + 60 + 3600),
+        ("limited_3", 1): MarkElement("limited_3", 1, NOW + 60),
+    }
+    # After expiry only the keep element is wanted; after revocation nothing.
+    assert set(desired_marks([keep], NOW + 61, keep_max=3600)) == {("keep", 1)}
+    assert desired_marks([replace(keep, state=GrantState.REVOKED)], NOW, keep_max=3600) == {}
+    plan = plan_changes({}, {}, NOW, marks, {})
+    assert plan.limits == frozenset({3}) and len(plan.marks_add) == 2
+    stale = {("keep", 9): MarkElement("keep", 9, NOW + 5)}
+    assert plan_changes({}, {}, NOW, {}, stale).marks_delete == (stale[("keep", 9)],)

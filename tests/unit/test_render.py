@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from portagent.model import Element, ElementKey, Protocol, parse_port_spec
+from portagent.model import Element, ElementKey, MarkElement, Protocol, parse_port_spec
 from portagent.plan import Plan
 from portagent.render import Layout, parse_listing, render_layout, render_plan
 
@@ -26,11 +26,12 @@ def test_layout_has_guarded_set_one_rule_per_map_most_specific_first_and_final_d
     )
     text = "\n".join(render_layout(layout))
     assert "add element inet portagent guarded { tcp . 22, tcp . 8000-8010 }" in text
-    rules = [line for line in text.splitlines() if line.startswith("add rule")]
+    rules = [line for line in text.splitlines() if line.startswith("add rule inet portagent input")]
     assert rules[0].endswith("meta l4proto . th dport != @guarded return")
-    assert "ip saddr . meta l4proto . th dport map @g4_32 accept" in rules[1]
+    assert "ip saddr . meta l4proto . th dport map @g4_32 goto granted" in rules[1]
     assert "ip saddr & 255.255.255.0 . meta l4proto" in rules[2]
     assert "ip6 saddr & ffff:ffff:ffff:ffff:: . meta l4proto" in rules[3]
+    assert rules[-2].endswith("ct state established,related ct mark @keep accept")
     assert rules[-1].endswith('counter name "refused" drop')
     # Structure is rewritten in place, in the same transaction: flush then re-add.
     assert text.index("flush chain inet portagent input") < text.index(rules[0])
@@ -102,3 +103,40 @@ def test_parse_rejects_address_of_wrong_family() -> None:
     }
     with pytest.raises(ValueError):
         parse_listing(bad, NOW)
+
+
+def test_connection_limits_get_one_rule_each_in_the_granted_chain() -> None:
+    layout = Layout((parse_port_spec("22/tcp"),), "drop", frozenset({(4, 32)}), frozenset({1, 5}))
+    text = "\n".join(render_layout(layout))
+    granted = [
+        line for line in text.splitlines() if line.startswith("add rule inet portagent granted")
+    ]
+    assert granted == [
+        "add rule inet portagent granted ct state new ct mark @limited_1 add @conns_1 "
+        '{ ct mark ct count over 1 } counter name "refused" drop',
+        "add rule inet portagent granted ct state new ct mark @limited_5 add @conns_5 "
+        '{ ct mark ct count over 5 } counter name "refused" drop',
+        "add rule inet portagent granted accept",
+    ]
+
+
+def test_handle_sets_are_planned_and_rendered_with_timeouts() -> None:
+    keep = MarkElement("keep", 7, NOW + 90)
+    text = render_plan(
+        Plan(marks_add=(keep,), marks_delete=(MarkElement("limited_5", 3, NOW + 9),)), NOW
+    )
+    assert text.splitlines() == [
+        "add element inet portagent limited_5 { 3 timeout 1000ms }",
+        "delete element inet portagent limited_5 { 3 }",
+        "add element inet portagent keep { 7 timeout 90000ms }",
+    ]
+
+
+def test_parse_listing_reads_handle_sets() -> None:
+    doc = {
+        "nftables": [
+            {"set": {"name": "keep", "elem": [{"elem": {"val": 7, "expires": 30}}]}},
+            {"set": {"name": "guarded", "elem": [{"concat": ["tcp", 22]}]}},
+        ]
+    }
+    assert parse_listing(doc, NOW).marks == {("keep", 7): MarkElement("keep", 7, NOW + 30)}

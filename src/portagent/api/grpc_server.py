@@ -14,11 +14,13 @@ from typing import TypeVar
 
 import grpc
 
-from portagent.codec import status_to_pb
+from portagent.codec import event_to_pb, status_to_pb
 from portagent.engine import Engine, SignedInput
 from portagent.errors import PortagentError, Status
 from portagent.health.v1 import health_pb2, health_pb2_grpc
+from portagent.model import GrantRecord
 from portagent.settings import ApiSettings
+from portagent.usage import GrantUsage, UsageReader
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import agent_pb2_grpc
 
@@ -53,8 +55,14 @@ def _signed(message: pb.SignedGrant | pb.SignedRevocation, payload: bytes) -> Si
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, usage: UsageReader | None = None) -> None:
         self._engine = engine
+        self._usage = usage
+
+    def _usage_of(self, records: list[GrantRecord], *, with_flows: bool) -> dict[int, GrantUsage]:
+        if self._usage is None or not records:
+            return {}
+        return self._usage.usage([r.handle for r in records], with_flows=with_flows)
 
     def ApplyGrant(
         self,
@@ -69,8 +77,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self, request: pb.BatchApplyGrantsRequest, context: grpc.ServicerContext
     ) -> pb.BatchApplyGrantsResponse:
         if len(request.signed_grants) > MAX_BATCH_SIZE:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"BATCH_TOO_LARGE: at most {MAX_BATCH_SIZE} grants per batch")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"BATCH_TOO_LARGE: at most {MAX_BATCH_SIZE} grants per batch",
+            )
         batch = [_signed(s, s.grant) for s in request.signed_grants]
         outcomes = _call(context, lambda: self._engine.apply_grants(batch))
         response = pb.BatchApplyGrantsResponse()
@@ -104,7 +114,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         context: grpc.ServicerContext,
     ) -> pb.GrantStatus:
         record = _call(context, lambda: self._engine.get(request.grant_id))
-        return status_to_pb(record)
+        return status_to_pb(record, self._usage_of([record], with_flows=True).get(record.handle))
 
     def ListGrants(
         self,
@@ -128,11 +138,23 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 )
         records = [r for r in self._engine.list_grants() if r.grant.grant_id > after]
         page = records[:size]
-        response = pb.ListGrantsResponse(grants=[status_to_pb(r) for r in page])
+        usage = self._usage_of(page, with_flows=False)
+        response = pb.ListGrantsResponse(
+            grants=[status_to_pb(r, usage.get(r.handle)) for r in page]
+        )
         if len(records) > size:
             last = page[-1].grant.grant_id
             response.next_page_token = base64.urlsafe_b64encode(last.encode()).decode()
         return response
+
+    def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Event]:
+        after = request.after_sequence
+        while context.is_active() and not self._engine.stopping:
+            for event in self._engine.hub.wait(after, timeout=1.0):
+                yield event_to_pb(event)
+                after = event.sequence
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
@@ -168,7 +190,12 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
         yield health_pb2.HealthCheckResponse(status=self._status(request.service))
 
 
-def start_server(engine: Engine, api: ApiSettings, is_healthy: Callable[[], bool]) -> grpc.Server:
+def start_server(
+    engine: Engine,
+    api: ApiSettings,
+    is_healthy: Callable[[], bool],
+    usage: UsageReader | None = None,
+) -> grpc.Server:
     """Bind the mTLS listener; raises RuntimeError when the address cannot be bound."""
     credentials = grpc.ssl_server_credentials(
         [(api.key_file.read_bytes(), api.cert_file.read_bytes())],
@@ -177,10 +204,13 @@ def start_server(engine: Engine, api: ApiSettings, is_healthy: Callable[[], bool
     )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc"),
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ],
     )
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(engine), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(engine, usage), server)
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(is_healthy), server)
     if server.add_secure_port(api.listen, credentials) == 0:
         raise RuntimeError(f"api.listen: cannot bind {api.listen}")

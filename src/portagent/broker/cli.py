@@ -227,7 +227,8 @@ def cmd_grant(args: argparse.Namespace) -> int:
     request = grant_request(
         host_id=args.host, subject=args.subject, sources=args.source, port=args.port,
         protocol=args.protocol, ttl=args.ttl if args.ttl is not None else settings.default_ttl,
-        reason=args.reason)
+        reason=args.reason, keep_established=args.keep_established,
+        max_connections=args.max_connections)
     signed = _signer(settings).sign_grant(request, now=time.time())
     grant_id = pb.Grant.FromString(signed.grant).grant_id
     with _client(settings, args.host, args.agent) as client:
@@ -283,6 +284,57 @@ def cmd_get(args: argparse.Namespace) -> int:
         for key, value in status.items():
             print(f"{key + ':':<13} {', '.join(value) if isinstance(value, list) else value}")
     return 0
+
+
+def _event_dict(event: pb.Event) -> dict[str, object]:
+    result: dict[str, object] = {
+        "sequence": event.sequence,
+        "time": event.event_time.ToJsonString(),
+        "kind": pb.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower(),
+        "grant_id": event.grant_id,
+        "subject": event.subject,
+    }
+    if event.reason:
+        result["reason"] = event.reason
+    if event.HasField("flow"):
+        flow = event.flow
+        result["flow"] = {
+            "protocol": flow.protocol, "source": f"{flow.source_address}:{flow.source_port}",
+            "destination": f"{flow.destination_address}:{flow.destination_port}",
+            "bytes_in": flow.bytes_in, "bytes_out": flow.bytes_out,
+        }
+    return result
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow an agent's events; with --reconnect, resume after the last one seen."""
+    settings = _load_config(args)
+    after, seen = args.after, 0
+    while True:
+        try:
+            with _client(settings, args.host, args.agent) as client:
+                for event in client.watch(after):
+                    after = event.sequence
+                    data = _event_dict(event)
+                    if args.output == "json":
+                        print(json.dumps(data), flush=True)
+                    else:
+                        flow = data.get("flow")
+                        extra = f" {flow}" if flow else ""
+                        print(f"#{data['sequence']} {data['time']} {data['kind']} "
+                              f"{data['grant_id']} {data['subject']}{extra}", flush=True)
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        return 0
+        except AgentUnreachableError as exc:
+            if not args.reconnect:
+                raise
+            print(f"{PROG}: {exc}; reconnecting after #{after}", file=sys.stderr)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+        if not args.reconnect:
+            return 0
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -352,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long access lasts, e.g. 90s, 15m, 1h30m (default: default_ttl)")
     p.add_argument("--subject", required=True, help="who the access is for (audit)")
     p.add_argument("--reason", default="", help="reason or ticket reference (audit)")
+    p.add_argument("--keep-established", action="store_true",
+                   help="connections opened during the grant survive its expiry "
+                        "(revocation still cuts them)")
+    p.add_argument("--max-connections", type=int, default=0, metavar="N",
+                   help="at most N concurrent connections through the grant (0: no limit)")
 
     p = add("revoke", cmd_revoke, "sign a revocation and deliver it: the grant closes at once "
             "and never reopens", [common, agent],
@@ -364,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("get", cmd_get, "show one grant as the agent sees it", [common, agent],
             f"example:\n  {PROG} get --host web1 g-0123456789abcdef")
     p.add_argument("grant_id", metavar="GRANT_ID")
+    p = add("watch", cmd_watch, "follow an agent's grant and connection events",
+            [common, agent], f"example:\n  {PROG} watch --host web1 --after 1795300000000000")
+    p.add_argument("--after", type=int, default=0, metavar="SEQUENCE",
+                   help="resume after this event sequence number (0: all the agent holds)")
+    p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N events")
+    p.add_argument("--reconnect", action="store_true",
+                   help="on a lost connection, reconnect and resume after the last event")
     return parser
 
 

@@ -128,6 +128,19 @@ class AgentClient:
             if not token:
                 return
 
+    def watch(self, after_sequence: int = 0) -> Iterator[pb.Event]:
+        """The agent's event stream, from after `after_sequence`; runs until the stream
+        ends or fails (AgentUnreachableError: reconnect with the last sequence seen)."""
+        stream = self._stub.WatchEvents(pb.WatchEventsRequest(after_sequence=after_sequence))
+        try:
+            yield from stream
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise _map_error(self.address, error, self.timeout) from None
+        finally:
+            stream.cancel()
+
     def close(self) -> None:
         self._channel.close()
 

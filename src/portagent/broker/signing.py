@@ -23,7 +23,13 @@ from portagent.codec import PROTOCOL_TO_PB, timestamp
 from portagent.durations import parse_duration
 from portagent.model import GuardedPort, IPNetwork, Protocol, parse_port_spec
 from portagent.v1 import agent_pb2 as pb
-from portagent.verify import GRANT_ID_PATTERN, MAX_REASON_LENGTH, MAX_SOURCES, MAX_SUBJECT_LENGTH
+from portagent.verify import (
+    GRANT_ID_PATTERN,
+    MAX_CONNECTIONS_LIMIT,
+    MAX_REASON_LENGTH,
+    MAX_SOURCES,
+    MAX_SUBJECT_LENGTH,
+)
 
 NONCE_BYTES = 16
 
@@ -47,6 +53,8 @@ class GrantRequest:
     port: GuardedPort
     ttl: float
     reason: str = ""
+    keep_established: bool = False
+    max_connections: int = 0
 
 
 def parse_sources(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -122,8 +130,12 @@ def check_grant_id(grant_id: str) -> str:
 
 def grant_request(*, host_id: str, subject: str, sources: Iterable[str], port: str,
                   ttl: str | float, protocol: str | None = None,
-                  reason: str = "") -> GrantRequest:
+                  reason: str = "", keep_established: bool = False,
+                  max_connections: int = 0) -> GrantRequest:
     """Validate operator input into a GrantRequest; InputError names the bad field."""
+    if not 0 <= max_connections <= MAX_CONNECTIONS_LIMIT:
+        raise InputError("max-connections",
+                         f"{max_connections} is not 0 (no limit) to {MAX_CONNECTIONS_LIMIT}")
     return GrantRequest(
         host_id=_check_text("host", host_id, 253, required=True),
         subject=_check_text("subject", subject, MAX_SUBJECT_LENGTH, required=True),
@@ -131,6 +143,8 @@ def grant_request(*, host_id: str, subject: str, sources: Iterable[str], port: s
         port=parse_port(port, protocol),
         ttl=parse_ttl(ttl) if isinstance(ttl, str) else _positive_ttl(ttl),
         reason=_check_text("reason", reason, MAX_REASON_LENGTH, required=False),
+        keep_established=keep_established,
+        max_connections=max_connections,
     )
 
 
@@ -181,6 +195,8 @@ class Signer:
             nonce=secrets.token_bytes(NONCE_BYTES),
             key_id=self.key_id,
             reason=request.reason,
+            options=pb.GrantOptions(keep_established=request.keep_established,
+                                    max_connections=request.max_connections),
         )
         payload = grant.SerializeToString()
         return pb.SignedGrant(grant=payload, signature=self._key.sign(payload),

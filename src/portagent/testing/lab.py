@@ -44,6 +44,7 @@ class Lab:
         self.agent: subprocess.Popen[bytes] | None = None
         self.echo: subprocess.Popen[bytes] | None = None
         self.key_id = ""
+        self._held: list[subprocess.Popen[str]] = []
         self._log: IO[bytes] | None = None
         self.log_path = workdir / "portagentd.log"
 
@@ -78,6 +79,13 @@ class Lab:
         self.close()
 
     def close(self) -> None:
+        for held in self._held:
+            if held.poll() is None:
+                held.kill()
+                held.wait(5)
+            for stream in (held.stdin, held.stdout):
+                if stream is not None:
+                    stream.close()
         for proc in (self.agent, self.echo):
             if proc is not None:
                 if proc.poll() is None:
@@ -140,22 +148,49 @@ class Lab:
         )
 
     def grant(
-        self, *, source: str | None = None, port: str, ttl: str = "30s", subject: str = "alice"
+        self,
+        *,
+        source: str | None = None,
+        port: str,
+        ttl: str = "30s",
+        subject: str = "alice",
+        options: tuple[str, ...] = (),
     ) -> str:
+        """Issue a grant with the broker CLI from the client namespace; returns its id.
+
+        `options` are extra CLI flags, e.g. ("--keep-established",).
+        """
         result = self.broker(
-            "grant",
-            "--host",
-            HOST_ID,
-            "--source",
-            source or self.net.client_ip,
-            "--port",
-            port,
-            "--ttl",
-            ttl,
-            "--subject",
-            subject,
+            "grant", "--host", HOST_ID, "--source", source or self.net.client_ip,
+            "--port", port, "--ttl", ttl, "--subject", subject, *options,
         )
         return result.stdout.strip()
+
+    def hold(self, port: int, *, v6: bool = False) -> subprocess.Popen[str]:
+        """A long-lived TCP connection from the client (see probe.hold); already open."""
+        address = self.net.server_ip6 if v6 else self.net.server_ip
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.net.client, str(BIN / "python"), "-m",
+             "portagent.testing.probe", "hold", address, str(port), "--timeout", "1"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if line != "open":
+            proc.kill()
+            proc.wait(5)
+            proc.stdin.close()  # type: ignore[union-attr]
+            proc.stdout.close()
+            raise ConnectionError(f"could not connect: {line}")
+        self._held.append(proc)
+        return proc
+
+    @staticmethod
+    def ping(proc: subprocess.Popen[str]) -> bool:
+        """One exchange over a held connection: did the echo come back?"""
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("ping\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip() == "ok"
 
     def revoke(self, grant_id: str) -> None:
         self.broker("revoke", "--host", HOST_ID, grant_id)

@@ -2,6 +2,7 @@
 
 python -m portagent.testing.probe tcp ADDR PORT     exit 0 when a connection echoes
 python -m portagent.testing.probe udp ADDR PORT     exit 0 when a datagram is echoed
+python -m portagent.testing.probe hold ADDR PORT   a long TCP connection driven from stdin
 python -m portagent.testing.probe udp-stream ADDR PORT --count N --interval S
     prints how many of N datagrams were echoed (for "no gap" checks)
 """
@@ -57,15 +58,40 @@ def udp_stream(address: str, port: int, count: int, interval: float) -> int:
     return len(echoed)
 
 
+def hold(address: str, port: int, timeout: float) -> int:
+    """One long-lived TCP connection driven from stdin: each line "ping" exchanges a
+    message and prints "ok" or "fail"; prints "open" once connected. For tests of what
+    happens to established connections when their grant ends."""
+    try:
+        conn = socket.create_connection((address, port), timeout=timeout)
+    except OSError as exc:
+        print(f"refused {exc}", flush=True)
+        return 1
+    print("open", flush=True)
+    with conn:
+        for line in sys.stdin:
+            if line.strip() != "ping":
+                continue
+            try:
+                conn.settimeout(timeout)
+                conn.sendall(b"ping")
+                print("ok" if conn.recv(4) == b"ping" else "fail", flush=True)
+            except OSError:
+                print("fail", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("kind", choices=["tcp", "udp", "udp-stream"])
+    parser.add_argument("kind", choices=["tcp", "udp", "udp-stream", "hold"])
     parser.add_argument("address")
     parser.add_argument("port", type=int)
     parser.add_argument("--timeout", type=float, default=0.5)
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--interval", type=float, default=0.01)
     args = parser.parse_args()
+    if args.kind == "hold":
+        return hold(args.address, args.port, args.timeout)
     if args.kind == "udp-stream":
         print(udp_stream(args.address, args.port, args.count, args.interval))
         return 0
