@@ -11,6 +11,13 @@ STAMP_VENV := $(VENV)/.installed
 APT_PACKAGES := nftables libnftables1 conntrack iproute2 protobuf-compiler protobuf-compiler-grpc \
 	libsystemd-dev pkg-config python3-venv python3-dev gcc systemd procps
 
+# Debian packages to build the .deb and run the packaging test (make test needs none of them).
+APT_PACKAGING := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all \
+	python3-setuptools python3-build python3-installer scdoc lintian debootstrap \
+	systemd-container python3-grpcio python3-protobuf python3-nftables python3-pyroute2 \
+	python3-psutil python3-systemd python3-cryptography git
+STAMP_APT_PKG := .cache/apt-packaging.stamp
+
 PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto
 PB_OUT := src/portagent/v1/agent_pb2.py src/portagent/health/v1/health_pb2.py
 
@@ -29,6 +36,14 @@ $(STAMP_APT):
 	@touch $@
 
 deps: $(STAMP_APT)
+
+$(STAMP_APT_PKG): | $(STAMP_APT)
+	@missing=$$(for p in $(APT_PACKAGING); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
 
 # Debian's protoc + grpc plugin: their output imports on Debian's grpcio 1.51 /
 # protobuf 3.21 and on current PyPI releases alike (docs/adr/0002-protobuf-codegen.md).
@@ -62,6 +77,14 @@ test-slow: venv
 
 demo: venv
 	$(PY) scripts/demo.py
+
+# The Debian package (dist/portagent_*_all.deb), lintian-clean.
+deb: $(STAMP_APT_PKG) $(STAMP_APT)
+	bash packaging/build-deb.sh dist
+
+# Build the .deb, install it into a cached bookworm rootfs, boot systemd there.
+test-packaging: venv $(STAMP_APT_PKG)
+	$(PY) -m pytest -m packaging tests/packaging
 
 clean:
 	rm -rf $(VENV) .cache build dist src/*.egg-info $(PB_OUT) $(PB_OUT:_pb2.py=_pb2_grpc.py)

@@ -145,7 +145,10 @@ class AdminServer:
         self._server.daemon_threads = True
         try:
             gid = grp.getgrnam(group).gr_gid
-            os.chown(path, 0 if os.geteuid() == 0 else -1, gid)
+            # Under systemd (Group=portagent) the socket already has the group: no
+            # chown, so the unit can forbid the chown syscalls altogether.
+            if path.stat().st_gid != gid:
+                os.chown(path, -1, gid)
             path.chmod(0o660)
         except KeyError:
             events.emit(

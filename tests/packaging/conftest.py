@@ -1,0 +1,98 @@
+"""Fixtures of the packaging test (tests/packaging/pkglab.py has the harness).
+
+Opt-in: these tests run only when the `packaging` marker is selected
+(`make test-packaging`), as root, with the Debian build and container tools.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pkglab import CACHE, REPO, PackagingLab, Timings, sweep_stale_runs
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "packaging: builds the .deb and boots it under systemd-nspawn "
+        "(root, minutes; run by make test-packaging)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Opt-in: deselected unless the packaging marker is selected (make test-packaging);
+    skipped, with the reason, when selected where they cannot run."""
+    markexpr = config.getoption("markexpr") or ""
+    if "packaging" not in markexpr or "not packaging" in markexpr:
+        ours = [item for item in items if item.get_closest_marker("packaging")]
+        if ours:
+            config.hook.pytest_deselected(items=ours)
+            items[:] = [item for item in items if not item.get_closest_marker("packaging")]
+        return
+    reason = None
+    if os.geteuid() != 0:
+        reason = "needs root (debootstrap, systemd-nspawn, network namespaces)"
+    else:
+        missing = [t for t in ("systemd-nspawn", "debootstrap", "dpkg-buildpackage", "lintian",
+                               "nsenter", "ip", "nft", "scdoc") if shutil.which(t) is None]
+        if missing:
+            reason = f"missing tools: {', '.join(missing)} (make test-packaging installs them)"
+    if reason is not None:
+        for item in items:
+            if item.get_closest_marker("packaging"):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def timings() -> Iterator[Timings]:
+    t = Timings()
+    yield t
+    print("\npackaging test timings:\n" + t.report())
+
+
+@pytest.fixture(scope="session")
+def built_deb(timings: Timings) -> Iterator[tuple[Path, str]]:
+    """Build the source and binary packages (lintian must pass); yield (deb, lintian log)."""
+    out = Path(tempfile.mkdtemp(prefix="portagent-deb-"))
+    try:
+        with timings.phase("build .deb + lintian"):
+            result = subprocess.run(["bash", str(REPO / "packaging" / "build-deb.sh"), str(out)],
+                                    capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, f"build-deb.sh failed:\n{result.stderr[-5000:]}"
+        deb = Path(result.stdout.strip().splitlines()[-1])
+        lintian_log = (REPO / "build" / "deb" / "lintian.log").read_text()
+        yield deb, lintian_log
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def base_rootfs(timings: Timings) -> Path:
+    with timings.phase("rootfs (cached)"):
+        result = subprocess.run(["bash", str(REPO / "tests" / "packaging" / "rootfs.sh"),
+                                 str(CACHE)], capture_output=True, text=True, timeout=900,
+                                check=False)
+    assert result.returncode == 0, f"rootfs.sh failed:\n{result.stderr[-5000:]}"
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def lab(built_deb: tuple[Path, str], base_rootfs: Path,
+        timings: Timings) -> Iterator[PackagingLab]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sweep_stale_runs()
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
+    packaging_lab = PackagingLab(built_deb[0], base_rootfs, workdir, timings)
+    try:
+        packaging_lab.setup()
+        yield packaging_lab
+    finally:
+        try:
+            with timings.phase("teardown"):
+                packaging_lab.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)

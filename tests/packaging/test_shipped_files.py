@@ -1,0 +1,111 @@
+"""Fast checks of the files the Debian package ships (no root, no build): they stay in
+step with the code they describe. The full build-install-boot test is test_deb.py."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from portagent import cli, daemon
+from portagent.errors import ConfigError
+from portagent.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+AGENT_TOML = REPO / "packaging" / "agent.toml"
+UNIT = REPO / "systemd" / "portagent.service"
+MAN = REPO / "packaging" / "man"
+
+
+def unit_settings() -> list[tuple[str, str]]:
+    pairs = []
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            pairs.append((key, value))
+    return pairs
+
+
+def uncommented(text: str) -> str:
+    """The shipped agent.toml with every commented setting and table turned on."""
+    text = re.sub(r"^#([a-z_\[])", r"\1", text, flags=re.MULTILINE)
+    return text.replace("BASE64...", "A" * 43 + "=")
+
+
+def test_shipped_config_is_refused_until_filled_in() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(AGENT_TOML.read_text())
+    assert all(problem.endswith(": required") for problem in refused.value.problems)
+
+
+def test_shipped_config_uncommented_is_valid_and_matches_the_defaults() -> None:
+    settings = load_settings(uncommented(AGENT_TOML.read_text()))
+    defaults = {f: Settings.__dataclass_fields__[f].default
+                for f in ("state_dir", "admin_socket", "admin_group", "refuse_action",
+                          "reconcile_interval")}
+    assert {f: getattr(settings, f) for f in defaults} == defaults
+    assert str(settings.api.key_file).startswith("/etc/portagent/tls/")
+
+
+def test_unit_is_the_one_described() -> None:
+    pairs = unit_settings()
+    values = dict(pairs)
+    assert values["Type"] == "notify"
+    assert values["ExecStart"].startswith("/usr/sbin/portagentd --config /etc/portagent/")
+    assert values["ExecStartPre"].startswith("/usr/sbin/portagentd --check-config")
+    assert values["CapabilityBoundingSet"] == "CAP_NET_ADMIN"
+    assert values["RestrictAddressFamilies"].split() == [
+        "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]
+    assert values["Restart"] == "on-failure"
+    assert "WatchdogSec" in values and "ExecReload" in values
+    # The watchdog test hook is set only by the test's own drop-in.
+    assert not any(key == "Environment" for key, _ in pairs)
+    assert "PORTAGENT_TEST" not in UNIT.read_text()
+    # The admin socket's group comes from the service's group (see the ADR).
+    assert values["Group"] == load_settings(uncommented(AGENT_TOML.read_text())).admin_group
+
+
+def test_versions_agree() -> None:
+    upstream = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    debian = (REPO / "packaging" / "debian" / "changelog").read_text().split("\n", 1)[0]
+    assert re.match(rf"portagent \({re.escape(upstream)}-\d+\) ", debian), debian
+    releases = re.findall(r"^## \[(\d[^\]]*)\]", (REPO / "CHANGELOG.md").read_text(), re.M)
+    assert releases[0] == upstream
+
+
+def options_of(parser: argparse.ArgumentParser) -> set[str]:
+    found = set()
+    for action in parser._actions:
+        found.update(o for o in action.option_strings if o.startswith("--") and o != "--help")
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= options_of(sub)
+    return found
+
+
+def subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    return {name for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+
+
+@pytest.mark.parametrize(("page", "parser"), [
+    ("portagentd.8.scd", daemon.build_parser()),
+    ("portagent.1.scd", cli.build_parser()),
+])
+def test_man_pages_document_every_option(page: str, parser: argparse.ArgumentParser) -> None:
+    text = (MAN / page).read_text()
+    missing = {o for o in options_of(parser) if f"*{o}*" not in text}
+    missing |= {c for c in subcommands(parser) if f"*{c}*" not in text}
+    assert not missing, f"{page} does not document {sorted(missing)}"
+
+
+def test_bash_completion_knows_every_command_and_option() -> None:
+    text = (REPO / "packaging" / "bash-completion" / "portagent").read_text()
+    parser = cli.build_parser()
+    commands = re.search(r'local commands="([^"]*)"', text)
+    assert commands and set(commands.group(1).split()) == subcommands(parser)
+    for option in options_of(parser):
+        assert option in text, option
