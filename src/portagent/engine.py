@@ -27,6 +27,7 @@ from portagent.errors import (
     PortagentError,
 )
 from portagent.events import EventHub, EventKind
+from portagent.grant_table import GrantTable, due_time, element_keys, mark_keys
 from portagent.model import Element, ElementKey, Flow, GrantRecord, GrantState, MarkElement
 from portagent.plan import (
     MarkKey,
@@ -122,8 +123,8 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._full_reconcile = threading.Event()
-        self._lock = threading.Lock()  # guards _records for readers on other threads
-        self._records: dict[str, GrantRecord] = {}
+        self._lock = threading.Lock()  # guards _table for readers on other threads
+        self._table = GrantTable()
         self._revoked: dict[str, float] = {}
         self._actual: dict[ElementKey, Element] = {}
         self._maps: frozenset[tuple[int, int]] = frozenset()
@@ -131,9 +132,7 @@ class Engine:
         self._limits: frozenset[int] = frozenset()
         # Connection statistics per grant handle: (first seen, last seen).
         self._seen: dict[int, tuple[float, float]] = {}
-        self._handle_index: dict[int, GrantRecord] = {}
         self._ended: dict[int, GrantRecord] = {}
-        self._handle_index_source: dict[str, GrantRecord] | None = None
         self._layout_dirty = True
         self._thread: threading.Thread | None = None
         self.last_reconcile: float = 0.0
@@ -148,8 +147,7 @@ class Engine:
     def start(self) -> None:
         """Load the store and converge the kernel once (synchronously), then run the loop."""
         for record in self._store.load():
-            self._records[record.grant.grant_id] = record
-        self._handle_index_source = None
+            self._table.put(record, self._due(record))
         self._revoked = self._store.revoked_ids()
         self._reconcile_full()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -218,14 +216,14 @@ class Engine:
 
     def get(self, grant_id: str) -> GrantRecord:
         with self._lock:
-            record = self._records.get(grant_id)
+            record = self._table.get(grant_id)
         if record is None:
             raise GrantNotFound(f"grant_id: no grant {grant_id!r} on this host")
         return self._with_state(record, self._clock())
 
     def list_grants(self) -> list[GrantRecord]:
         with self._lock:
-            records = list(self._records.values())
+            records = list(self._table.by_id.values())
         now = self._clock()
         return sorted((self._with_state(r, now) for r in records), key=lambda r: r.grant.grant_id)
 
@@ -301,6 +299,9 @@ class Engine:
                 commands = self._drain()
                 if commands:
                     self._process(commands)
+                    # Not held while the loop sleeps: a large batch would pin its
+                    # requests and futures until the next wake-up.
+                    del commands
                 self._expire()
                 if self._lost_pending and (
                     time.monotonic() - self._last_lost_check >= LOST_EVENTS_RECHECK
@@ -322,10 +323,8 @@ class Engine:
     def _sleep_for(self, next_full: float) -> float:
         now = self._clock()
         with self._lock:
-            expiries = [
-                r.grant.expire_time for r in self._records.values() if r.state is GrantState.ACTIVE
-            ]
-        wake_at = min([next_full, *expiries]) if expiries else next_full
+            due = self._table.next_due()
+        wake_at = next_full if due is None else min(next_full, due)
         # Wake at least every 2 s so watchdog pings keep flowing.
         return max(0.0, min(wake_at - now, 2.0))
 
@@ -354,9 +353,8 @@ class Engine:
             for command, result in pending.results:
                 command.future.set_result(result)
             return
-        merged = {**self._records, **staged}
         try:
-            self._commit(pending, merged, now)
+            self._commit(pending, staged, now)
         except PortagentError as exc:
             for command, _ in pending.results:
                 command.future.set_exception(exc)
@@ -379,7 +377,7 @@ class Engine:
                     f"grant_id: {grant.grant_id!r} was revoked; it never reopens",
                     reason="GRANT_REVOKED",
                 )
-            known = staged.get(grant.grant_id) or self._records.get(grant.grant_id)
+            known = staged.get(grant.grant_id) or self._table.get(grant.grant_id)
             if known is not None:
                 if known.grant_bytes != signed.payload:
                     raise GrantConflict(
@@ -425,7 +423,7 @@ class Engine:
         actor: str,
         must_exist: bool,
     ) -> GrantRecord | None:
-        known = staged.get(grant_id) or self._records.get(grant_id)
+        known = staged.get(grant_id) or self._table.get(grant_id)
         policy = self._settings.policy
         if known is None:
             if must_exist:
@@ -445,14 +443,14 @@ class Engine:
         pending.revoked_ids.append((grant_id, known.grant.expire_time + policy.clock_skew))
         return revoked
 
-    def _commit(self, pending: _Pending, merged: dict[str, GrantRecord], now: float) -> None:
+    def _commit(self, pending: _Pending, staged: dict[str, GrantRecord], now: float) -> None:
         store = self._store
         try:
             with store.transaction():
                 for index, record in enumerate(pending.inserts):
                     with_handle = replace(record, handle=store.next_handle())
                     pending.inserts[index] = with_handle
-                    merged[record.grant.grant_id] = with_handle
+                    staged[record.grant.grant_id] = with_handle
                     store.insert(with_handle)
                 for record, _, _ in pending.revokes:
                     store.mark_revoked(record.grant.grant_id, now)
@@ -460,13 +458,14 @@ class Engine:
                     store.remember_revoked(grant_id, forget_after)
                 # Kernel last, inside the store transaction: if nftables refuses, the
                 # store rolls back and nothing changed anywhere.
-                self._converge(merged, now)
+                self._converge_grants(list(staged.values()), now)
         except PortagentError:
             raise
         except Exception as exc:
             raise EnforcementError(f"could not persist the change: {exc}") from exc
         with self._lock:
-            self._records = merged
+            for record in staged.values():
+                self._table.put(record, self._due(record))
             for grant_id, forget_after in pending.revoked_ids:
                 self._revoked[grant_id] = forget_after
         for record in pending.inserts:
@@ -487,12 +486,33 @@ class Engine:
             (c, by_id.get(r.grant.grant_id, r) if r else r) for c, r in pending.results
         ]
 
-    def _converge(self, records: dict[str, GrantRecord], now: float) -> None:
-        """Plan against our model of the kernel and apply one batch."""
-        desired = desired_elements(records.values(), now)
-        marks = desired_marks(records.values(), now, self._settings.policy.keep_established_max)
-        plan = plan_changes(desired, self._actual, now, marks, self._actual_marks)
-        self._apply(plan, now)
+    def _due(self, record: GrantRecord) -> float:
+        policy = self._settings.policy
+        return due_time(record, policy.keep_established_max, policy.clock_skew)
+
+    def _converge_grants(self, changed: list[GrantRecord], now: float) -> None:
+        """Plan only the keys and handle-set entries of `changed` grants (new or changed
+        state) against our model of the kernel, and apply one batch. Cost follows the
+        size of the change, not the number of grants."""
+        overlay = {r.handle: r for r in changed}
+        keys = {key for record in changed for key in element_keys(record)}
+        desired = self._table.desired_for(keys, now, overlay)
+        actual = {k: self._actual[k] for k in keys if k in self._actual}
+        keep_max = self._settings.policy.keep_established_max
+        mark_keys_changed = {k for record in changed for k in mark_keys(record)}
+        marks = desired_marks(changed, now, keep_max)
+        actual_marks = {
+            k: self._actual_marks[k] for k in mark_keys_changed if k in self._actual_marks
+        }
+        self._apply(plan_changes(desired, actual, now, marks, actual_marks), now)
+
+    def _converge_all(self, now: float) -> None:
+        """Plan every grant against our whole model of the kernel (full reconcile)."""
+        with self._lock:
+            records = list(self._table.by_id.values())
+        desired = desired_elements(records, now)
+        marks = desired_marks(records, now, self._settings.policy.keep_established_max)
+        self._apply(plan_changes(desired, self._actual, now, marks, self._actual_marks), now)
 
     def _apply(self, plan: Plan, now: float) -> None:
         maps = self._maps | plan.maps
@@ -531,44 +551,32 @@ class Engine:
         # Limit rules are rebuilt from what is wanted plus what the kernel still holds.
         self._limits = frozenset()
         self._layout_dirty = True
-        with self._lock:
-            records = dict(self._records)
-        self._converge(records, now)
+        self._converge_all(now)
         self.last_reconcile = self._clock()
 
     def _expire(self) -> None:
         """Grants whose time is up: log them, cut their connections (unless they keep
         them), and drop them from the store once nothing needs them any more."""
         now = self._clock()
-        policy = self._settings.policy
         with self._lock:
-            records = list(self._records.values())
-        ended = [r for r in records if r.state is GrantState.ACTIVE and r.grant.expire_time <= now]
-        kept = [r for r in ended if r.grant.keep_established]
-        done = [r for r in ended if not r.grant.keep_established]
-        done += [
-            r
-            for r in records
-            if r.state is GrantState.EXPIRED
-            and r.grant.expire_time + policy.keep_established_max <= now
-        ]
-        forget = [
-            r
-            for r in records
-            if r.state is GrantState.REVOKED and r.grant.expire_time + policy.clock_skew <= now
-        ]
-        if ended or done or forget:
+            due = self._table.pop_due(now)
+        ended = [r for r in due if r.state is GrantState.ACTIVE and r.grant.expire_time <= now]
+        kept = [replace(r, state=GrantState.EXPIRED) for r in ended if r.grant.keep_established]
+        forget = [r for r in ended if not r.grant.keep_established]
+        forget += [r for r in due if r.state is not GrantState.ACTIVE and self._due(r) <= now]
+        handled = {r.grant.grant_id for r in ended} | {r.grant.grant_id for r in forget}
+        not_yet = [r for r in due if r.grant.grant_id not in handled]
+        if ended or forget:
             with self._store.transaction():
-                self._store.delete([r.grant.grant_id for r in done + forget])
+                self._store.delete([r.grant.grant_id for r in forget])
                 for record in kept:
                     self._store.mark_expired(record.grant.grant_id)
             with self._lock:
-                for record in done + forget:
-                    self._records.pop(record.grant.grant_id, None)
+                for record in forget:
+                    self._table.remove(record.grant.grant_id)
                     self._remember_ended(record)
                 for record in kept:
-                    self._records[record.grant.grant_id] = replace(record, state=GrantState.EXPIRED)
-                self._handle_index_source = None
+                    self._table.put(record, self._due(record))
             for record in ended:
                 self._log_grant(
                     "expire",
@@ -577,18 +585,28 @@ class Engine:
                     replace(record, state=GrantState.EXPIRED),
                     KEEP_ESTABLISHED=record.grant.keep_established,
                 )
-            self._cut_connections([r.handle for r in done])
-            for record in done + forget:
+            self._cut_connections([r.handle for r in forget if r.state is not GrantState.REVOKED])
+            for record in forget:
                 self._seen.pop(record.handle, None)
+                # Their elements are gone from the kernel by now (timeouts): from our
+                # model of it too.
+                for key in element_keys(record):
+                    element = self._actual.get(key)
+                    if element is not None and element.expire_time <= now:
+                        del self._actual[key]
+                for mark_key in mark_keys(record):
+                    mark = self._actual_marks.get(mark_key)
+                    if mark is not None and mark.expire_time <= now:
+                        del self._actual_marks[mark_key]
+        with self._lock:
+            for record in not_yet:  # popped early (e.g. a state change moved its time)
+                self._table.put(record, self._due(record))
         stale_ids = [g for g, t in self._revoked.items() if t < now]
         if stale_ids:
             with self._store.transaction():
                 self._store.forget_revoked_before(now)
             for grant_id in stale_ids:
                 self._revoked.pop(grant_id, None)
-        # Elements the kernel has expired by itself leave our model of it too.
-        self._actual = {k: e for k, e in self._actual.items() if e.expire_time > now}
-        self._actual_marks = {k: m for k, m in self._actual_marks.items() if m.expire_time > now}
 
     def _cut_connections(self, handles: list[int]) -> None:
         """Flush the conntrack entries of these grants. Their packets are already dropped
@@ -613,7 +631,7 @@ class Engine:
     def on_connection_event(self, kind: str, flow: Flow) -> None:
         """A conntrack NEW/DESTROY event (from the conntrack events thread)."""
         with self._lock:
-            record = self._by_handle().get(flow.mark) or self._ended.get(flow.mark)
+            record = self._table.by_handle.get(flow.mark) or self._ended.get(flow.mark)
         if record is None:
             return  # not one of ours
         now = self._clock()
@@ -660,13 +678,6 @@ class Engine:
     def seen(self, handle: int) -> tuple[float, float] | None:
         """(first, last) time a connection of this grant was seen opening or closing."""
         return self._seen.get(handle)
-
-    def _by_handle(self) -> dict[int, GrantRecord]:
-        # Rebuilt lazily when the records change; called with self._lock held.
-        if self._handle_index_source is not self._records:
-            self._handle_index = {r.handle: r for r in self._records.values()}
-            self._handle_index_source = self._records
-        return self._handle_index
 
     # ---- logging ---------------------------------------------------------------------
 

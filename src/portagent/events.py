@@ -17,7 +17,7 @@ from enum import Enum
 
 from portagent.model import Flow
 
-DEFAULT_CAPACITY = 100_000
+DEFAULT_CAPACITY = 10_000
 
 
 class EventKind(Enum):
@@ -29,7 +29,7 @@ class EventKind(Enum):
     CONNECTION_CLOSED = "connection_closed"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AgentEvent:
     sequence: int
     time: float

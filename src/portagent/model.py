@@ -25,7 +25,7 @@ class GrantState(Enum):
     REVOKED = "revoked"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class PortRange:
     """Inclusive port range; `first == last` for a single port."""
 
@@ -49,7 +49,7 @@ class PortRange:
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GuardedPort:
     """A port range this host guards: only granted sources may reach it."""
 
@@ -79,7 +79,7 @@ def parse_port_spec(text: str) -> GuardedPort:
         raise ValueError(f"invalid port range in {text!r} (1-65535, first <= last)") from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Grant:
     """A verified grant. Times are POSIX seconds (float)."""
 
@@ -101,7 +101,7 @@ class Grant:
         return self.expire_time - now
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GrantRecord:
     """A grant as the agent keeps it: the verified grant, its exact signed bytes,
     the kernel handle (ct mark value) and its lifecycle."""
@@ -115,7 +115,7 @@ class GrantRecord:
     revoke_time: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ElementKey:
     """One kernel map element's key: masked source network, protocol, one port.
 
@@ -136,7 +136,7 @@ def map_name(version: int, prefixlen: int) -> str:
     return f"g{version}_{prefixlen}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Element:
     """A kernel map element: key -> grant handle, closing itself at `expire_time`."""
 
@@ -153,7 +153,7 @@ def limit_set(limit: int) -> str:
     return f"limited_{limit}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MarkElement:
     """A grant handle in one of the handle sets (`keep`, `limited_N`), closing itself at
     `expire_time` like every other element."""
@@ -163,7 +163,7 @@ class MarkElement:
     expire_time: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Flow:
     """One conntrack entry, as seen in its original direction (client → server)."""
 
