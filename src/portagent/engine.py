@@ -503,7 +503,8 @@ class Engine:
             raise EnforcementError(f"could not persist the change: {exc}") from exc
         with self._lock:
             for record in staged.values():
-                self._table.put(record, self._due(record))
+                # The signature lives in the store; memory holds only what is served.
+                self._table.put(replace(record, signature=b""), self._due(record))
             for grant_id, forget_after in pending.revoked_ids:
                 self._revoked[grant_id] = forget_after
         for record in pending.inserts:
@@ -573,8 +574,8 @@ class Engine:
             with self._own_commits_lock:
                 self._own_commits_pending -= 1  # a refused batch commits nothing
             raise
-        self._actual = apply_plan(self._actual, plan)
-        self._actual_marks = apply_mark_plan(self._actual_marks, plan)
+        apply_plan(self._actual, plan)
+        apply_mark_plan(self._actual_marks, plan)
         self._maps = frozenset(maps)
         self._limits = frozenset(limits)
         self._layout_dirty = False

@@ -150,32 +150,27 @@ def plan_changes(
     )
 
 
-def apply_mark_plan(
-    actual: Mapping[MarkKey, MarkElement], plan: Plan
-) -> dict[MarkKey, MarkElement]:
-    """The handle sets after `plan` was committed on top of `actual`."""
-    result = dict(actual)
+def apply_mark_plan(actual: dict[MarkKey, MarkElement], plan: Plan) -> None:
+    """Update `actual` (in place) to the handle sets after `plan` was committed."""
     for mark in plan.marks_delete:
-        result.pop((mark.set_name, mark.handle), None)
+        actual.pop((mark.set_name, mark.handle), None)
     for mark in plan.marks_add:
-        result[(mark.set_name, mark.handle)] = mark
-    return result
+        actual[(mark.set_name, mark.handle)] = mark
 
 
 def _mark_order(mark: MarkElement) -> tuple[str, int]:
     return (mark.set_name, mark.handle)
 
 
-def apply_plan(actual: Mapping[ElementKey, Element], plan: Plan) -> dict[ElementKey, Element]:
-    """The kernel state after `plan` was committed on top of `actual`."""
-    result = dict(actual)
+def apply_plan(actual: dict[ElementKey, Element], plan: Plan) -> None:
+    """Update `actual` (in place: it can hold 100k elements) to the kernel state after
+    `plan` was committed."""
     for element in plan.delete:
-        result.pop(element.key, None)
+        actual.pop(element.key, None)
     for _, new in plan.replace:
-        result[new.key] = new
+        actual[new.key] = new
     for element in plan.add:
-        result[element.key] = element
-    return result
+        actual[element.key] = element
 
 
 def _order(element: Element) -> tuple[int, int, str, str, int]:

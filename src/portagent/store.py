@@ -75,20 +75,21 @@ class Store:
         self._db.execute("COMMIT")
 
     def load(self) -> list[GrantRecord]:
+        # The signature stays on disk: memory holds only what is served.
         rows = self._db.execute(
-            "SELECT handle, grant_bytes, signature, state, apply_time, revoke_time FROM grants"
+            "SELECT handle, grant_bytes, state, apply_time, revoke_time FROM grants"
         )
         return [
             GrantRecord(
                 grant=grant_from_pb(pb.Grant.FromString(blob)),
                 handle=handle,
                 grant_bytes=blob,
-                signature=sig,
+                signature=b"",
                 state=GrantState(state),
                 apply_time=applied,
                 revoke_time=revoked,
             )
-            for handle, blob, sig, state, applied, revoked in rows
+            for handle, blob, state, applied, revoked in rows
         ]
 
     def revoked_ids(self) -> dict[str, float]:

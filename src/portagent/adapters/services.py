@@ -5,8 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import psutil
-
 from portagent.model import PortRange, Protocol
 
 CACHE_SECONDS = 2.0
@@ -24,6 +22,9 @@ class ServiceFinder:
         with self._lock:
             if time.monotonic() - self._at < CACHE_SECONDS:
                 return self._listeners
+            # Imported on first use: psutil costs ~4 MB of daemon memory for a column.
+            import psutil
+
             found: dict[tuple[str, int], tuple[str, int]] = {}
             try:
                 connections = psutil.net_connections(kind="inet")

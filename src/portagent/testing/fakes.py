@@ -41,7 +41,8 @@ class FakeFirewall:
             # The kernel would read a zero timeout as "forever" on newer kernels.
             if element.expire_time <= now:
                 raise AssertionError(f"element with no time left: {element}")
-        self.state.elements = apply_plan(self._live(now), plan)
+        self.state.elements = self._live(now)
+        apply_plan(self.state.elements, plan)
         if layout is not None:
             self.layout = layout
             self.state.maps |= set(layout.maps)
