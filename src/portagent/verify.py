@@ -11,6 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -87,17 +88,20 @@ class Verifier:
                 f"signature: does not verify with key {key_id!r}", reason="BAD_SIGNATURE"
             ) from None
 
-    def verify_grant(self, grant_bytes: bytes, signature: bytes, key_id: str, now: float) -> Grant:
-        self._check_signature(grant_bytes, signature, key_id)
+    def _open(self, payload: bytes, signature: bytes, key_id: str, message: Any, what: str) -> Any:
+        """Check the signature over the exact bytes, then parse them, then the fields a
+        grant and a revocation share: the signing key, the grant id and the host."""
+        self._check_signature(payload, signature, key_id)
         try:
-            msg = pb.Grant.FromString(grant_bytes)
+            msg = message.FromString(payload)
         except DecodeError:
             raise InvalidGrant(
-                "grant: bytes are not a portagent.v1.Grant", reason="MALFORMED_GRANT"
+                f"{what}: bytes are not a portagent.v1.{message.__name__}",
+                reason=f"MALFORMED_{what.upper()}",
             ) from None
         if msg.key_id != key_id:
             raise InvalidGrant(
-                f"key_id: grant names {msg.key_id!r} but was signed by {key_id!r}",
+                f"key_id: {what} names {msg.key_id!r} but was signed by {key_id!r}",
                 reason="KEY_ID_MISMATCH",
             )
         if not GRANT_ID_PATTERN.fullmatch(msg.grant_id):
@@ -107,9 +111,13 @@ class Verifier:
             )
         if msg.host_id != self.host_id:
             raise GrantDenied(
-                f"host_id: grant is for {msg.host_id!r}, this is {self.host_id!r}",
+                f"host_id: {what} is for {msg.host_id!r}, this is {self.host_id!r}",
                 reason="WRONG_HOST",
             )
+        return msg
+
+    def verify_grant(self, grant_bytes: bytes, signature: bytes, key_id: str, now: float) -> Grant:
+        msg = self._open(grant_bytes, signature, key_id, pb.Grant, "grant")
         if (
             not msg.subject
             or len(msg.subject) > MAX_SUBJECT_LENGTH
@@ -233,28 +241,7 @@ class Verifier:
     def verify_revocation(
         self, payload: bytes, signature: bytes, key_id: str, now: float
     ) -> Revocation:
-        self._check_signature(payload, signature, key_id)
-        try:
-            msg = pb.Revocation.FromString(payload)
-        except DecodeError:
-            raise InvalidGrant(
-                "revocation: bytes are not a portagent.v1.Revocation", reason="MALFORMED_REVOCATION"
-            ) from None
-        if msg.key_id != key_id:
-            raise InvalidGrant(
-                f"key_id: revocation names {msg.key_id!r} but was signed by {key_id!r}",
-                reason="KEY_ID_MISMATCH",
-            )
-        if not GRANT_ID_PATTERN.fullmatch(msg.grant_id):
-            raise InvalidGrant(
-                f"grant_id: {msg.grant_id!r} is not 1-64 of [A-Za-z0-9._-]",
-                reason="INVALID_GRANT_ID",
-            )
-        if msg.host_id != self.host_id:
-            raise GrantDenied(
-                f"host_id: revocation is for {msg.host_id!r}, this is {self.host_id!r}",
-                reason="WRONG_HOST",
-            )
+        msg = self._open(payload, signature, key_id, pb.Revocation, "revocation")
         issued = seconds_of(msg.issue_time)
         if issued > now + self.policy.clock_skew:
             raise GrantNotInWindow(
