@@ -160,6 +160,8 @@ def run(settings: Settings, config_path: Path) -> int:
     connection_events = None
     try:
         connection_events = ConntrackEvents()
+        listener = connection_events
+        engine.connection_events_complete = lambda: listener.overruns == 0
         threading.Thread(
             target=connection_events.run,
             args=(engine.on_connection_event,),

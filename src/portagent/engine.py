@@ -144,6 +144,9 @@ class Engine:
         self._own_commits_pending = 0
         self._lost_pending = False
         self.stall_check: Callable[[], bool] = lambda: False
+        # True while a conntrack event listener feeds on_connection_event without
+        # having lost events, so the grants that ever had a connection are known.
+        self.connection_events_complete: Callable[[], bool] = lambda: False
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -650,6 +653,11 @@ class Engine:
     def _cut_connections(self, handles: list[int]) -> None:
         """Flush the conntrack entries of these grants. Their packets are already dropped
         (no element matches); this clears the entries so nothing lingers as 'live'."""
+        if self.connection_events_complete():
+            # A flush walks the whole conntrack table (milliseconds even when empty):
+            # only grants that ever had a connection need one. Their packets are
+            # dropped either way; the flush only clears what would linger as "live".
+            handles = [h for h in handles if h in self._seen]
         if not handles or self._connections is None:
             return
         try:
