@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import grpc
 
-from portagent.codec import event_to_pb, status_to_pb
+from portagent.codec import STATE_TO_PB, event_to_pb, status_to_pb
 from portagent.engine import Engine, SignedInput
 from portagent.errors import PortagentError, Status
 from portagent.health.v1 import health_pb2, health_pb2_grpc
@@ -91,7 +91,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
                 result.error_reason = outcome.reason
                 result.error_message = outcome.message
             else:
-                result.status.CopyFrom(status_to_pb(outcome))
+                result.grant_id = outcome.grant.grant_id
+                result.state = STATE_TO_PB[outcome.state]
         return response
 
     def RevokeGrant(
