@@ -50,6 +50,9 @@ from portagent.verify import Revocation, Verifier
 MAX_ENDED_REMEMBERED = 10_000
 # After lost ruleset notifications, re-read the kernel no more often than this.
 LOST_EVENTS_RECHECK = 5.0
+# Upper bound on the delay from rendering an element to the kernel inserting it.
+INSERT_DELAY_BASE = 0.005
+INSERT_DELAY_PER_ELEMENT = 20e-6
 # After a batch this large, hand freed heap back to the OS (RSS, not correctness).
 TRIM_AFTER_BATCH = 1_000
 # Commands coalesced into one kernel transaction at most.
@@ -587,8 +590,17 @@ class Engine:
             return
         with self._own_commits_lock:
             self._own_commits_pending += 1
+        # A kernel timeout runs from when the kernel inserts the element, not from when
+        # we planned: verifying a big batch takes seconds, and rendering, parsing and
+        # sending it takes ~10 us per element. Timeouts are computed from a clock read
+        # now, pushed ahead by a bound on that delay, so no element outlives its grant
+        # (access closes a moment early rather than late).
+        changed = len(plan.add) + len(plan.replace) + len(plan.marks_add)
+        render_now = (
+            max(now, self._clock()) + INSERT_DELAY_BASE + changed * INSERT_DELAY_PER_ELEMENT
+        )
         try:
-            self._firewall.apply_plan(plan, now, layout)
+            self._firewall.apply_plan(plan, render_now, layout)
         except BaseException:
             with self._own_commits_lock:
                 self._own_commits_pending -= 1  # a refused batch commits nothing

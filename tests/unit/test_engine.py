@@ -229,3 +229,27 @@ def test_a_refused_batch_is_not_counted_as_an_own_commit(harness: Harness) -> No
     harness.engine._own_commits_pending = 0  # forget the start-up commit
     harness.engine.on_ruleset_commit(4242, "nft")
     assert "ACTION=tamper" in harness.log.getvalue()
+
+
+def test_timeouts_are_computed_when_applied_not_when_the_batch_started(
+    signer: TestSigner, clock: FakeClock, firewall: FakeFirewall, tmp_path: Path
+) -> None:
+    h = Harness(signer, clock, firewall, tmp_path)  # the fake refuses a stale clock
+    verify = h.engine._verifier.verify_grant
+
+    def slow_verify(*args: object) -> object:
+        clock.advance(1.0)  # a batch that takes long to verify
+        return verify(*args)  # type: ignore[arg-type]
+
+    h.engine._verifier.verify_grant = slow_verify  # type: ignore[method-assign]
+    try:
+        batch = [h.signer.grant(clock.now, ttl=600, source_prefixes=[f"10.3.0.{i}"])
+                 for i in range(1, 20)]
+        results = h.engine.apply_grants(batch)
+        assert all(not isinstance(r, Exception) for r in results)
+        grant_end = {r.handle: r.grant.expire_time for r in results}  # type: ignore[union-attr]
+        for element in firewall.state.elements.values():
+            assert element.expire_time <= grant_end[element.handle]
+    finally:
+        h.engine.stop()
+        h.store.close()

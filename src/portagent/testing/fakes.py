@@ -34,6 +34,10 @@ class FakeFirewall:
         self.fail_next = False
 
     def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None:
+        # Timeouts are rendered as expire_time - now: a `now` behind the clock would let
+        # an element outlive its grant.
+        if now < self.clock.now:
+            raise AssertionError(f"timeouts rendered from a stale clock: {now} < {self.clock.now}")
         if self.fail_next:
             self.fail_next = False
             raise EnforcementError("nftables refused the change: injected failure")
