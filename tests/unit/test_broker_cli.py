@@ -23,8 +23,9 @@ class FakeClient:
     instances: ClassVar[list[FakeClient]] = []
     fail_with: ClassVar[Exception | None] = None
 
-    def __init__(self, address: str, tls: TlsFiles, *, server_name: str | None = None,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self, address: str, tls: TlsFiles, *, server_name: str | None = None, timeout: float = 10.0
+    ) -> None:
         self.address, self.timeout = address, timeout
         self.applied: list[Any] = []
         self.revoked: list[Any] = []
@@ -40,8 +41,7 @@ class FakeClient:
         if self.fail_with:
             raise self.fail_with
         self.applied.append(signed)
-        return pb.GrantStatus(grant=pb.Grant.FromString(signed.grant),
-                              state=pb.GRANT_STATE_ACTIVE)
+        return pb.GrantStatus(grant=pb.Grant.FromString(signed.grant), state=pb.GRANT_STATE_ACTIVE)
 
     def revoke(self, signed: Any) -> Any:
         self.revoked.append(signed)
@@ -50,8 +50,12 @@ class FakeClient:
 
 @pytest.fixture
 def dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    pki.init_dev_setup(tmp_path, host_id="web1", agent_address="192.0.2.5:50051",
-                       guarded=[parse_port_spec("22/tcp")])
+    pki.init_dev_setup(
+        tmp_path,
+        host_id="web1",
+        agent_address="192.0.2.5:50051",
+        guarded=[parse_port_spec("22/tcp")],
+    )
     FakeClient.instances = []
     FakeClient.fail_with = None
     monkeypatch.setattr(cli, "AgentClient", FakeClient)
@@ -59,12 +63,24 @@ def dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-GRANT = ["grant", "--host", "web1", "--source", "192.0.2.10", "--port", "22", "--ttl", "5m",
-         "--subject", "alice"]
+GRANT = [
+    "grant",
+    "--host",
+    "web1",
+    "--source",
+    "192.0.2.10",
+    "--port",
+    "22",
+    "--ttl",
+    "5m",
+    "--subject",
+    "alice",
+]
 
 
 def test_grant_prints_only_the_id_and_the_agent_verifies_it(
-        dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dev: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(GRANT) == 0
     grant_id = capsys.readouterr().out
     (client,) = FakeClient.instances
@@ -72,8 +88,12 @@ def test_grant_prints_only_the_id_and_the_agent_verifies_it(
     (signed,) = client.applied
     settings = load_settings_file(dev / "agent.toml")
     verifier = Verifier(settings.host_id, settings.trusted_keys, settings.policy)
-    grant = verifier.verify_grant(signed.grant, signed.signature, signed.key_id,
-                                  pb.Grant.FromString(signed.grant).issue_time.seconds)
+    grant = verifier.verify_grant(
+        signed.grant,
+        signed.signature,
+        signed.key_id,
+        pb.Grant.FromString(signed.grant).issue_time.seconds,
+    )
     assert grant_id == grant.grant_id + "\n"
 
 
@@ -98,16 +118,20 @@ def test_config_option_after_the_command(dev: Path, monkeypatch: pytest.MonkeyPa
     assert cli.main([*GRANT, "--config", str(dev / "broker.toml")]) == 0
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--source", "example.com"], "--source: 'example.com' is not an IP address or network"),
-    (["--port", "22/icmp"], "--port: unknown protocol 'icmp'"),
-    (["--ttl", "0s"], "--ttl: '0s' must be longer than 0s"),
-    (["--port", "53/udp", "--protocol", "tcp"], "--protocol: 'tcp' contradicts --port"),
-    (["--host", "db9"], "--host: 'db9' is not in"),
-    (["--agent", "nowhere"], "--agent: expected ADDRESS:PORT"),
-])
-def test_bad_input_exits_2_naming_the_field(dev: Path, capsys: pytest.CaptureFixture[str],
-                                            args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--source", "example.com"], "--source: 'example.com' is not an IP address or network"),
+        (["--port", "22/icmp"], "--port: unknown protocol 'icmp'"),
+        (["--ttl", "0s"], "--ttl: '0s' must be longer than 0s"),
+        (["--port", "53/udp", "--protocol", "tcp"], "--protocol: 'tcp' contradicts --port"),
+        (["--host", "db9"], "--host: 'db9' is not in"),
+        (["--agent", "nowhere"], "--agent: expected ADDRESS:PORT"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_field(
+    dev: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
     assert cli.main([*GRANT, *args]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -118,28 +142,33 @@ def test_bad_input_exits_2_naming_the_field(dev: Path, capsys: pytest.CaptureFix
 def test_exact_source_message(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([*GRANT, "--source", "example.com"]) == 2
     assert capsys.readouterr().err == (
-        "portagent-broker: --source: 'example.com' is not an IP address or network\n")
+        "portagent-broker: --source: 'example.com' is not an IP address or network\n"
+    )
 
 
 def test_refusal_exits_1(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
     FakeClient.fail_with = AgentRefusedError(
-        "PERMISSION_DENIED", "SOURCE_TOO_BROAD: source_prefixes: 10.0.0.0/8 is broader than /16")
+        "PERMISSION_DENIED", "SOURCE_TOO_BROAD: source_prefixes: 10.0.0.0/8 is broader than /16"
+    )
     assert cli.main(GRANT) == 1
     assert capsys.readouterr().err == (
         "portagent-broker: refused by agent: PERMISSION_DENIED SOURCE_TOO_BROAD: "
-        "source_prefixes: 10.0.0.0/8 is broader than /16\n")
+        "source_prefixes: 10.0.0.0/8 is broader than /16\n"
+    )
 
 
 def test_unreachable_exits_2(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
     FakeClient.fail_with = AgentUnreachableError("192.0.2.5:50051", "connection refused")
     assert cli.main(GRANT) == 2
     assert capsys.readouterr().err == (
-        "portagent-broker: cannot reach agent at 192.0.2.5:50051: connection refused\n")
+        "portagent-broker: cannot reach agent at 192.0.2.5:50051: connection refused\n"
+    )
 
 
 def test_timeout_names_the_grant_to_check(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    FakeClient.fail_with = AgentUnreachableError("192.0.2.5:50051", "no answer within 10s",
-                                                 timed_out=True)
+    FakeClient.fail_with = AgentUnreachableError(
+        "192.0.2.5:50051", "no answer within 10s", timed_out=True
+    )
     assert cli.main(GRANT) == 2
     err = capsys.readouterr().err
     assert "may have been applied" in err and "portagent-broker get --host web1 g-" in err
@@ -152,8 +181,9 @@ def test_revoke_unknown_grant(dev: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().err.startswith("portagent-broker: GRANT_ID: '../x'")
 
 
-def test_missing_config(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(cli.CONFIG_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     assert cli.main(GRANT) == 2
@@ -167,8 +197,19 @@ def test_missing_signing_key(dev: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_init_refuses_then_forces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["init", "--dir", str(tmp_path / "d"), "--host-id", "web1", "--agent-address",
-            "127.0.0.1:50051", "--guard", "22/tcp", "--guard", "8000-8010/tcp"]
+    args = [
+        "init",
+        "--dir",
+        str(tmp_path / "d"),
+        "--host-id",
+        "web1",
+        "--agent-address",
+        "127.0.0.1:50051",
+        "--guard",
+        "22/tcp",
+        "--guard",
+        "8000-8010/tcp",
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "signing.key  0600" in out and "portagent-broker grant --host web1" in out
@@ -180,7 +221,8 @@ def test_init_refuses_then_forces(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_keygen_and_pubkey_print_a_trusted_keys_entry(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = tmp_path / "signing-2.key"
     assert cli.main(["keygen", "--out", str(key)]) == 0
     keygen_out = capsys.readouterr().out
@@ -192,9 +234,11 @@ def test_keygen_and_pubkey_print_a_trusted_keys_entry(
     assert entry in keygen_out
     (trusted,) = tomllib.loads(entry)["trusted_keys"]
     # The printed entry is one the agent accepts as is.
-    agent = load_settings(f'host_id = "h"\n[api]\nlisten = "127.0.0.1:1"\nca_file = "a"\n'
-                          f'cert_file = "b"\nkey_file = "c"\n[policy]\nguarded = ["22/tcp"]\n'
-                          f"{entry}")
+    agent = load_settings(
+        f'host_id = "h"\n[api]\nlisten = "127.0.0.1:1"\nca_file = "a"\n'
+        f'cert_file = "b"\nkey_file = "c"\n[policy]\nguarded = ["22/tcp"]\n'
+        f"{entry}"
+    )
     assert agent.trusted_keys[0].key_id == trusted["key_id"]
 
 

@@ -35,8 +35,9 @@ def umask(request: pytest.FixtureRequest) -> Iterator[int]:
 
 
 def _init(directory: Path, address: str = "192.0.2.5:50051", force: bool = False) -> str:
-    key_id, _ = pki.init_dev_setup(directory, host_id="web1", agent_address=address,
-                                   guarded=GUARDS, force=force)
+    key_id, _ = pki.init_dev_setup(
+        directory, host_id="web1", agent_address=address, guarded=GUARDS, force=force
+    )
     return key_id
 
 
@@ -99,16 +100,17 @@ def test_agent_toml_is_what_the_agent_parses(tmp_path: Path) -> None:
     assert (settings.policy.min_prefix_v4, settings.policy.min_prefix_v6) == (16, 48)
     signer = Signer.from_file(tmp_path / "signing.key")
     assert [(k.key_id, k.public_key) for k in settings.trusted_keys] == [
-        (key_id, pki.raw_public_key(signer.public_key))]
+        (key_id, pki.raw_public_key(signer.public_key))
+    ]
     assert key_id == signer.key_id
 
 
 def test_agent_toml_with_tcp_and_udp_is_what_the_agent_parses(tmp_path: Path) -> None:
     guards = [parse_port_spec(s) for s in ("8000-8010/tcp", "53/udp", "22/tcp", "22/tcp")]
-    pki.init_dev_setup(tmp_path, host_id="web1", agent_address="192.0.2.5:50051",
-                       guarded=guards)
-    assert 'guarded = ["22/tcp", "8000-8010/tcp", "53/udp"]' in (
-        tmp_path / "agent.toml").read_text()
+    pki.init_dev_setup(tmp_path, host_id="web1", agent_address="192.0.2.5:50051", guarded=guards)
+    assert (
+        'guarded = ["22/tcp", "8000-8010/tcp", "53/udp"]' in (tmp_path / "agent.toml").read_text()
+    )
     guarded = load_settings_file(tmp_path / "agent.toml").policy.guarded
     assert sorted(map(str, guarded)) == ["22/tcp", "53/udp", "8000-8010/tcp"]
 
@@ -121,7 +123,10 @@ def test_broker_toml_matches_the_set_up(tmp_path: Path) -> None:
     assert settings.signing_key_id == key_id
     assert settings.signing_key_file == tmp_path / "signing.key"
     assert (settings.ca_file, settings.cert_file, settings.key_file) == (
-        tmp_path / "ca.pem", tmp_path / "broker.pem", tmp_path / "broker.key")
+        tmp_path / "ca.pem",
+        tmp_path / "broker.pem",
+        tmp_path / "broker.key",
+    )
     assert (settings.default_ttl, settings.timeout) == (3600, 10)
 
 
@@ -129,8 +134,9 @@ def _verify_issued_by(cert: x509.Certificate, ca: x509.Certificate) -> None:
     public = ca.public_key()
     assert isinstance(public, ec.EllipticCurvePublicKey)
     assert cert.signature_hash_algorithm is not None
-    public.verify(cert.signature, cert.tbs_certificate_bytes,
-                  ec.ECDSA(cert.signature_hash_algorithm))
+    public.verify(
+        cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+    )
     assert cert.issuer == ca.subject
 
 
@@ -163,11 +169,14 @@ def test_certificates(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
 
 
-@pytest.mark.parametrize(("address", "first_san"), [
-    ("agent.example.net:50051", "agent.example.net"),
-    ("[2001:db8::5]:50051", "2001:db8::5"),
-    ("localhost:50051", "localhost"),
-])
+@pytest.mark.parametrize(
+    ("address", "first_san"),
+    [
+        ("agent.example.net:50051", "agent.example.net"),
+        ("[2001:db8::5]:50051", "2001:db8::5"),
+        ("localhost:50051", "localhost"),
+    ],
+)
 def test_agent_san_follows_the_address(tmp_path: Path, address: str, first_san: str) -> None:
     _init(tmp_path, address)
     sans = _sans(_load_cert(tmp_path / "agent.pem"))
@@ -175,19 +184,28 @@ def test_agent_san_follows_the_address(tmp_path: Path, address: str, first_san: 
     assert len(sans) == len(set(sans))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"host_id": "web 1"}, "--host-id"),
-    ({"host_id": ""}, "--host-id"),
-    ({"agent_address": "192.0.2.5"}, "--agent-address"),
-    ({"agent_address": "192.0.2.5:0"}, "--agent-address"),
-    ({"agent_address": "2001:db8::5:50051"}, "--agent-address: write IPv6 addresses in brackets"),
-    ({"agent_address": "bad_name!:50051"}, "--agent-address"),
-    ({"guarded": []}, "--guard"),
-])
-def test_bad_input_names_the_flag(tmp_path: Path, kwargs: dict[str, object],
-                                  message: str) -> None:
-    args: dict[str, object] = {"host_id": "web1", "agent_address": "192.0.2.5:50051",
-                               "guarded": GUARDS, **kwargs}
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"host_id": "web 1"}, "--host-id"),
+        ({"host_id": ""}, "--host-id"),
+        ({"agent_address": "192.0.2.5"}, "--agent-address"),
+        ({"agent_address": "192.0.2.5:0"}, "--agent-address"),
+        (
+            {"agent_address": "2001:db8::5:50051"},
+            "--agent-address: write IPv6 addresses in brackets",
+        ),
+        ({"agent_address": "bad_name!:50051"}, "--agent-address"),
+        ({"guarded": []}, "--guard"),
+    ],
+)
+def test_bad_input_names_the_flag(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {
+        "host_id": "web1",
+        "agent_address": "192.0.2.5:50051",
+        "guarded": GUARDS,
+        **kwargs,
+    }
     with pytest.raises(pki.SetupError, match=message):
         pki.init_dev_setup(tmp_path / "dev", **args)  # type: ignore[arg-type]
     assert not (tmp_path / "dev").exists()

@@ -25,20 +25,35 @@ key_file = "signing.key"
 """
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("192.0.2.5:50051", ("192.0.2.5", 50051)),
-    ("[2001:db8::5]:443", ("2001:db8::5", 443)),
-    ("agent.example.net:50051", ("agent.example.net", 50051)),
-    ("localhost:1", ("localhost", 1)),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("192.0.2.5:50051", ("192.0.2.5", 50051)),
+        ("[2001:db8::5]:443", ("2001:db8::5", 443)),
+        ("agent.example.net:50051", ("agent.example.net", 50051)),
+        ("localhost:1", ("localhost", 1)),
+    ],
+)
 def test_parse_address(text: str, expected: tuple[str, int]) -> None:
     assert parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", [
-    "192.0.2.5", ":50051", "192.0.2.5:", "192.0.2.5:0", "192.0.2.5:65536", "192.0.2.5:x",
-    "2001:db8::5:50051", "[not-v6]:1", "exa mple:1", "-bad.example:1", "a..b:1",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "192.0.2.5",
+        ":50051",
+        "192.0.2.5:",
+        "192.0.2.5:0",
+        "192.0.2.5:65536",
+        "192.0.2.5:x",
+        "2001:db8::5:50051",
+        "[not-v6]:1",
+        "exa mple:1",
+        "-bad.example:1",
+        "a..b:1",
+    ],
+)
 def test_parse_address_refuses(text: str) -> None:
     with pytest.raises(ValueError, match=r"ADDRESS:PORT|IPv6|neither"):
         parse_address(text)
@@ -55,13 +70,16 @@ def test_minimal_settings_and_defaults() -> None:
 
 
 def test_hosts() -> None:
-    text = MINIMAL + """
+    text = (
+        MINIMAL
+        + """
 [hosts.web1]
 address = "192.0.2.5:50051"
 [hosts."db.example.net"]
 address = "10.0.0.7:50051"
 server_name = "db.example.net"
 """
+    )
     hosts = load_broker_settings(text).hosts
     assert hosts["web1"].address == "192.0.2.5:50051"
     assert hosts["db.example.net"].server_name == "db.example.net"
@@ -84,11 +102,17 @@ address = "web1"
     with pytest.raises(ConfigError) as caught:
         load_broker_settings(text)
     problems = caught.value.problems
-    for expected in ("colour: unknown setting", "tls.ca_file: expected str",
-                     "tls.cert_file: required", "tls.key_file: required",
-                     "signing.key_id: expected str", "hosts.web1.address: expected ADDRESS:PORT",
-                     "hosts.web2.address: required", "default_ttl: not a duration",
-                     "timeout: must be positive"):
+    for expected in (
+        "colour: unknown setting",
+        "tls.ca_file: expected str",
+        "tls.cert_file: required",
+        "tls.key_file: required",
+        "signing.key_id: expected str",
+        "hosts.web1.address: expected ADDRESS:PORT",
+        "hosts.web2.address: required",
+        "default_ttl: not a duration",
+        "timeout: must be positive",
+    ):
         assert any(p.startswith(expected) for p in problems), (expected, problems)
 
 
@@ -97,7 +121,7 @@ def test_invalid_toml() -> None:
         load_broker_settings("[tls")
 
 
-@pytest.mark.parametrize("text", ['plain', 'with "quotes"', "back\\slash", "ünïcode"])
+@pytest.mark.parametrize("text", ["plain", 'with "quotes"', "back\\slash", "ünïcode"])
 def test_toml_string_round_trips(text: str) -> None:
     assert tomllib.loads(f"v = {toml_string(text)}")["v"] == text
 
@@ -109,8 +133,9 @@ def test_toml_string_refuses_control_characters(text: str) -> None:
 
 
 def test_rendered_broker_toml_parses() -> None:
-    text = render_broker_toml(host_id="web.1", address="[2001:db8::5]:50051",
-                              signing_key_id="broker-00000000")
+    text = render_broker_toml(
+        host_id="web.1", address="[2001:db8::5]:50051", signing_key_id="broker-00000000"
+    )
     settings = load_broker_settings(text, base_dir=Path("/d"))
     assert settings.hosts["web.1"].address == "[2001:db8::5]:50051"
     assert settings.signing_key_id == "broker-00000000"

@@ -191,9 +191,9 @@ def _counters(msg: nfct_msg, name: str) -> tuple[int, int]:
     if counters is None:
         return 0, 0
     packets = counters.get_attr("CTA_COUNTERS_PACKETS") or counters.get_attr(
-        "CTA_COUNTERS32_PACKETS")
-    octets = counters.get_attr("CTA_COUNTERS_BYTES") or counters.get_attr(
-        "CTA_COUNTERS32_BYTES")
+        "CTA_COUNTERS32_PACKETS"
+    )
+    octets = counters.get_attr("CTA_COUNTERS_BYTES") or counters.get_attr("CTA_COUNTERS32_BYTES")
     return packets or 0, octets or 0
 
 

@@ -36,8 +36,9 @@ class RulesetWatcher:
     """Calls `on_commit(thread_id, process_name)` for every ruleset commit seen, and
     `on_events_lost()` when the kernel dropped notifications (ENOBUFS)."""
 
-    def __init__(self, on_commit: Callable[[int, str], None],
-                 on_events_lost: Callable[[], None]) -> None:
+    def __init__(
+        self, on_commit: Callable[[int, str], None], on_events_lost: Callable[[], None]
+    ) -> None:
         self._on_commit = on_commit
         self._on_lost = on_events_lost
         self._stop = threading.Event()
@@ -79,8 +80,10 @@ class RulesetWatcher:
             if length < _HEADER.size:
                 return
             if msg_type == _NEWGEN_TYPE:
-                message = nft_gen_msg(data[offset:offset + length])
+                message = nft_gen_msg(data[offset : offset + length])
                 message.decode()
-                self._on_commit(message.get_attr("NFTA_GEN_PROC_PID") or 0,
-                                message.get_attr("NFTA_GEN_PROC_NAME") or "?")
+                self._on_commit(
+                    message.get_attr("NFTA_GEN_PROC_PID") or 0,
+                    message.get_attr("NFTA_GEN_PROC_NAME") or "?",
+                )
             offset += (length + 3) & ~3  # NLMSG_ALIGN

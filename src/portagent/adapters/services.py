@@ -47,7 +47,7 @@ class ServiceFinder:
             return found
 
     def service(self, protocol: Protocol, ports: PortRange) -> str:
-        """"name(pid)" of the first listener in the range, "-" when nothing listens."""
+        """ "name(pid)" of the first listener in the range, "-" when nothing listens."""
         listeners = self._refresh()
         for port in ports.ports():
             hit = listeners.get((protocol.value, port))

@@ -32,8 +32,11 @@ PROG = "portagent-broker"
 CONFIG_ENV = "PORTAGENT_BROKER_CONFIG"
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
-_STATE_NAMES = {pb.GRANT_STATE_ACTIVE: "active", pb.GRANT_STATE_EXPIRED: "expired",
-                pb.GRANT_STATE_REVOKED: "revoked"}
+_STATE_NAMES = {
+    pb.GRANT_STATE_ACTIVE: "active",
+    pb.GRANT_STATE_EXPIRED: "expired",
+    pb.GRANT_STATE_REVOKED: "revoked",
+}
 # Flags as the operator typed them, for messages about a field.
 _FLAG = {"grant_id": "GRANT_ID"}
 
@@ -62,6 +65,7 @@ def _error(message: str, status: int = EXIT_USAGE) -> int:
 
 
 # --- output -------------------------------------------------------------------------------
+
 
 def _iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat().replace("+00:00", "Z")
@@ -102,17 +106,25 @@ def _print_table(statuses: Sequence[Any], now: float) -> None:
     rows = [("GRANT_ID", "STATE", "SUBJECT", "PORT", "REMAINING", "SOURCES")]
     for status in statuses:
         d = _status_dict(status)
-        remaining = (format_duration(seconds_of(status.grant.expire_time) - now)
-                     if status.state == pb.GRANT_STATE_ACTIVE else "-")
-        rows.append((d["grant_id"], d["state"], d["subject"], d["port"], remaining,
-                     ",".join(d["sources"])))
+        remaining = (
+            format_duration(seconds_of(status.grant.expire_time) - now)
+            if status.state == pb.GRANT_STATE_ACTIVE
+            else "-"
+        )
+        rows.append(
+            (d["grant_id"], d["state"], d["subject"], d["port"], remaining, ",".join(d["sources"]))
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-              + "  " + row[-1])
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+            + "  "
+            + row[-1]
+        )
 
 
 # --- commands -----------------------------------------------------------------------------
+
 
 def _load_config(args: argparse.Namespace) -> BrokerSettings:
     path = Path(args.config or os.environ.get(CONFIG_ENV) or "broker.toml")
@@ -128,8 +140,10 @@ def _client(settings: BrokerSettings, host_id: str, agent: str | None) -> AgentC
     entry = settings.hosts.get(host_id)
     if agent is None and entry is None:
         known = ", ".join(sorted(settings.hosts)) or "none"
-        raise UsageError(f"--host: {host_id!r} is not in {settings.source_path} "
-                         f"(known: {known}); add [hosts.\"{host_id}\"] or pass --agent")
+        raise UsageError(
+            f"--host: {host_id!r} is not in {settings.source_path} "
+            f'(known: {known}); add [hosts."{host_id}"] or pass --agent'
+        )
     address = agent or (entry.address if entry else "")
     try:
         parse_address(address)
@@ -139,8 +153,9 @@ def _client(settings: BrokerSettings, host_id: str, agent: str | None) -> AgentC
         tls = TlsFiles.load(settings.ca_file, settings.cert_file, settings.key_file)
     except OSError as exc:
         raise UsageError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
-    return AgentClient(address, tls, server_name=entry.server_name if entry else None,
-                       timeout=settings.timeout)
+    return AgentClient(
+        address, tls, server_name=entry.server_name if entry else None, timeout=settings.timeout
+    )
 
 
 def _signer(settings: BrokerSettings) -> Signer:
@@ -163,13 +178,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     try:
         key_id, written = pki.init_dev_setup(
-            directory, host_id=args.host_id, agent_address=args.agent_address,
-            guarded=guards, force=args.force)
+            directory,
+            host_id=args.host_id,
+            agent_address=args.agent_address,
+            guarded=guards,
+            force=args.force,
+        )
     except pki.SetupError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:
-        raise UsageError(f"--dir: cannot write {exc.filename or directory}: {exc.strerror}"
-                         ) from None
+        raise UsageError(
+            f"--dir: cannot write {exc.filename or directory}: {exc.strerror}"
+        ) from None
     width = max(len(str(f.path)) for f in written)
     for f in written:
         mode = f.path.stat().st_mode & 0o777
@@ -203,8 +223,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         pki.write_atomic(path, pki.private_key_pem(key), pki.PRIVATE_MODE)
     except OSError as exc:
         raise UsageError(f"--out: cannot write {path}: {exc.strerror}") from None
-    print(f"# wrote {path}; add this to agent.toml on every agent, then set\n"
-          f"# [signing] key_file/key_id in broker.toml once all agents trust it:")
+    print(
+        f"# wrote {path}; add this to agent.toml on every agent, then set\n"
+        f"# [signing] key_file/key_id in broker.toml once all agents trust it:"
+    )
     print(pki.trusted_key_toml(key.public_key()), end="")
     return 0
 
@@ -225,10 +247,16 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
 def cmd_grant(args: argparse.Namespace) -> int:
     settings = _load_config(args)
     request = grant_request(
-        host_id=args.host, subject=args.subject, sources=args.source, port=args.port,
-        protocol=args.protocol, ttl=args.ttl if args.ttl is not None else settings.default_ttl,
-        reason=args.reason, keep_established=args.keep_established,
-        max_connections=args.max_connections)
+        host_id=args.host,
+        subject=args.subject,
+        sources=args.source,
+        port=args.port,
+        protocol=args.protocol,
+        ttl=args.ttl if args.ttl is not None else settings.default_ttl,
+        reason=args.reason,
+        keep_established=args.keep_established,
+        max_connections=args.max_connections,
+    )
     signed = _signer(settings).sign_grant(request, now=time.time())
     grant_id = pb.Grant.FromString(signed.grant).grant_id
     with _client(settings, args.host, args.agent) as client:
@@ -236,8 +264,11 @@ def cmd_grant(args: argparse.Namespace) -> int:
             status = client.apply(signed)
         except AgentUnreachableError as exc:
             if exc.timed_out:
-                print(f"{PROG}: grant {grant_id} may have been applied; check with "
-                      f"`{PROG} get --host {args.host} {grant_id}`", file=sys.stderr)
+                print(
+                    f"{PROG}: grant {grant_id} may have been applied; check with "
+                    f"`{PROG} get --host {args.host} {grant_id}`",
+                    file=sys.stderr,
+                )
             raise
     if args.output == "json":
         _print_json(_status_dict(status))
@@ -249,12 +280,16 @@ def cmd_grant(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     settings = _load_config(args)
     signed = _signer(settings).sign_revocation(
-        grant_id=args.grant_id, host_id=args.host, now=time.time(), reason=args.reason)
+        grant_id=args.grant_id, host_id=args.host, now=time.time(), reason=args.reason
+    )
     with _client(settings, args.host, args.agent) as client:
         status = client.revoke(signed)
     if args.output == "json":
-        _print_json(_status_dict(status) if status is not None
-                    else {"grant_id": args.grant_id, "state": "unknown"})
+        _print_json(
+            _status_dict(status)
+            if status is not None
+            else {"grant_id": args.grant_id, "state": "unknown"}
+        )
     elif status is None:
         print(f"{args.grant_id}: the agent did not know this grant; it can never be applied now")
     else:
@@ -299,9 +334,11 @@ def _event_dict(event: pb.Event) -> dict[str, object]:
     if event.HasField("flow"):
         flow = event.flow
         result["flow"] = {
-            "protocol": flow.protocol, "source": f"{flow.source_address}:{flow.source_port}",
+            "protocol": flow.protocol,
+            "source": f"{flow.source_address}:{flow.source_port}",
             "destination": f"{flow.destination_address}:{flow.destination_port}",
-            "bytes_in": flow.bytes_in, "bytes_out": flow.bytes_out,
+            "bytes_in": flow.bytes_in,
+            "bytes_out": flow.bytes_out,
         }
     return result
 
@@ -321,8 +358,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
                     else:
                         flow = data.get("flow")
                         extra = f" {flow}" if flow else ""
-                        print(f"#{data['sequence']} {data['time']} {data['kind']} "
-                              f"{data['grant_id']} {data['subject']}{extra}", flush=True)
+                        print(
+                            f"#{data['sequence']} {data['time']} {data['kind']} "
+                            f"{data['grant_id']} {data['subject']}{extra}",
+                            flush=True,
+                        )
                     seen += 1
                     if args.count and seen >= args.count:
                         return 0
@@ -339,95 +379,193 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 # --- parser -------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Sign just-in-time access grants and deliver them to "
-        "portagent agents over mutual TLS.", epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog=PROG,
+        description="Sign just-in-time access grants and deliver them to "
+        "portagent agents over mutual TLS.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     config_help = f"broker.toml to use (default: ${CONFIG_ENV}, else ./broker.toml)"
     parser.add_argument("--config", metavar="FILE", help=config_help)
     # Also accepted after the command; SUPPRESS keeps it from overwriting the global one.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help)
     agent = argparse.ArgumentParser(add_help=False)
-    agent.add_argument("--host", required=True, metavar="HOST",
-                       help="host id of the agent (a [hosts.HOST] table in broker.toml)")
-    agent.add_argument("--agent", metavar="ADDR:PORT",
-                       help="agent address, instead of the one in broker.toml")
-    agent.add_argument("-o", "--output", choices=["text", "json"], default="text",
-                       help="output format (default text)")
+    agent.add_argument(
+        "--host",
+        required=True,
+        metavar="HOST",
+        help="host id of the agent (a [hosts.HOST] table in broker.toml)",
+    )
+    agent.add_argument(
+        "--agent", metavar="ADDR:PORT", help="agent address, instead of the one in broker.toml"
+    )
+    agent.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="output format (default text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str,
-            parents: Sequence[argparse.ArgumentParser],
-            epilog: str = "") -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=list(parents),
-                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    def add(
+        name: str,
+        handler: Callable[[argparse.Namespace], int],
+        help_text: str,
+        parents: Sequence[argparse.ArgumentParser],
+        epilog: str = "",
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=list(parents),
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(handler=handler)
         return p
 
-    p = add("init", cmd_init, "write a development trust set-up (CA, certificates, signing "
-            "key, agent.toml, broker.toml) into one folder", [],
-            f"example:\n  {PROG} init --dir ./dev --host-id web1 --agent-address "
-            "127.0.0.1:50051 --guard 22/tcp --guard 53/udp")
+    p = add(
+        "init",
+        cmd_init,
+        "write a development trust set-up (CA, certificates, signing "
+        "key, agent.toml, broker.toml) into one folder",
+        [],
+        f"example:\n  {PROG} init --dir ./dev --host-id web1 --agent-address "
+        "127.0.0.1:50051 --guard 22/tcp --guard 53/udp",
+    )
     p.add_argument("--dir", required=True, help="folder to write (created 0700)")
     p.add_argument("--host-id", required=True, help="the agent's host id")
-    p.add_argument("--agent-address", required=True, metavar="ADDR:PORT",
-                   help="where the agent listens; its certificate names ADDR")
-    p.add_argument("--guard", action="append", required=True, metavar="PORTSPEC",
-                   help="port the agent guards, e.g. 22/tcp, 53/udp, 8000-8010/tcp (repeat)")
+    p.add_argument(
+        "--agent-address",
+        required=True,
+        metavar="ADDR:PORT",
+        help="where the agent listens; its certificate names ADDR",
+    )
+    p.add_argument(
+        "--guard",
+        action="append",
+        required=True,
+        metavar="PORTSPEC",
+        help="port the agent guards, e.g. 22/tcp, 53/udp, 8000-8010/tcp (repeat)",
+    )
     p.add_argument("--force", action="store_true", help="replace existing files")
 
-    p = add("keygen", cmd_keygen, "write a new Ed25519 signing key and print its "
-            "[[trusted_keys]] entry for agent.toml (key rotation)", [],
-            f"example:\n  {PROG} keygen --out /etc/portagent-broker/signing-2025.key")
+    p = add(
+        "keygen",
+        cmd_keygen,
+        "write a new Ed25519 signing key and print its "
+        "[[trusted_keys]] entry for agent.toml (key rotation)",
+        [],
+        f"example:\n  {PROG} keygen --out /etc/portagent-broker/signing-2025.key",
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="key file to write (0600)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
 
-    p = add("pubkey", cmd_pubkey, "print the agent.toml [[trusted_keys]] entry of a "
-            "signing key", [], f"example:\n  {PROG} pubkey /etc/portagent-broker/signing.key")
+    p = add(
+        "pubkey",
+        cmd_pubkey,
+        "print the agent.toml [[trusted_keys]] entry of a signing key",
+        [],
+        f"example:\n  {PROG} pubkey /etc/portagent-broker/signing.key",
+    )
     p.add_argument("key", metavar="KEY_FILE", help="Ed25519 private key (PKCS8 PEM)")
     p.add_argument("--key-id", help="key id to print (default: derived from the key)")
 
-    p = add("grant", cmd_grant, "sign a grant and deliver it to an agent; prints the grant id",
-            [common, agent],
-            f"examples:\n  {PROG} grant --host web1 --source 192.0.2.10 --port 22 --ttl 15m "
-            "--subject alice\n"
-            f"  {PROG} grant --host web1 --source 10.1.0.0/24 --source 2001:db8::/64 "
-            "--port 53/udp --ttl 1h --subject dns-probe --reason CHG-1234")
-    p.add_argument("--source", action="append", required=True, metavar="IP|CIDR",
-                   help="source address or network allowed in (repeat for several)")
-    p.add_argument("--port", required=True, metavar="PORTSPEC",
-                   help="22, 8000-8010, optionally /tcp or /udp (default tcp)")
+    p = add(
+        "grant",
+        cmd_grant,
+        "sign a grant and deliver it to an agent; prints the grant id",
+        [common, agent],
+        f"examples:\n  {PROG} grant --host web1 --source 192.0.2.10 --port 22 --ttl 15m "
+        "--subject alice\n"
+        f"  {PROG} grant --host web1 --source 10.1.0.0/24 --source 2001:db8::/64 "
+        "--port 53/udp --ttl 1h --subject dns-probe --reason CHG-1234",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="IP|CIDR",
+        help="source address or network allowed in (repeat for several)",
+    )
+    p.add_argument(
+        "--port",
+        required=True,
+        metavar="PORTSPEC",
+        help="22, 8000-8010, optionally /tcp or /udp (default tcp)",
+    )
     p.add_argument("--protocol", choices=["tcp", "udp"], help="alternative to a /tcp, /udp suffix")
-    p.add_argument("--ttl", metavar="DURATION",
-                   help="how long access lasts, e.g. 90s, 15m, 1h30m (default: default_ttl)")
+    p.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        help="how long access lasts, e.g. 90s, 15m, 1h30m (default: default_ttl)",
+    )
     p.add_argument("--subject", required=True, help="who the access is for (audit)")
     p.add_argument("--reason", default="", help="reason or ticket reference (audit)")
-    p.add_argument("--keep-established", action="store_true",
-                   help="connections opened during the grant survive its expiry "
-                        "(revocation still cuts them)")
-    p.add_argument("--max-connections", type=int, default=0, metavar="N",
-                   help="at most N concurrent connections through the grant (0: no limit)")
+    p.add_argument(
+        "--keep-established",
+        action="store_true",
+        help="connections opened during the grant survive its expiry (revocation still cuts them)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N concurrent connections through the grant (0: no limit)",
+    )
 
-    p = add("revoke", cmd_revoke, "sign a revocation and deliver it: the grant closes at once "
-            "and never reopens", [common, agent],
-            f"example:\n  {PROG} revoke --host web1 g-0123456789abcdef --reason 'done'")
+    p = add(
+        "revoke",
+        cmd_revoke,
+        "sign a revocation and deliver it: the grant closes at once and never reopens",
+        [common, agent],
+        f"example:\n  {PROG} revoke --host web1 g-0123456789abcdef --reason 'done'",
+    )
     p.add_argument("grant_id", metavar="GRANT_ID")
     p.add_argument("--reason", default="", help="reason (audit)")
 
-    add("list", cmd_list, "list the grants an agent knows", [common, agent],
-        f"example:\n  {PROG} list --host web1 -o json")
-    p = add("get", cmd_get, "show one grant as the agent sees it", [common, agent],
-            f"example:\n  {PROG} get --host web1 g-0123456789abcdef")
+    add(
+        "list",
+        cmd_list,
+        "list the grants an agent knows",
+        [common, agent],
+        f"example:\n  {PROG} list --host web1 -o json",
+    )
+    p = add(
+        "get",
+        cmd_get,
+        "show one grant as the agent sees it",
+        [common, agent],
+        f"example:\n  {PROG} get --host web1 g-0123456789abcdef",
+    )
     p.add_argument("grant_id", metavar="GRANT_ID")
-    p = add("watch", cmd_watch, "follow an agent's grant and connection events",
-            [common, agent], f"example:\n  {PROG} watch --host web1 --after 1795300000000000")
-    p.add_argument("--after", type=int, default=0, metavar="SEQUENCE",
-                   help="resume after this event sequence number (0: all the agent holds)")
+    p = add(
+        "watch",
+        cmd_watch,
+        "follow an agent's grant and connection events",
+        [common, agent],
+        f"example:\n  {PROG} watch --host web1 --after 1795300000000000",
+    )
+    p.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="SEQUENCE",
+        help="resume after this event sequence number (0: all the agent holds)",
+    )
     p.add_argument("--count", type=int, default=0, metavar="N", help="exit after N events")
-    p.add_argument("--reconnect", action="store_true",
-                   help="on a lost connection, reconnect and resume after the last event")
+    p.add_argument(
+        "--reconnect",
+        action="store_true",
+        help="on a lost connection, reconnect and resume after the last event",
+    )
     return parser
 
 

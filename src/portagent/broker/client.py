@@ -84,13 +84,20 @@ def _map_error(address: str, error: grpc.RpcError, timeout: float) -> AgentError
 class AgentClient:
     """Calls one agent's AgentService. Use as a context manager, or call close()."""
 
-    def __init__(self, address: str, tls: TlsFiles, *, server_name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        address: str,
+        tls: TlsFiles,
+        *,
+        server_name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         host, port = parse_address(address)  # ValueError early, not a gRPC resolver error
         self.address = address
         self.timeout = timeout
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert)
+            root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+        )
         # Only when the certificate cannot name the address we dial: normally the SAN
         # matches (an IPAddress SAN for an IP) and gRPC checks it as is.
         options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
@@ -111,7 +118,8 @@ class AgentClient:
     def revoke(self, signed_revocation: pb.SignedRevocation) -> pb.GrantStatus | None:
         """The grant's status after revocation, or None when the agent never saw it."""
         response = self._call(
-            "RevokeGrant", pb.RevokeGrantRequest(signed_revocation=signed_revocation))
+            "RevokeGrant", pb.RevokeGrantRequest(signed_revocation=signed_revocation)
+        )
         return response.status if response.HasField("status") else None
 
     def get(self, grant_id: str) -> pb.GrantStatus:
@@ -121,8 +129,9 @@ class AgentClient:
         """Every grant the agent knows, following pages."""
         token = ""
         while True:
-            page = self._call("ListGrants", pb.ListGrantsRequest(
-                page_size=LIST_PAGE_SIZE, page_token=token))
+            page = self._call(
+                "ListGrants", pb.ListGrantsRequest(page_size=LIST_PAGE_SIZE, page_token=token)
+            )
             yield from page.grants
             token = page.next_page_token
             if not token:
@@ -147,6 +156,10 @@ class AgentClient:
     def __enter__(self) -> AgentClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

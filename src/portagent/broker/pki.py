@@ -50,13 +50,15 @@ class SetupError(Exception):
 
 # --- keys ---------------------------------------------------------------------------------
 
+
 def new_tls_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def private_key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def raw_public_key(public_key: Ed25519PublicKey) -> bytes:
@@ -71,19 +73,23 @@ def key_id_for(public_key: Ed25519PublicKey) -> str:
 def trusted_key_toml(public_key: Ed25519PublicKey, key_id: str | None = None) -> str:
     """The `[[trusted_keys]]` entry of agent.toml that trusts this signing key."""
     encoded = base64.b64encode(raw_public_key(public_key)).decode("ascii")
-    return (f"[[trusted_keys]]\n"
-            f"key_id = {toml_string(key_id or key_id_for(public_key))}\n"
-            f"public_key = \"{encoded}\"\n")
+    return (
+        f"[[trusted_keys]]\n"
+        f"key_id = {toml_string(key_id or key_id_for(public_key))}\n"
+        f'public_key = "{encoded}"\n'
+    )
 
 
 # --- certificates -------------------------------------------------------------------------
+
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_ca(key: ec.EllipticCurvePrivateKey, now: dt.datetime,
-            common_name: str = "portagent development CA") -> x509.Certificate:
+def make_ca(
+    key: ec.EllipticCurvePrivateKey, now: dt.datetime, common_name: str = "portagent development CA"
+) -> x509.Certificate:
     public = key.public_key()
     return (
         x509.CertificateBuilder()
@@ -95,19 +101,36 @@ def make_ca(key: ec.EllipticCurvePrivateKey, now: dt.datetime,
         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
         # path_length=0: this CA issues leaf certificates only.
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=False, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
 
 
-def issue_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
-               public_key: ec.EllipticCurvePublicKey, *, common_name: str,
-               usage: x509.ObjectIdentifier, sans: Sequence[x509.GeneralName] = (),
-               now: dt.datetime, days: int = LEAF_DAYS) -> x509.Certificate:
+def issue_leaf(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    sans: Sequence[x509.GeneralName] = (),
+    now: dt.datetime,
+    days: int = LEAF_DAYS,
+) -> x509.Certificate:
     """A TLS leaf certificate for one purpose (serverAuth or clientAuth, never both),
     so an agent's certificate cannot be used to talk to other agents as a broker."""
     builder = (
@@ -119,14 +142,25 @@ def issue_leaf(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
@@ -152,12 +186,14 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 
 # --- files --------------------------------------------------------------------------------
 
+
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write `path` so readers see the old file or the whole new one, never a partial
     one; the temporary file is created 0600, so a key is never readable by others."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 PRIVATE_MODE)
+    fd = os.open(
+        tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_MODE
+    )
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -177,8 +213,10 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 # --- the development set-up ---------------------------------------------------------------
 
-def render_agent_toml(*, host_id: str, listen: str, guarded: Sequence[GuardedPort],
-                      trusted_keys: str) -> str:
+
+def render_agent_toml(
+    *, host_id: str, listen: str, guarded: Sequence[GuardedPort], trusted_keys: str
+) -> str:
     """agent.toml as `portagent.settings.load_settings_file` reads it."""
     guarded_list = ", ".join(toml_string(str(g)) for g in guarded)
     return f"""\
@@ -230,9 +268,15 @@ class WrittenFile:
     what: str
 
 
-def init_dev_setup(directory: Path, *, host_id: str, agent_address: str,
-                   guarded: Sequence[GuardedPort], force: bool = False,
-                   now: dt.datetime | None = None) -> tuple[str, list[WrittenFile]]:
+def init_dev_setup(
+    directory: Path,
+    *,
+    host_id: str,
+    agent_address: str,
+    guarded: Sequence[GuardedPort],
+    force: bool = False,
+    now: dt.datetime | None = None,
+) -> tuple[str, list[WrittenFile]]:
     """Write a CA, agent and broker certificates, a signing key, agent.toml and
     broker.toml into `directory`. Returns the signing key id and the files written.
 
@@ -254,33 +298,63 @@ def init_dev_setup(directory: Path, *, host_id: str, agent_address: str,
     signing_key = Ed25519PrivateKey.generate()
     key_id = key_id_for(signing_key.public_key())
     ca = make_ca(ca_key, now)
-    agent_cert = issue_leaf(ca_key, ca, agent_key.public_key(), common_name=host_id,
-                            usage=ExtendedKeyUsageOID.SERVER_AUTH, sans=agent_sans(host), now=now)
-    broker_cert = issue_leaf(ca_key, ca, broker_key.public_key(), common_name=BROKER_CN,
-                             usage=ExtendedKeyUsageOID.CLIENT_AUTH, now=now)
+    agent_cert = issue_leaf(
+        ca_key,
+        ca,
+        agent_key.public_key(),
+        common_name=host_id,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        sans=agent_sans(host),
+        now=now,
+    )
+    broker_cert = issue_leaf(
+        ca_key,
+        ca,
+        broker_key.public_key(),
+        common_name=BROKER_CN,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        now=now,
+    )
     # Keys first, configs last: a config never names a file that is not there yet.
     files: list[tuple[str, bytes, int, str]] = [
         ("ca.key", private_key_pem(ca_key), PRIVATE_MODE, "CA private key (keep offline)"),
         ("agent.key", private_key_pem(agent_key), PRIVATE_MODE, "agent TLS key"),
         ("broker.key", private_key_pem(broker_key), PRIVATE_MODE, "broker TLS client key"),
-        ("signing.key", private_key_pem(signing_key), PRIVATE_MODE,
-         f"broker grant-signing key (Ed25519, key id {key_id})"),
+        (
+            "signing.key",
+            private_key_pem(signing_key),
+            PRIVATE_MODE,
+            f"broker grant-signing key (Ed25519, key id {key_id})",
+        ),
         ("ca.pem", cert_pem(ca), PUBLIC_MODE, "CA certificate"),
-        ("agent.pem", cert_pem(agent_cert), PUBLIC_MODE,
-         f"agent server certificate for {host}"),
+        ("agent.pem", cert_pem(agent_cert), PUBLIC_MODE, f"agent server certificate for {host}"),
         ("broker.pem", cert_pem(broker_cert), PUBLIC_MODE, "broker client certificate"),
-        ("agent.toml", render_agent_toml(
-            host_id=host_id, listen=agent_address, guarded=sorted(set(guarded), key=_port_order),
-            trusted_keys=trusted_key_toml(signing_key.public_key(), key_id)).encode(),
-         PUBLIC_MODE, "agent configuration"),
-        ("broker.toml", render_broker_toml(
-            host_id=host_id, address=agent_address, signing_key_id=key_id).encode(),
-         PUBLIC_MODE, "broker configuration"),
+        (
+            "agent.toml",
+            render_agent_toml(
+                host_id=host_id,
+                listen=agent_address,
+                guarded=sorted(set(guarded), key=_port_order),
+                trusted_keys=trusted_key_toml(signing_key.public_key(), key_id),
+            ).encode(),
+            PUBLIC_MODE,
+            "agent configuration",
+        ),
+        (
+            "broker.toml",
+            render_broker_toml(
+                host_id=host_id, address=agent_address, signing_key_id=key_id
+            ).encode(),
+            PUBLIC_MODE,
+            "broker configuration",
+        ),
     ]
     existing = [name for name, *_ in files if (directory / name).exists()]
     if existing and not force:
-        raise SetupError(f"{directory}: would overwrite {', '.join(existing)} "
-                         "(pass --force to replace the whole set-up)")
+        raise SetupError(
+            f"{directory}: would overwrite {', '.join(existing)} "
+            "(pass --force to replace the whole set-up)"
+        )
     if not directory.exists():
         directory.mkdir(parents=True, mode=0o700)
         directory.chmod(0o700)  # mkdir's mode is filtered by the umask

@@ -23,8 +23,10 @@ DEFAULT_TIMEOUT = 10.0
 # Host ids go into TOML table names and audit logs; keep them hostname-like.
 HOST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 
 
 @dataclass(frozen=True)
@@ -93,16 +95,18 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else base / path
 
 
-def load_broker_settings(text: str, *, base_dir: Path = Path("/"),
-                         source: Path | None = None) -> BrokerSettings:
+def load_broker_settings(
+    text: str, *, base_dir: Path = Path("/"), source: Path | None = None
+) -> BrokerSettings:
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"]) from None
     problems: list[str] = []
 
-    def get(table: dict[str, Any], name: str, where: str, kind: type = str,
-            required: bool = False) -> Any:
+    def get(
+        table: dict[str, Any], name: str, where: str, kind: type = str, required: bool = False
+    ) -> Any:
         if name not in table:
             if required:
                 problems.append(f"{where}{name}: required")
@@ -157,8 +161,14 @@ def load_broker_settings(text: str, *, base_dir: Path = Path("/"),
     if problems:
         raise ConfigError(problems)
     resolved = {name: _resolve(base_dir, value) for name, value in paths.items()}
-    return BrokerSettings(**resolved, signing_key_id=key_id, hosts=hosts,
-                          default_ttl=default_ttl, timeout=timeout, source_path=source)
+    return BrokerSettings(
+        **resolved,
+        signing_key_id=key_id,
+        hosts=hosts,
+        default_ttl=default_ttl,
+        timeout=timeout,
+        source_path=source,
+    )
 
 
 def load_broker_settings_file(path: Path) -> BrokerSettings:
@@ -172,14 +182,17 @@ def load_broker_settings_file(path: Path) -> BrokerSettings:
 def render_host_table(host_id: str, address: str) -> str:
     """The `[hosts.ID]` table for one agent, as broker.toml holds it."""
     key = host_id if _BARE_KEY.fullmatch(host_id) else toml_string(host_id)
-    return (f"[hosts.{key}]\n"
-            f"address = {toml_string(address)}\n"
-            "# server_name = \"agent.example.net\"  # only if the agent certificate "
-            "does not name `address`\n")
+    return (
+        f"[hosts.{key}]\n"
+        f"address = {toml_string(address)}\n"
+        '# server_name = "agent.example.net"  # only if the agent certificate '
+        "does not name `address`\n"
+    )
 
 
-def render_broker_toml(*, host_id: str, address: str, signing_key_id: str,
-                       default_ttl: str = "1h") -> str:
+def render_broker_toml(
+    *, host_id: str, address: str, signing_key_id: str, default_ttl: str = "1h"
+) -> str:
     """broker.toml for the development set-up written by `portagent-broker init`."""
     return f"""\
 # portagent broker settings. Relative paths resolve against this file's folder.

@@ -68,8 +68,9 @@ def parse_sources(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
                 loose = ipaddress.ip_network(text.strip(), strict=False)
             except ValueError:
                 raise InputError("source", f"{text!r} is not an IP address or network") from None
-            raise InputError("source", f"{text!r} has host bits set (did you mean {loose}?)"
-                             ) from None
+            raise InputError(
+                "source", f"{text!r} has host bits set (did you mean {loose}?)"
+            ) from None
         if getattr(network.network_address, "scope_id", None):
             # "fe80::1%eth0" parses, but a zone means nothing to a remote host's firewall.
             raise InputError("source", f"{text!r}: a zone index (%...) is not allowed")
@@ -83,7 +84,7 @@ def parse_sources(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 
 def parse_port(text: str, protocol: str | None = None) -> GuardedPort:
-    """"22", "8000-8010", "53/udp"; `protocol` is the --protocol flag, if given."""
+    """ "22", "8000-8010", "53/udp"; `protocol` is the --protocol flag, if given."""
     try:
         port = parse_port_spec(text if "/" in text or not protocol else f"{text}/{protocol}")
     except ValueError as exc:
@@ -128,14 +129,23 @@ def check_grant_id(grant_id: str) -> str:
     return grant_id
 
 
-def grant_request(*, host_id: str, subject: str, sources: Iterable[str], port: str,
-                  ttl: str | float, protocol: str | None = None,
-                  reason: str = "", keep_established: bool = False,
-                  max_connections: int = 0) -> GrantRequest:
+def grant_request(
+    *,
+    host_id: str,
+    subject: str,
+    sources: Iterable[str],
+    port: str,
+    ttl: str | float,
+    protocol: str | None = None,
+    reason: str = "",
+    keep_established: bool = False,
+    max_connections: int = 0,
+) -> GrantRequest:
     """Validate operator input into a GrantRequest; InputError names the bad field."""
     if not 0 <= max_connections <= MAX_CONNECTIONS_LIMIT:
-        raise InputError("max-connections",
-                         f"{max_connections} is not 0 (no limit) to {MAX_CONNECTIONS_LIMIT}")
+        raise InputError(
+            "max-connections", f"{max_connections} is not 0 (no limit) to {MAX_CONNECTIONS_LIMIT}"
+        )
     return GrantRequest(
         host_id=_check_text("host", host_id, 253, required=True),
         subject=_check_text("subject", subject, MAX_SUBJECT_LENGTH, required=True),
@@ -178,8 +188,9 @@ class Signer:
     def from_file(cls, path: Path, key_id: str | None = None) -> Signer:
         return cls.from_pem(path.read_bytes(), key_id)
 
-    def sign_grant(self, request: GrantRequest, *, now: float,
-                   grant_id: str | None = None) -> pb.SignedGrant:
+    def sign_grant(
+        self, request: GrantRequest, *, now: float, grant_id: str | None = None
+    ) -> pb.SignedGrant:
         last = request.port.ports.last
         grant = pb.Grant(
             grant_id=check_grant_id(grant_id) if grant_id else new_grant_id(),
@@ -195,15 +206,16 @@ class Signer:
             nonce=secrets.token_bytes(NONCE_BYTES),
             key_id=self.key_id,
             reason=request.reason,
-            options=pb.GrantOptions(keep_established=request.keep_established,
-                                    max_connections=request.max_connections),
+            options=pb.GrantOptions(
+                keep_established=request.keep_established, max_connections=request.max_connections
+            ),
         )
         payload = grant.SerializeToString()
-        return pb.SignedGrant(grant=payload, signature=self._key.sign(payload),
-                              key_id=self.key_id)
+        return pb.SignedGrant(grant=payload, signature=self._key.sign(payload), key_id=self.key_id)
 
-    def sign_revocation(self, *, grant_id: str, host_id: str, now: float,
-                        reason: str = "") -> pb.SignedRevocation:
+    def sign_revocation(
+        self, *, grant_id: str, host_id: str, now: float, reason: str = ""
+    ) -> pb.SignedRevocation:
         revocation = pb.Revocation(
             grant_id=check_grant_id(grant_id),
             host_id=_check_text("host", host_id, 253, required=True),
@@ -213,5 +225,6 @@ class Signer:
             reason=_check_text("reason", reason, MAX_REASON_LENGTH, required=False),
         )
         payload = revocation.SerializeToString()
-        return pb.SignedRevocation(revocation=payload, signature=self._key.sign(payload),
-                                   key_id=self.key_id)
+        return pb.SignedRevocation(
+            revocation=payload, signature=self._key.sign(payload), key_id=self.key_id
+        )

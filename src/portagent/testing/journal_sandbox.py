@@ -22,8 +22,9 @@ def main() -> int:
     for mount_point in MOUNTS:
         mount_point.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount_point)], check=True)
-    journald = subprocess.Popen([str(JOURNALD)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+    journald = subprocess.Popen(
+        [str(JOURNALD)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     socket_path = MOUNTS[0] / "socket"
     deadline = time.monotonic() + 10
     while not socket_path.exists() and time.monotonic() < deadline:
