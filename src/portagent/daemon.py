@@ -130,7 +130,7 @@ def run(settings: Settings, config_path: Path) -> int:
         engine_conntrack = usage_conntrack = None
     engine = Engine(
         settings,
-        NftablesFirewall(),
+        NftablesFirewall(list_in_child=True),
         store,
         events,
         watchdog=ping if callable(ping) else None,
@@ -145,6 +145,7 @@ def run(settings: Settings, config_path: Path) -> int:
         # Subscribed before the first commit, so every NEWGEN of ours is counted out.
         watcher = RulesetWatcher(engine.on_ruleset_commit, engine.on_events_lost)
         watcher.start()
+        engine.tamper_watch_active = True
     except (OSError, ImportError) as exc:
         events.emit(
             "error",
@@ -170,7 +171,8 @@ def run(settings: Settings, config_path: Path) -> int:
         ).start()
     except PortagentError as exc:
         events.emit("error", f"connection events off: {exc.message}", Priority.WARNING)
-    usage = UsageReader(NftablesFirewall(), usage_conntrack, engine.seen)
+    usage = UsageReader(NftablesFirewall(list_in_child=True), usage_conntrack, engine.seen)
+    usage.expected_elements = engine.kernel_element_count
 
     def healthy() -> bool:
         limit = max(3 * settings.reconcile_interval, 10.0)

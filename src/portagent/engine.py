@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import heapq
 import queue
 import threading
 import time
@@ -85,7 +86,7 @@ class Firewall(Protocol):
     """The kernel side: applies one plan atomically, or raises and changes nothing."""
 
     def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None: ...
-    def read_state(self, now: float) -> KernelState: ...
+    def read_state(self, now: float, *, expected: int = 0) -> KernelState: ...
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,10 @@ class Engine:
         # True while a conntrack event listener feeds on_connection_event without
         # having lost events, so the grants that ever had a connection are known.
         self.connection_events_complete: Callable[[], bool] = lambda: False
+        # True while the ruleset watcher reports foreign changes (see _periodic_reconcile).
+        self.tamper_watch_active = False
+        # Revoked ids by the time they may be forgotten (a heap: no scan per loop).
+        self._revoked_due: list[tuple[float, str]] = []
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -171,6 +176,8 @@ class Engine:
         for record in self._store.load():
             self._table.put(record, self._due(record))
         self._revoked = self._store.revoked_ids()
+        self._revoked_due = [(t, g) for g, t in self._revoked.items()]
+        heapq.heapify(self._revoked_due)
         self._reconcile_full()
         self._started = True
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -288,6 +295,10 @@ class Engine:
         self._last_lost_check = now
         self.request_full_reconcile()
 
+    def kernel_element_count(self) -> int:
+        """How many elements our model of the kernel holds (for sizing a listing)."""
+        return len(self._actual)
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
@@ -348,9 +359,12 @@ class Engine:
                     self._lost_pending = False
                     self._last_lost_check = time.monotonic()
                     self._full_reconcile.set()
-                if self._full_reconcile.is_set() or self._clock() >= next_full:
+                if self._full_reconcile.is_set():
                     self._full_reconcile.clear()
                     self._reconcile_full()
+                    next_full = self._clock() + self._settings.reconcile_interval
+                elif self._clock() >= next_full:
+                    self._periodic_reconcile()
                     next_full = self._clock() + self._settings.reconcile_interval
             except Exception as exc:
                 self._events.emit("error", f"reconcile failed: {exc}", Priority.ERR)
@@ -529,6 +543,7 @@ class Engine:
                 self._table.put(replace(record, signature=b""), self._due(record))
             for grant_id, forget_after in pending.revoked_ids:
                 self._revoked[grant_id] = forget_after
+                heapq.heappush(self._revoked_due, (forget_after, grant_id))
         for record in pending.inserts:
             self._log_grant("apply", "grant applied", Priority.NOTICE, record)
         self._cut_connections([record.handle for record, _, _ in pending.revokes])
@@ -611,10 +626,23 @@ class Engine:
         self._limits = frozenset(limits)
         self._layout_dirty = False
 
+    def _periodic_reconcile(self) -> None:
+        """The slow safety-net timer. With tamper detection working, every foreign
+        change already triggers a full reconcile, so the timer only re-asserts the
+        table's structure (cheap, atomic); without it, it lists the table (expensive
+        at 100k elements) and converges everything."""
+        if not self.tamper_watch_active:
+            self._reconcile_full()
+            return
+        self._layout_dirty = True
+        self._apply(Plan(), self._clock())
+        self.last_reconcile = self._clock()
+
     def _reconcile_full(self) -> None:
         """Read the kernel, then converge with the layout re-asserted."""
         now = self._clock()
-        state = self._firewall.read_state(now)
+        expected = max(len(self._actual), len(self._table))
+        state = self._firewall.read_state(now, expected=expected)
         self._actual = state.elements
         self._actual_marks = state.marks
         self._maps = frozenset(state.maps) if state.present else frozenset()
@@ -671,7 +699,11 @@ class Engine:
         with self._lock:
             for record in not_yet:  # popped early (e.g. a state change moved its time)
                 self._table.put(record, self._due(record))
-        stale_ids = [g for g, t in self._revoked.items() if t < now]
+        stale_ids = []
+        while self._revoked_due and self._revoked_due[0][0] < now:
+            _, grant_id = heapq.heappop(self._revoked_due)
+            if self._revoked.get(grant_id, now) < now:
+                stale_ids.append(grant_id)
         if stale_ids:
             with self._store.transaction():
                 self._store.forget_revoked_before(now)

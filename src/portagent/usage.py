@@ -18,7 +18,7 @@ from portagent.render import KernelState
 
 
 class CounterSource(Protocol):
-    def read_state(self, now: float) -> KernelState: ...
+    def read_state(self, now: float, *, expected: int = 0) -> KernelState: ...
 
 
 class FlowSource(Protocol):
@@ -37,13 +37,18 @@ class GrantUsage:
 
 
 class UsageReader:
-    def __init__(self, counters: CounterSource, flows: FlowSource | None,
-                 seen: Callable[[int], tuple[float, float] | None],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        counters: CounterSource,
+        flows: FlowSource | None,
+        seen: Callable[[int], tuple[float, float] | None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._counters = counters
         self._flows = flows
         self._seen = seen
         self._clock = clock
+        self.expected_elements: Callable[[], int] = lambda: 0
         self._lock = threading.Lock()
         # Last byte count observed per handle, and when it last grew: "last seen".
         self._observed: dict[int, tuple[int, float]] = {}
@@ -52,7 +57,7 @@ class UsageReader:
         wanted = set(handles)
         now = self._clock()
         with self._lock:
-            state = self._counters.read_state(now)
+            state = self._counters.read_state(now, expected=self.expected_elements())
             traffic: dict[int, tuple[int, int]] = {}
             for key, element in state.elements.items():
                 if element.handle in wanted:
@@ -70,9 +75,13 @@ class UsageReader:
                 if with_flows and self._flows is not None and counts.get(handle):
                     flows = tuple(self._flows.flows(handle))
                 result[handle] = GrantUsage(
-                    connections=counts.get(handle, 0), packets=packets, bytes=octets,
+                    connections=counts.get(handle, 0),
+                    packets=packets,
+                    bytes=octets,
                     first_seen=seen[0] if seen else None,
-                    last_seen=max(last_times) if last_times else None, flows=flows)
+                    last_seen=max(last_times) if last_times else None,
+                    flows=flows,
+                )
             return result
 
     def _note_traffic(self, handle: int, octets: int, now: float) -> float | None:

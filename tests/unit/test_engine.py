@@ -243,8 +243,10 @@ def test_timeouts_are_computed_when_applied_not_when_the_batch_started(
 
     h.engine._verifier.verify_grant = slow_verify  # type: ignore[method-assign]
     try:
-        batch = [h.signer.grant(clock.now, ttl=600, source_prefixes=[f"10.3.0.{i}"])
-                 for i in range(1, 20)]
+        batch = [
+            h.signer.grant(clock.now, ttl=600, source_prefixes=[f"10.3.0.{i}"])
+            for i in range(1, 20)
+        ]
         results = h.engine.apply_grants(batch)
         assert all(not isinstance(r, Exception) for r in results)
         grant_end = {r.handle: r.grant.expire_time for r in results}  # type: ignore[union-attr]

@@ -53,7 +53,7 @@ class Counters:
             {key: (3, 300), key2: (1, 100)},
         )
 
-    def read_state(self, now: float) -> KernelState:
+    def read_state(self, now: float, *, expected: int = 0) -> KernelState:
         return self.state
 
 

@@ -23,11 +23,18 @@ from portagent.render import (
     render_plan,
 )
 
+# From this many elements a listing runs in a child process (memory peak, see
+# nft_snapshot); below it the in-process listing is faster and small.
+LIST_IN_CHILD_FROM = 5_000
+
 
 class NftablesFirewall:
     """Applies batches to, and lists, the `inet portagent` table of this network namespace."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, list_in_child: bool = False) -> None:
+        # list_in_child: read the table in a child process (see nft_snapshot), so the
+        # daemon never carries the memory peak of a 100k-element listing.
+        self._list_in_child = list_in_child
         self._nft = nftables.Nftables()
         self._nft.set_handle_output(False)
         self._nft.set_echo_output(False)
@@ -56,14 +63,31 @@ class NftablesFirewall:
 
     def list_raw(self) -> dict[str, Any] | None:
         """`list table` as parsed JSON, or None when our table does not exist."""
+        self._nft.set_json_output(True)
+        try:
+            rc, out, err = self._nft.cmd(f"list table {FAMILY} {TABLE}")
+        finally:
+            self._nft.set_json_output(False)
+        if rc == 0:
+            doc: dict[str, Any] = json.loads(out)
+            return doc
+        # Only now ask whether the table exists: `list tables` loads nft's whole cache
+        # (seconds at 100k elements), so it is not the first question.
         if not self.table_exists():
             return None
-        return self._json(f"list table {FAMILY} {TABLE}")
+        raise EnforcementError(f"nftables listing failed: {err.strip()}")
 
     def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None:
         self.apply(render_plan(plan, now, layout))
 
-    def read_state(self, now: float) -> KernelState:
+    def read_state(self, now: float, *, expected: int = 0) -> KernelState:
+        """Our table as the kernel holds it. `expected` (how many elements the caller
+        believes are there) picks the child-process listing for large tables only: a
+        small one is listed in-process in milliseconds."""
+        if self._list_in_child and expected >= LIST_IN_CHILD_FROM:
+            from portagent.adapters.nft_snapshot import SnapshotReader
+
+            return SnapshotReader().read_state(now)
         doc = self.list_raw()
         return parse_listing(doc, now) if doc is not None else KernelState()
 

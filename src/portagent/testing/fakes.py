@@ -56,7 +56,7 @@ class FakeFirewall:
     def _live(self, now: float) -> dict[ElementKey, Element]:
         return {k: e for k, e in self.state.elements.items() if e.expire_time > now}
 
-    def read_state(self, now: float) -> KernelState:
+    def read_state(self, now: float, *, expected: int = 0) -> KernelState:
         return KernelState(self.state.present, set(self.state.maps), self._live(now), {})
 
     def flush(self) -> None:

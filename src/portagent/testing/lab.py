@@ -112,8 +112,16 @@ class Lab:
         self.agent = subprocess.Popen(
             # The wrapper runs inside the namespace: a mount-namespace switch (nsenter -m)
             # must come after `ip netns exec` has found /run/netns in ours.
-            ["ip", "netns", "exec", self.net.server, *self.wrapper, str(BIN / "portagentd"),
-             "--config", str(self.config)],
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.net.server,
+                *self.wrapper,
+                str(BIN / "portagentd"),
+                "--config",
+                str(self.config),
+            ],
             stdout=self._log,
             stderr=self._log,
         )
@@ -161,8 +169,18 @@ class Lab:
         `options` are extra CLI flags, e.g. ("--keep-established",).
         """
         result = self.broker(
-            "grant", "--host", HOST_ID, "--source", source or self.net.client_ip,
-            "--port", port, "--ttl", ttl, "--subject", subject, *options,
+            "grant",
+            "--host",
+            HOST_ID,
+            "--source",
+            source or self.net.client_ip,
+            "--port",
+            port,
+            "--ttl",
+            ttl,
+            "--subject",
+            subject,
+            *options,
         )
         return result.stdout.strip()
 
@@ -170,9 +188,24 @@ class Lab:
         """A long-lived TCP connection from the client (see probe.hold); already open."""
         address = self.net.server_ip6 if v6 else self.net.server_ip
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.net.client, str(BIN / "python"), "-m",
-             "portagent.testing.probe", "hold", address, str(port), "--timeout", "1"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.net.client,
+                str(BIN / "python"),
+                "-m",
+                "portagent.testing.probe",
+                "hold",
+                address,
+                str(port),
+                "--timeout",
+                "1",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
         if line != "open":
@@ -251,7 +284,12 @@ class Lab:
 
     def kernel_elements(self) -> list[Any]:
         """Every element of every grant map, as (map, key, value) with timeouts left out."""
-        doc = json.loads(self.nft("-j", "list", "table", "inet", "portagent"))
+        listing = self.net.exec_server(
+            ["nft", "-j", "list", "table", "inet", "portagent"], check=False
+        )
+        if listing.returncode != 0:
+            return []  # no table (e.g. right after someone deleted it)
+        doc = json.loads(listing.stdout)
         found = []
         for item in doc["nftables"]:
             body = item.get("map")
