@@ -18,6 +18,11 @@ APT_PACKAGING := build-essential debhelper dh-python pybuild-plugin-pyproject py
 	python3-psutil python3-systemd python3-cryptography git
 STAMP_APT_PKG := .cache/apt-packaging.stamp
 
+# Peers for `make bench` only; installed with service start blocked and their units disabled:
+# firewalld/fail2ban/fwknopd must never run against the host's own firewall.
+BENCH_APT_PACKAGES := fwknop-server fwknop-client fail2ban firewalld iptables dbus python3-dbus
+STAMP_BENCH_APT := .cache/bench-apt.stamp
+
 PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto
 PB_OUT := src/portagent/v1/agent_pb2.py src/portagent/health/v1/health_pb2.py
 
@@ -85,6 +90,24 @@ deb: $(STAMP_APT_PKG) $(STAMP_APT)
 # Build the .deb, install it into a cached bookworm rootfs, boot systemd there.
 test-packaging: venv $(STAMP_APT_PKG)
 	$(PY) -m pytest -m packaging tests/packaging
+
+$(STAMP_BENCH_APT): | $(STAMP_APT)
+	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing (services kept off): $$missing"; guard=; \
+		if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; guard=1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; rc=$$?; \
+		if [ -n "$$guard" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+		for u in $$missing; do case $$u in firewalld|fail2ban|fwknop-server) systemctl disable --quiet $$u.service 2>/dev/null || true;; esac; done; \
+		[ $$rc = 0 ] || exit $$rc; \
+	fi
+	@touch $@
+
+# Benchmarks side by side with fwknop, fail2ban, firewalld and a per-rule baseline; rewrites
+# docs/benchmarks.md. Not part of make test. BENCH_ARGS=--quick for a ~3 minute smoke run.
+bench: venv $(STAMP_BENCH_APT)
+	@if [ "$$(id -u)" != 0 ]; then echo "make bench: run as root (network namespaces, nftables)"; exit 1; fi
+	$(PY) -m bench.run --out docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache build dist src/*.egg-info $(PB_OUT) $(PB_OUT:_pb2.py=_pb2_grpc.py)

@@ -100,7 +100,13 @@ class AgentClient:
         )
         # Only when the certificate cannot name the address we dial: normally the SAN
         # matches (an IPAddress SAN for an IP) and gRPC checks it as is.
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        options: list[tuple[str, Any]] = [
+            # A batch of 100k grants is ~25 MB each way.
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = agent_pb2_grpc.AgentServiceStub(self._channel)
@@ -114,6 +120,16 @@ class AgentClient:
     def apply(self, signed_grant: pb.SignedGrant) -> pb.GrantStatus:
         response = self._call("ApplyGrant", pb.ApplyGrantRequest(signed_grant=signed_grant))
         return response.status
+
+    def apply_batch(self, signed_grants: list[pb.SignedGrant],
+                    chunk: int = 50_000) -> list[pb.BatchApplyGrantResult]:
+        """Apply many grants; each chunk is verified per grant and enforced in one kernel
+        transaction. One result per grant, in order (refusals included, not raised)."""
+        results: list[pb.BatchApplyGrantResult] = []
+        for start in range(0, len(signed_grants), chunk):
+            request = pb.BatchApplyGrantsRequest(signed_grants=signed_grants[start:start + chunk])
+            results.extend(self._call("BatchApplyGrants", request).results)
+        return results
 
     def revoke(self, signed_revocation: pb.SignedRevocation) -> pb.GrantStatus | None:
         """The grant's status after revocation, or None when the agent never saw it."""
