@@ -26,7 +26,7 @@ STAMP_BENCH_APT := .cache/bench-apt.stamp
 PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto
 PB_OUT := src/portagent/v1/agent_pb2.py src/portagent/health/v1/health_pb2.py
 
-.PHONY: all deps venv proto test test-unit test-slow lint demo deb test-packaging bench clean
+.PHONY: all deps venv proto test test-unit lint demo deb test-packaging bench clean
 
 all: venv
 
@@ -76,9 +76,6 @@ test: venv lint
 
 test-unit: venv
 	$(PY) -m pytest tests/unit
-
-test-slow: venv
-	$(PY) -m pytest -m slow
 
 demo: venv
 	$(PY) scripts/demo.py
