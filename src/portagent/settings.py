@@ -230,10 +230,14 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
     )
 
 
-def load_settings_file(path: Path) -> Settings:
-    """Read and parse a config file; relative paths in it resolve against its folder."""
+def read_config_text(path: Path) -> str:
+    """A config file's text; ConfigError (not OSError) when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: {exc.strerror or exc}"]) from None
-    return load_settings(text, base_dir=path.resolve().parent, source=path)
+
+
+def load_settings_file(path: Path) -> Settings:
+    """Read and parse a config file; relative paths in it resolve against its folder."""
+    return load_settings(read_config_text(path), base_dir=path.resolve().parent, source=path)

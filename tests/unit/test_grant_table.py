@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from dataclasses import replace
 
 from portagent.grant_table import GrantTable, due_time, element_keys
-from portagent.model import Grant, GrantRecord, GrantState, PortRange, Protocol
+from portagent.model import GrantRecord, GrantState
 from portagent.plan import desired_elements
+from portagent.testing.grants import grant_record
 
 NOW = 1_800_000_000.0
 
@@ -21,20 +21,7 @@ def record(
     ttl: float,
     state: GrantState = GrantState.ACTIVE,
 ) -> GrantRecord:
-    grant = Grant(
-        f"g{handle}",
-        "h",
-        "s",
-        (ipaddress.ip_network(source),),
-        Protocol.TCP,
-        PortRange(first, last),
-        NOW,
-        NOW + ttl,
-        NOW,
-        "k",
-        "",
-    )
-    return GrantRecord(grant, handle, b"", b"", state, NOW)
+    return grant_record(handle, [source], (first, last), ttl=ttl, now=NOW, state=state)
 
 
 def random_records(rng: random.Random, count: int) -> list[GrantRecord]:

@@ -8,14 +8,13 @@ from dataclasses import replace
 from portagent.model import (
     Element,
     ElementKey,
-    Grant,
     GrantRecord,
     GrantState,
     MarkElement,
-    PortRange,
     Protocol,
 )
 from portagent.plan import apply_plan, desired_elements, desired_marks, plan_changes
+from portagent.testing.grants import grant_record
 
 NOW = 1_800_000_000.0
 
@@ -28,20 +27,7 @@ def record(
     state: GrantState = GrantState.ACTIVE,
     protocol: Protocol = Protocol.TCP,
 ) -> GrantRecord:
-    grant = Grant(
-        f"g{handle}",
-        "h",
-        "alice",
-        tuple(ipaddress.ip_network(s) for s in sources),
-        protocol,
-        PortRange(*ports),
-        NOW,
-        NOW + ttl,
-        NOW,
-        "k",
-        "",
-    )
-    return GrantRecord(grant, handle, b"", b"", state, NOW)
+    return grant_record(handle, sources, ports, ttl=ttl, now=NOW, state=state, protocol=protocol)
 
 
 def key(net: str, port: int = 22, protocol: Protocol = Protocol.TCP) -> ElementKey:

@@ -17,6 +17,7 @@ from typing import Any
 
 from portagent.durations import parse_duration
 from portagent.errors import ConfigError
+from portagent.settings import read_config_text
 
 DEFAULT_TTL = 3600.0
 DEFAULT_TIMEOUT = 10.0
@@ -172,11 +173,7 @@ def load_broker_settings(
 
 
 def load_broker_settings_file(path: Path) -> BrokerSettings:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror or exc}"]) from None
-    return load_broker_settings(text, base_dir=path.resolve().parent, source=path)
+    return load_broker_settings(read_config_text(path), base_dir=path.resolve().parent, source=path)
 
 
 def render_host_table(host_id: str, address: str) -> str:

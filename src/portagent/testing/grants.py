@@ -4,6 +4,7 @@ invalid values: the refusal tests need exactly what a real broker would never se
 from __future__ import annotations
 
 import base64
+import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from portagent.codec import timestamp
 from portagent.engine import SignedInput
+from portagent.model import Grant, GrantRecord, GrantState, PortRange, Protocol
 from portagent.settings import TrustedKey
 from portagent.v1 import agent_pb2 as pb
 
@@ -75,3 +77,30 @@ class TestSigner:
             key_id=self.key_id,
         )
         return self.sign(message.SerializeToString())
+
+
+def grant_record(
+    handle: int,
+    sources: list[str],
+    ports: tuple[int, int] = (22, 22),
+    *,
+    ttl: float = 60.0,
+    now: float = 1_800_000_000.0,
+    state: GrantState = GrantState.ACTIVE,
+    protocol: Protocol = Protocol.TCP,
+) -> GrantRecord:
+    """A verified grant as the engine keeps it, for planner and table tests."""
+    grant = Grant(
+        f"g{handle}",
+        "h",
+        "alice",
+        tuple(ipaddress.ip_network(s) for s in sources),
+        protocol,
+        PortRange(*ports),
+        now,
+        now + ttl,
+        now,
+        "k",
+        "",
+    )
+    return GrantRecord(grant, handle, b"", b"", state, now)
