@@ -26,7 +26,7 @@ STAMP_BENCH_APT := .cache/bench-apt.stamp
 PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto
 PB_OUT := src/portagent/v1/agent_pb2.py src/portagent/health/v1/health_pb2.py
 
-.PHONY: all deps venv proto test test-unit lint demo deb test-packaging bench clean
+.PHONY: all deps venv proto test test-unit lint proto-lint demo deb test-packaging bench clean
 
 all: venv
 
@@ -70,6 +70,15 @@ lint: venv
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# buf lint (STANDARD, see buf.yaml) with the buf CLI from the npm registry (@bufbuild/buf).
+BUF := .cache/buf/node_modules/.bin/buf
+$(BUF): | $(STAMP_APT)
+	@command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm)
+	mkdir -p .cache/buf && npm install --silent --no-audit --no-fund --prefix .cache/buf @bufbuild/buf@1.75.0
+
+proto-lint: $(BUF)
+	$(BUF) lint
 
 test: venv lint
 	$(PY) -m pytest
