@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,7 +258,3 @@ def _parse_mark(set_name: str, entry: Any, now: float) -> MarkElement:
     return MarkElement(
         set_name, int(handle), now + float(expires) if expires is not None else math.inf
     )
-
-
-def handles_of(elements: Iterable[Element]) -> set[int]:
-    return {e.handle for e in elements}
