@@ -34,6 +34,7 @@ from portagent.events import EventHub, EventKind
 from portagent.grant_table import GrantTable, due_time, element_keys, mark_keys
 from portagent.model import Element, ElementKey, Flow, GrantRecord, GrantState, MarkElement
 from portagent.plan import (
+    REFRESH_TOLERANCE,
     MarkKey,
     Plan,
     apply_mark_plan,
@@ -146,6 +147,7 @@ class Engine:
         self._actual: dict[ElementKey, Element] = {}
         self._maps: frozenset[tuple[int, int]] = frozenset()
         self._actual_marks: dict[MarkKey, MarkElement] = {}
+        self._listing_uncertainty = 0.0
         self._limits: frozenset[int] = frozenset()
         # Connection statistics per grant handle: (first seen, last seen).
         self._seen: dict[int, tuple[float, float]] = {}
@@ -588,7 +590,15 @@ class Engine:
             records = list(self._table.by_id.values())
         desired = desired_elements(records, now)
         marks = desired_marks(records, now, self._settings.policy.keep_established_max)
-        self._apply(plan_changes(desired, self._actual, now, marks, self._actual_marks), now)
+        plan = plan_changes(
+            desired,
+            self._actual,
+            now,
+            marks,
+            self._actual_marks,
+            tolerance=max(REFRESH_TOLERANCE, self._listing_uncertainty),
+        )
+        self._apply(plan, now)
 
     def _apply(self, plan: Plan, now: float) -> None:
         maps = self._maps | plan.maps
@@ -645,6 +655,7 @@ class Engine:
         state = self._firewall.read_state(now, expected=expected)
         self._actual = state.elements
         self._actual_marks = state.marks
+        self._listing_uncertainty = state.uncertainty
         self._maps = frozenset(state.maps) if state.present else frozenset()
         # Limit rules are rebuilt from what is wanted plus what the kernel still holds.
         self._limits = frozenset()

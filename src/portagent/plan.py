@@ -94,6 +94,7 @@ def plan_changes(
     now: float,
     desired_mark_elements: Mapping[MarkKey, MarkElement] | None = None,
     actual_mark_elements: Mapping[MarkKey, MarkElement] | None = None,
+    tolerance: float = REFRESH_TOLERANCE,
 ) -> Plan:
     """What to add, replace and delete so the kernel holds exactly `desired` (and the
     desired handle-set elements).
@@ -111,7 +112,7 @@ def plan_changes(
         elif (
             have.handle != want.handle
             or have.expire_time > want.expire_time
-            or have.expire_time < want.expire_time - REFRESH_TOLERANCE
+            or have.expire_time < want.expire_time - tolerance
         ):
             replace.append((have, want))
     delete = [have for key, have in actual.items() if key not in desired and have.expire_time > now]
@@ -129,7 +130,7 @@ def plan_changes(
             marks_add.append(want_mark)
         elif (
             have_mark.expire_time > want_mark.expire_time
-            or have_mark.expire_time < want_mark.expire_time - REFRESH_TOLERANCE
+            or have_mark.expire_time < want_mark.expire_time - tolerance
         ):
             marks_delete.append(have_mark)  # re-added with the right timeout
             marks_add.append(want_mark)

@@ -60,6 +60,9 @@ class KernelState:
     elements: dict[ElementKey, Element] = field(default_factory=dict)
     counters: dict[ElementKey, tuple[int, int]] = field(default_factory=dict)
     marks: dict[MarkKey, MarkElement] = field(default_factory=dict)
+    # How much shorter than the truth an expiry read from the listing may be: JSON gives
+    # whole seconds, and a large dump is read over seconds while we count from its start.
+    uncertainty: float = 1.0
 
 
 def _mask(version: int, prefixlen: int) -> str:

@@ -132,3 +132,11 @@ def test_handle_sets_keep_outlives_the_grant_and_limits_follow_it() -> None:
     assert plan.limits == frozenset({3}) and len(plan.marks_add) == 2
     stale = {("keep", 9): MarkElement("keep", 9, NOW + 5)}
     assert plan_changes({}, {}, NOW, {}, stale).marks_delete == (stale[("keep", 9)],)
+
+
+def test_a_listing_read_over_seconds_is_not_mistaken_for_short_elements() -> None:
+    desired = desired_elements([record(1, ["10.0.0.1/32"], ttl=600)], NOW)
+    # Read 3 s into a long dump, counted from its start: looks 3 s short.
+    listed = {k: Element(k, e.handle, e.expire_time - 3.0) for k, e in desired.items()}
+    assert plan_changes(desired, listed, NOW).replace  # the default tolerance refreshes
+    assert plan_changes(desired, listed, NOW, tolerance=4.0).is_empty

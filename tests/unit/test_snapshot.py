@@ -28,5 +28,13 @@ def test_parse_snapshot() -> None:
     assert state.marks == {("keep", 7): MarkElement("keep", 7, NOW + 3641)}
 
 
+def test_seconds_left_count_from_when_the_listing_was_taken() -> None:
+    text = f"N {NOW + 4.0} 3.5\nT\nM g4_32\nE g4_32 10.0.0.1 tcp 22 7 10.000 0 0\n"
+    state = parse_snapshot(text, NOW)
+    (element,) = state.elements.values()
+    assert element.expire_time == NOW + 14.0
+    assert state.uncertainty == 3.5
+
+
 def test_empty_snapshot_is_no_table() -> None:
     assert not parse_snapshot("", NOW).present

@@ -7,6 +7,8 @@ the parent parses the lines. The child runs in the daemon's network namespace
 (it inherits it).
 
 Line format (space-separated):
+    N <time> <uncertainty>                    when the listing was taken (first line), and
+                                              how much shorter expiries may read
     T                                         our table exists
     M <map>                                   a grant map exists
     E <map> <address> <proto> <port> <handle> <expires|-> <packets> <bytes>
@@ -34,6 +36,7 @@ def _print_snapshot() -> int:
     firewall = NftablesFirewall()
     state = firewall.read_state(0.0)  # expiries relative to 0: seconds left
     out = sys.stdout
+    out.write(f"N {firewall.last_list_time:.6f} {state.uncertainty:.3f}\n")
     if state.present:
         out.write("T\n")
     for version, prefixlen in sorted(state.maps):
@@ -52,13 +55,19 @@ def _print_snapshot() -> int:
 
 
 def parse_snapshot(text: str, now: float) -> KernelState:
+    """`now` is the base for seconds left unless an N line says when the listing was
+    taken (a 100k listing takes seconds: counting from its start would make every
+    element look seconds shorter-lived than it is, and get it replaced)."""
     state = KernelState()
     for line in text.splitlines():
         fields = line.split()
         if not fields:
             continue
         kind = fields[0]
-        if kind == "T":
+        if kind == "N":
+            now = float(fields[1])
+            state.uncertainty = float(fields[2])
+        elif kind == "T":
             state.present = True
         elif kind == "M":
             version_text, length_text = fields[1][1:].split("_")
@@ -94,8 +103,8 @@ class SnapshotReader:
             raise EnforcementError(f"nftables snapshot failed: {exc}") from exc
         if result.returncode != 0:
             raise EnforcementError(f"nftables snapshot failed: {result.stderr.strip()[-500:]}")
-        # Seconds left were read during the child's run: count them from its start, so
-        # nothing looks longer-lived than it is.
+        # Seconds left count from the child's listing time (its N line); its start is
+        # the fallback, so nothing looks longer-lived than it is.
         return parse_snapshot(result.stdout, min(now, started))
 
 

@@ -7,6 +7,7 @@ Batches arrive as text rendered by `portagent.render` from validated values.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import nftables
@@ -35,6 +36,8 @@ class NftablesFirewall:
         # list_in_child: read the table in a child process (see nft_snapshot), so the
         # daemon never carries the memory peak of a 100k-element listing.
         self._list_in_child = list_in_child
+        self.last_list_time = 0.0
+        self.last_list_duration = 0.0
         self._nft = nftables.Nftables()
         self._nft.set_handle_output(False)
         self._nft.set_echo_output(False)
@@ -64,10 +67,14 @@ class NftablesFirewall:
     def list_raw(self) -> dict[str, Any] | None:
         """`list table` as parsed JSON, or None when our table does not exist."""
         self._nft.set_json_output(True)
+        # Seconds left in the listing count from about here (the kernel dump comes
+        # first, the JSON formatting after): a child process reports it with its lines.
+        self.last_list_time = time.time()
         try:
             rc, out, err = self._nft.cmd(f"list table {FAMILY} {TABLE}")
         finally:
             self._nft.set_json_output(False)
+        self.last_list_duration = time.time() - self.last_list_time
         if rc == 0:
             doc: dict[str, Any] = json.loads(out)
             return doc
@@ -89,7 +96,11 @@ class NftablesFirewall:
 
             return SnapshotReader().read_state(now)
         doc = self.list_raw()
-        return parse_listing(doc, now) if doc is not None else KernelState()
+        if doc is None:
+            return KernelState()
+        state = parse_listing(doc, now)
+        state.uncertainty = 1.0 + self.last_list_duration
+        return state
 
     def delete_table(self) -> bool:
         """Remove our table; False when there was none."""

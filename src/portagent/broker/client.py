@@ -121,13 +121,14 @@ class AgentClient:
         response = self._call("ApplyGrant", pb.ApplyGrantRequest(signed_grant=signed_grant))
         return response.status
 
-    def apply_batch(self, signed_grants: list[pb.SignedGrant],
-                    chunk: int = 50_000) -> list[pb.BatchApplyGrantResult]:
+    def apply_batch(
+        self, signed_grants: list[pb.SignedGrant], chunk: int = 50_000
+    ) -> list[pb.BatchApplyGrantResult]:
         """Apply many grants; each chunk is verified per grant and enforced in one kernel
         transaction. One result per grant, in order (refusals included, not raised)."""
         results: list[pb.BatchApplyGrantResult] = []
         for start in range(0, len(signed_grants), chunk):
-            request = pb.BatchApplyGrantsRequest(signed_grants=signed_grants[start:start + chunk])
+            request = pb.BatchApplyGrantsRequest(signed_grants=signed_grants[start : start + chunk])
             results.extend(self._call("BatchApplyGrants", request).results)
         return results
 
