@@ -8,7 +8,7 @@ STAMP_APT := .cache/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
 # Debian packages the agent, the tests and the demo need at run time.
-APT_PACKAGES := nftables libnftables1 conntrack iproute2 protobuf-compiler protobuf-compiler-grpc \
+APT_PACKAGES := nftables libnftables1 conntrack iproute2 protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
 	libsystemd-dev pkg-config python3-venv python3-dev gcc systemd procps
 
 # Debian packages to build the .deb and run the packaging test (make test needs none of them).
