@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import hashlib
 import heapq
 import queue
 import threading
@@ -22,17 +23,25 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from portagent.adapters.journal import EventLog, Priority
-from portagent.codec import describe_unverified
 from portagent.errors import (
     EnforcementError,
     GrantConflict,
+    GrantDenied,
     GrantNotFound,
     GrantNotInWindow,
     PortagentError,
 )
 from portagent.events import EventHub, EventKind
 from portagent.grant_table import GrantTable, due_time, element_keys, mark_keys
-from portagent.model import Element, ElementKey, Flow, GrantRecord, GrantState, MarkElement
+from portagent.model import (
+    Element,
+    ElementKey,
+    Flow,
+    Grant,
+    GrantRecord,
+    GrantState,
+    MarkElement,
+)
 from portagent.plan import (
     REFRESH_TOLERANCE,
     MarkKey,
@@ -45,7 +54,7 @@ from portagent.plan import (
 )
 from portagent.render import KernelState, Layout
 from portagent.settings import Settings
-from portagent.store import Store
+from portagent.store import BadRow, Store, StoredGrant, StoreError
 from portagent.verify import Revocation, Verifier
 
 # Ended grants remembered for late connection events (a dict keeps insertion order).
@@ -59,6 +68,16 @@ INSERT_DELAY_PER_ELEMENT = 20e-6
 TRIM_AFTER_BATCH = 1_000
 # Commands coalesced into one kernel transaction at most.
 MAX_BATCH = 100_000
+# A commit that ends this much later than the time its timeouts were computed from
+# (a stalled process, a slow kernel) may leave elements that outlive their grants by
+# that much: they are re-asserted with correct timeouts at once, and deleted
+# explicitly at expiry. Below it, the overshoot is the documented bound.
+LATE_COMMIT_TOLERANCE = 0.02
+# The state file failing (disk full, read-only) is logged at most this often.
+STORE_ERROR_LOG_INTERVAL = 60.0
+# What a refusal record keeps of values the client chose.
+MAX_LOGGED_VALUE = 128
+MAX_LOGGED_MESSAGE = 1024
 
 
 _EVENT_KINDS = {
@@ -66,6 +85,19 @@ _EVENT_KINDS = {
     "expire": EventKind.GRANT_EXPIRED,
     "revoke": EventKind.GRANT_REVOKED,
 }
+
+
+def _shifted(plan: Plan, late: float) -> Plan:
+    """`plan` with every added element's expiry moved `late` seconds later: what the
+    kernel may really hold after a late commit."""
+    return replace(
+        plan,
+        add=tuple(replace(e, expire_time=e.expire_time + late) for e in plan.add),
+        replace=tuple(
+            (old, replace(new, expire_time=new.expire_time + late)) for old, new in plan.replace
+        ),
+        marks_add=tuple(replace(m, expire_time=m.expire_time + late) for m in plan.marks_add),
+    )
 
 
 def release_free_memory() -> None:
@@ -170,13 +202,26 @@ class Engine:
         self.tamper_watch_active = False
         # Revoked ids by the time they may be forgotten (a heap: no scan per loop).
         self._revoked_due: list[tuple[float, str]] = []
+        # Store writes that failed (disk full, read-only) and are retried: expiry and
+        # repair never wait for the disk. Grant ids to delete / to mark expired.
+        self._debt_delete: set[str] = set()
+        self._debt_expired: set[str] = set()
+        self._debt_forget_revoked = False
+        self._last_store_error_log = -STORE_ERROR_LOG_INTERVAL
+        self._store_errors_unlogged = 0
+        # Grants issued before this time may have been revoked in a lost state.
+        self._epoch = 0.0
+        # Elements (and handle-set entries) committed late: re-asserted once.
+        self._late_keys: set[ElementKey] = set()
+        self._late_marks: set[MarkKey] = set()
+        self._reasserting = False
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Load the store and converge the kernel once (synchronously), then run the loop."""
-        for record in self._store.load():
-            self._table.put(record, self._due(record))
+        self._epoch = self._store.epoch
+        self._load_grants()
         self._revoked = self._store.revoked_ids()
         self._revoked_due = [(t, g) for g, t in self._revoked.items()]
         heapq.heapify(self._revoked_due)
@@ -184,6 +229,82 @@ class Engine:
         self._started = True
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
+
+    def _load_grants(self) -> None:
+        """Every stored row is verified again (signature over its bytes, canonical parse,
+        host): the file is not trusted. A row that fails is quarantined and never
+        enforced; one bad row never stops the agent."""
+        now = self._clock()
+        bad: list[tuple[str, bytes, bytes, str, str]] = []
+        for row in self._store.load():
+            if isinstance(row, BadRow):
+                bad.append((row.grant_id, row.grant_bytes, row.signature, row.key_id, row.problem))
+                continue
+            try:
+                grant = self._verify_stored(row)
+                if grant.grant_id != row.grant_id:
+                    raise EnforcementError(
+                        f"grant_id: the row says {row.grant_id[:MAX_LOGGED_VALUE]!r}, the signed "
+                        f"grant {grant.grant_id!r}",
+                        reason="STORED_ID_MISMATCH",
+                    )
+                if row.handle in self._table.by_handle:
+                    raise EnforcementError(
+                        f"handle {row.handle} is used twice", reason="STORED_HANDLE_REUSED"
+                    )
+            except PortagentError as exc:
+                bad.append(
+                    (row.grant_id, row.grant_bytes, row.signature, row.key_id,
+                     f"{exc.reason}: {exc.message}")
+                )
+                continue
+            record = GrantRecord(
+                grant=grant,
+                handle=row.handle,
+                grant_bytes=row.grant_bytes,
+                signature=b"",  # stays on disk: memory holds only what is served
+                state=GrantState(row.state),
+                apply_time=row.apply_time,
+                revoke_time=row.revoke_time,
+            )
+            self._table.put(record, self._due(record))
+        if not bad:
+            return
+        for grant_id, _, _, _, problem in bad:
+            self._events.emit(
+                "quarantine",
+                f"stored grant {grant_id[:MAX_LOGGED_VALUE]!r} does not verify; not enforced, "
+                f"moved to quarantine: {problem[:MAX_LOGGED_MESSAGE]}",
+                Priority.ALERT,
+                GRANT_ID=grant_id[:MAX_LOGGED_VALUE],
+                REASON=problem.partition(":")[0][:MAX_LOGGED_VALUE],
+                STATE_FILE=str(self._store.path),
+            )
+        try:
+            with self._store.transaction():
+                self._store.quarantine(bad, now)
+        except StoreError as exc:
+            self._events.emit(
+                "error",
+                f"could not move {len(bad)} bad rows to quarantine ({exc}); they stay "
+                "unenforced and are checked again at the next start",
+                Priority.ERR,
+            )
+
+    def _verify_stored(self, row: StoredGrant) -> Grant:
+        verify = self._verifier.verify_stored_grant
+        if row.key_id:
+            return verify(row.grant_bytes, row.signature, row.key_id)
+        # Rows written by 0.1.0 name no key: one of the trusted keys must have signed.
+        error: PortagentError = GrantDenied(
+            "key_id: no trusted key signed this stored grant", reason="UNKNOWN_KEY"
+        )
+        for key in self._settings.trusted_keys:
+            try:
+                return verify(row.grant_bytes, row.signature, key.key_id)
+            except PortagentError as exc:
+                error = exc
+        raise error
 
     def stop(self) -> None:
         """Stop the loop. Kernel elements stay: they expire on their own (fail-safe)."""
@@ -351,10 +472,13 @@ class Engine:
             self._wake.clear()
             if self._stopping.is_set():
                 break
+            failed = False
             self._writer.acquire()
             try:
-                self._process_queue()
-                self._expire()
+                # Each step on its own: a failing one (a full disk under expiry, say)
+                # must not keep the others, repair above all, from running.
+                for step in (self._process_queue, self._expire, self._flush_store_debt):
+                    failed = self._run_step(step) or failed
                 if self._lost_pending and (
                     time.monotonic() - self._last_lost_check >= LOST_EVENTS_RECHECK
                 ):
@@ -363,19 +487,30 @@ class Engine:
                     self._full_reconcile.set()
                 if self._full_reconcile.is_set():
                     self._full_reconcile.clear()
-                    self._reconcile_full()
+                    failed = self._run_step(self._reconcile_full) or failed
                     next_full = self._clock() + self._settings.reconcile_interval
                 elif self._clock() >= next_full:
-                    self._periodic_reconcile()
+                    failed = self._run_step(self._periodic_reconcile) or failed
                     next_full = self._clock() + self._settings.reconcile_interval
-            except Exception as exc:
-                self._events.emit("error", f"reconcile failed: {exc}", Priority.ERR)
-                self._full_reconcile.set()
-                time.sleep(0.2)
+                failed = self._run_step(self._reassert_late) or failed
             finally:
                 self._writer.release()
+            if failed:
+                time.sleep(0.2)  # outside the writer lock: callers are not held up
             if self._watchdog is not None and not self.stall_check():
                 self._watchdog()
+
+    def _run_step(self, step: Callable[[], None]) -> bool:
+        """Run one step of the loop; True when it failed (then a full reconcile follows)."""
+        try:
+            step()
+        except Exception as exc:
+            self._events.emit(
+                "error", f"{step.__name__.strip('_')} failed: {exc}", Priority.ERR
+            )
+            self._full_reconcile.set()
+            return True
+        return False
 
     def _process_queue(self) -> None:
         commands = self._drain()
@@ -384,6 +519,7 @@ class Engine:
             if len(commands) >= TRIM_AFTER_BATCH:
                 del commands
                 release_free_memory()
+        self._reassert_late()
 
     def _sleep_for(self, next_full: float) -> float:
         now = self._clock()
@@ -433,8 +569,8 @@ class Engine:
             self._commit(pending, staged, now)
         except PortagentError as exc:
             for command, _ in pending.results:
+                self._refused(command, exc)
                 command.future.set_exception(exc)
-            self._full_reconcile.set()
             return
         for command, result in pending.results:
             command.future.set_result(result)
@@ -465,6 +601,15 @@ class Engine:
                         reason="GRANT_REVOKED",
                     )
                 return known  # idempotent re-delivery
+            issued = grant.issue_time or grant.not_before
+            if issued < self._epoch:
+                # It may have been revoked in a state that was lost: only a grant issued
+                # after this state began can be told apart from a replay.
+                raise GrantNotInWindow(
+                    f"issue_time: grant was issued at {issued:.3f}, before this agent's state "
+                    f"began at {self._epoch:.3f}; the broker must issue it again",
+                    reason="GRANT_PREDATES_STATE",
+                )
             record = GrantRecord(
                 grant=grant,
                 handle=0,
@@ -521,24 +666,41 @@ class Engine:
 
     def _commit(self, pending: _Pending, staged: dict[str, GrantRecord], now: float) -> None:
         store = self._store
+        kernel_changed = False
         try:
             with store.transaction():
+                self._write_store_debt()
                 for index, record in enumerate(pending.inserts):
                     with_handle = replace(record, handle=store.next_handle())
                     pending.inserts[index] = with_handle
                     staged[record.grant.grant_id] = with_handle
-                    store.insert(with_handle)
+                    grant = record.grant
+                    store.insert(
+                        grant_id=grant.grant_id,
+                        handle=with_handle.handle,
+                        grant_bytes=record.grant_bytes,
+                        signature=record.signature,
+                        key_id=grant.key_id,
+                        expire_time=grant.expire_time,
+                        state=record.state.value,
+                        apply_time=record.apply_time,
+                    )
                 for record, _, _ in pending.revokes:
                     store.mark_revoked(record.grant.grant_id, now)
                 for grant_id, forget_after in pending.revoked_ids:
                     store.remember_revoked(grant_id, forget_after)
-                # Kernel last, inside the store transaction: if nftables refuses, the
-                # store rolls back and nothing changed anywhere.
+                # Kernel last, inside the store transaction: if nftables refuses (one
+                # atomic batch), the store rolls back and nothing changed anywhere.
                 self._converge_grants(list(staged.values()), now)
+                kernel_changed = True
+            # COMMIT happened on leaving the block; only now is the change real.
         except PortagentError:
-            raise
+            raise  # the kernel refused the batch: it changed nothing, the store rolled back
         except Exception as exc:
+            if kernel_changed:
+                self._revert_kernel(list(staged.values()), exc)
             raise EnforcementError(f"could not persist the change: {exc}") from exc
+        self._clear_store_debt()
         with self._lock:
             for record in staged.values():
                 # The signature lives in the store; memory holds only what is served.
@@ -570,19 +732,115 @@ class Engine:
 
     def _converge_grants(self, changed: list[GrantRecord], now: float) -> None:
         """Plan only the keys and handle-set entries of `changed` grants (new or changed
-        state) against our model of the kernel, and apply one batch. Cost follows the
-        size of the change, not the number of grants."""
-        overlay = {r.handle: r for r in changed}
-        keys = {key for record in changed for key in element_keys(record)}
+        state, standing in for what the table holds) against our model of the kernel,
+        and apply one batch. Cost follows the size of the change, not the number of
+        grants."""
+        self._converge(
+            {key for record in changed for key in element_keys(record)},
+            {k for record in changed for k in mark_keys(record)},
+            now,
+            {r.handle: r for r in changed},
+        )
+
+    def _converge(
+        self,
+        keys: set[ElementKey],
+        marks_touched: set[MarkKey],
+        now: float,
+        overlay: dict[int, GrantRecord],
+    ) -> None:
+        """Make these keys and handle-set entries of the kernel what the table (with
+        `overlay` standing in for some grants) wants, in one batch."""
         desired = self._table.desired_for(keys, now, overlay)
         actual = {k: self._actual[k] for k in keys if k in self._actual}
+        records = [
+            record
+            for handle in {h for _, h in marks_touched}
+            if (record := overlay.get(handle) or self._table.by_handle.get(handle)) is not None
+        ]
         keep_max = self._settings.policy.keep_established_max
-        mark_keys_changed = {k for record in changed for k in mark_keys(record)}
-        marks = desired_marks(changed, now, keep_max)
-        actual_marks = {
-            k: self._actual_marks[k] for k in mark_keys_changed if k in self._actual_marks
+        marks = {
+            k: m for k, m in desired_marks(records, now, keep_max).items() if k in marks_touched
         }
+        actual_marks = {k: self._actual_marks[k] for k in marks_touched if k in self._actual_marks}
         self._apply(plan_changes(desired, actual, now, marks, actual_marks), now)
+
+    def _revert_kernel(self, changed: list[GrantRecord], cause: BaseException) -> None:
+        """The kernel took a change the store then failed to commit: put those keys back
+        to what the table (the committed state) wants, at once. If even that fails, a
+        full reconcile follows on the engine thread."""
+        try:
+            self._converge(
+                {key for record in changed for key in element_keys(record)},
+                {k for record in changed for k in mark_keys(record)},
+                self._clock(),
+                {},
+            )
+        except Exception as exc:
+            self._events.emit(
+                "error",
+                f"could not take back an uncommitted change ({exc}); reconciling",
+                Priority.ALERT,
+            )
+            self.request_full_reconcile()
+            return
+        self._events.emit(
+            "error",
+            f"store commit failed ({str(cause)[:MAX_LOGGED_MESSAGE]}); kernel change taken back",
+            Priority.ERR,
+            STATE_FILE=str(self._store.path),
+        )
+
+    def _write_store_debt(self) -> None:
+        """Inside a store transaction: the writes expiry could not make earlier."""
+        if self._debt_delete:
+            self._store.delete(sorted(self._debt_delete))
+        if self._debt_expired:
+            self._store.mark_expired(sorted(self._debt_expired))
+        if self._debt_forget_revoked:
+            self._store.forget_revoked_before(self._clock())
+
+    def _clear_store_debt(self) -> None:
+        self._debt_delete.clear()
+        self._debt_expired.clear()
+        self._debt_forget_revoked = False
+
+    def _flush_store_debt(self) -> None:
+        """Record expiries in the store. Enforcement never waits for this: when the disk
+        is full or read-only, the writes stay owed and are retried every tick."""
+        if not (self._debt_delete or self._debt_expired or self._debt_forget_revoked):
+            return
+        try:
+            with self._store.transaction():
+                self._write_store_debt()
+        except StoreError as exc:
+            self._store_errors_unlogged += 1
+            now = time.monotonic()
+            if now - self._last_store_error_log >= STORE_ERROR_LOG_INTERVAL:
+                self._last_store_error_log = now
+                self._events.emit(
+                    "error",
+                    f"cannot record expiries in the state file ({exc}); enforcement goes "
+                    f"on, retrying ({self._store_errors_unlogged} failed writes)",
+                    Priority.ERR,
+                    STATE_FILE=str(self._store.path),
+                )
+                self._store_errors_unlogged = 0
+            return
+        self._clear_store_debt()
+
+    def _reassert_late(self) -> None:
+        """Re-add, with timeouts from now, what a late commit may have left to outlive its
+        grant. Once: a re-assert that is late again leaves it to explicit expiry."""
+        if not (self._late_keys or self._late_marks):
+            return
+        keys, marks = self._late_keys, self._late_marks
+        self._late_keys, self._late_marks = set(), set()
+        self._reasserting = True
+        try:
+            self._converge(keys, marks, self._clock(), {})
+        finally:
+            self._reasserting = False
 
     def _converge_all(self, now: float) -> None:
         """Plan every grant against our whole model of the kernel (full reconcile)."""
@@ -630,6 +888,17 @@ class Engine:
             with self._own_commits_lock:
                 self._own_commits_pending -= 1  # a refused batch commits nothing
             raise
+        late = self._clock() - render_now
+        if late > LATE_COMMIT_TOLERANCE:
+            # The process stalled (or the kernel was slow) between computing timeouts
+            # and the commit: the kernel may hold these up to `late` past their grants.
+            # The model says so (so expiry deletes them explicitly), and they are
+            # re-asserted with correct timeouts once the table is up to date.
+            plan = _shifted(plan, late)
+            if not self._reasserting:
+                self._late_keys.update(e.key for e in plan.add)
+                self._late_keys.update(new.key for _, new in plan.replace)
+                self._late_marks.update((m.set_name, m.handle) for m in plan.marks_add)
         apply_plan(self._actual, plan)
         apply_mark_plan(self._actual_marks, plan)
         self._maps = frozenset(maps)
@@ -664,8 +933,10 @@ class Engine:
         self.last_reconcile = self._clock()
 
     def _expire(self) -> None:
-        """Grants whose time is up: log them, cut their connections (unless they keep
-        them), and drop them from the store once nothing needs them any more."""
+        """Grants whose time is up: drop them from the table, delete what the kernel may
+        still hold of them, cut their connections (unless they keep them), log them, and
+        record it in the store last. Nothing here waits for the disk: a failed store
+        write is owed and retried (_flush_store_debt)."""
         now = self._clock()
         with self._lock:
             due = self._table.pop_due(now)
@@ -676,16 +947,16 @@ class Engine:
         handled = {r.grant.grant_id for r in ended} | {r.grant.grant_id for r in forget}
         not_yet = [r for r in due if r.grant.grant_id not in handled]
         if ended or forget:
-            with self._store.transaction():
-                self._store.delete([r.grant.grant_id for r in forget])
-                for record in kept:
-                    self._store.mark_expired(record.grant.grant_id)
             with self._lock:
                 for record in forget:
                     self._table.remove(record.grant.grant_id)
                     self._remember_ended(record)
                 for record in kept:
                     self._table.put(record, self._due(record))
+            for record in forget:
+                self._debt_expired.discard(record.grant.grant_id)
+                self._debt_delete.add(record.grant.grant_id)
+            self._debt_expired.update(r.grant.grant_id for r in kept)
             for record in ended:
                 self._log_grant(
                     "expire",
@@ -694,11 +965,19 @@ class Engine:
                     replace(record, state=GrantState.EXPIRED),
                     KEEP_ESTABLISHED=record.grant.keep_established,
                 )
+            # Normally the kernel dropped these elements at their timeouts already and
+            # this plans nothing; after a late commit our model says the kernel may
+            # still hold them, and they are deleted here, explicitly.
+            self._converge(
+                {key for record in forget + kept for key in element_keys(record)},
+                {k for record in forget + kept for k in mark_keys(record)},
+                now,
+                {},
+            )
             self._cut_connections([r.handle for r in forget if r.state is not GrantState.REVOKED])
             for record in forget:
                 self._seen.pop(record.handle, None)
-                # Their elements are gone from the kernel by now (timeouts): from our
-                # model of it too.
+                # What the kernel dropped by itself leaves our model of it too.
                 for key in element_keys(record):
                     element = self._actual.get(key)
                     if element is not None and element.expire_time <= now:
@@ -716,10 +995,10 @@ class Engine:
             if self._revoked.get(grant_id, now) < now:
                 stale_ids.append(grant_id)
         if stale_ids:
-            with self._store.transaction():
-                self._store.forget_revoked_before(now)
             for grant_id in stale_ids:
                 self._revoked.pop(grant_id, None)
+            self._debt_forget_revoked = True
+        self._flush_store_debt()
 
     def _cut_connections(self, handles: list[int]) -> None:
         """Flush the conntrack entries of these grants. Their packets are already dropped
@@ -827,19 +1106,24 @@ class Engine:
         )
 
     def _refused(self, command: _Command, error: PortagentError) -> None:
+        # Unverified bytes are never parsed (only a trusted key's signature lets bytes
+        # reach the protobuf parser): the record names them by digest and size.
         fields: dict[str, object] = {"REASON": error.reason}
         if command.signed is not None:
-            fields["KEY_ID"] = command.signed.key_id
-            if command.kind == "apply":
-                fields.update(describe_unverified(command.signed.payload))
+            fields["KEY_ID"] = command.signed.key_id[:MAX_LOGGED_VALUE]
+            fields["PAYLOAD_SHA256"] = hashlib.sha256(command.signed.payload).hexdigest()
+            fields["PAYLOAD_BYTES"] = len(command.signed.payload)
         if command.grant_id:
-            fields["GRANT_ID"] = command.grant_id
+            fields["GRANT_ID"] = command.grant_id[:MAX_LOGGED_VALUE]
         self.hub.publish(
             EventKind.GRANT_REFUSED,
             grant_id=str(fields.get("GRANT_ID", "")),
-            subject=str(fields.get("SUBJECT", "")),
+            subject="",
             reason=error.reason,
         )
         self._events.emit(
-            "refuse", f"{command.kind} refused: {error.message}", Priority.WARNING, **fields
+            "refuse",
+            f"{command.kind} refused: {error.message[:MAX_LOGGED_MESSAGE]}",
+            Priority.WARNING,
+            **fields,
         )

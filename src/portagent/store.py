@@ -1,22 +1,34 @@
 """Durable desired state: SQLite (WAL) under the state directory.
 
-Holds every grant we enforce with the exact signed bytes we verified, and the
-revoked grant ids we must never reopen. Rows are dropped once their grant's
+Holds every grant we enforce with the exact signed bytes and signature we verified,
+and the revoked grant ids we must never reopen. Rows are dropped once their grant's
 expire_time + clock skew has passed: the validity check refuses them after that.
+
+Nothing read from here is trusted: the engine re-verifies every row's signature over
+its bytes at load (docs/adr/0006-stored-state-integrity.md), and a row that does not
+verify or parse is moved to the `quarantine` table, never enforced. Every SQLite or
+OS error is mapped to `StoreError` here, where it enters, with a message naming the
+file and what to do.
+
+The store *epoch* is when this state began (the first start on an empty state
+directory, or after the file was lost). A grant issued before it may have been
+revoked in the state that was lost, so the engine refuses individually delivered
+grants issued before the epoch (GRANT_PREDATES_STATE).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from portagent.codec import grant_from_pb
-from portagent.model import GrantRecord, GrantState
-from portagent.v1 import agent_pb2 as pb
-
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_HANDLE = 0xFFFFFFFF  # ct mark is 32 bits; 0 means "no grant"
 
 _SCHEMA = """
@@ -29,108 +41,284 @@ CREATE TABLE IF NOT EXISTS grants (
     expire_time REAL NOT NULL,
     state TEXT NOT NULL,
     apply_time REAL NOT NULL,
-    revoke_time REAL
+    revoke_time REAL,
+    key_id TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS revoked_ids (
     grant_id TEXT PRIMARY KEY,
     forget_after REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    grant_id TEXT,
+    grant_bytes BLOB,
+    signature BLOB,
+    key_id TEXT,
+    reason TEXT NOT NULL,
+    quarantine_time REAL NOT NULL
+);
 """
+
+_WHAT_TO_DO = (
+    "stop the agent and move the file aside (or restore a backup), then start again; with "
+    "an empty state the agent enforces nothing until the broker re-sends, and access "
+    "granted so far closes on its kernel timeouts"
+)
+_STATES = ("active", "expired", "revoked")
 
 
 class StoreError(Exception):
-    pass
+    """The state file cannot be opened, read or written. The message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredGrant:
+    """A grant row as read from disk: untrusted until the engine verifies it."""
+
+    grant_id: str
+    handle: int
+    grant_bytes: bytes
+    signature: bytes
+    key_id: str
+    state: str
+    apply_time: float
+    revoke_time: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """A row whose columns are not even of the right types (garbled file)."""
+
+    grant_id: str
+    grant_bytes: bytes
+    signature: bytes
+    key_id: str
+    problem: str
+
+
+def _row(raw: tuple[object, ...]) -> StoredGrant | BadRow:
+    grant_id, handle, blob, signature, key_id, state, applied, revoked = raw
+    text_id = grant_id if isinstance(grant_id, str) else repr(grant_id)[:80]
+    blob_b = blob if isinstance(blob, bytes) else b""
+    sig_b = signature if isinstance(signature, bytes) else b""
+    key_s = key_id if isinstance(key_id, str) else ""
+    problem = None
+    if not isinstance(grant_id, str):
+        problem = "grant_id is not text"
+    elif not isinstance(handle, int) or isinstance(handle, bool) or not 0 < handle <= MAX_HANDLE:
+        problem = f"handle {handle!r} is not 1..{MAX_HANDLE}"
+    elif not isinstance(blob, bytes) or not isinstance(signature, bytes):
+        problem = "grant bytes or signature is not a blob"
+    elif not isinstance(key_id, str):
+        problem = "key_id is not text"
+    elif state not in _STATES:
+        problem = f"state {state!r} is not one of {', '.join(_STATES)}"
+    elif not _is_time(applied) or not (revoked is None or _is_time(revoked)):
+        problem = "apply_time/revoke_time is not a time"
+    if problem is not None:
+        return BadRow(text_id, blob_b, sig_b, key_s, problem)
+    assert isinstance(grant_id, str) and isinstance(handle, int) and isinstance(state, str)
+    assert isinstance(blob, bytes) and isinstance(signature, bytes) and isinstance(key_id, str)
+    return StoredGrant(
+        grant_id,
+        handle,
+        blob,
+        signature,
+        key_id,
+        state,
+        float(applied),  # type: ignore[arg-type]
+        None if revoked is None else float(revoked),  # type: ignore[arg-type]
+    )
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Store:
-    """SQLite store. Used from the daemon's single writer thread only."""
+    """SQLite store. Used by one writer at a time (the engine's writer lock)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, now: float | None = None) -> None:
+        self.path = path
+        try:
+            self._db = self._open(path, time.time() if now is None else now)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: {_describe(exc)}; {_WHAT_TO_DO}") from None
+        except OSError as exc:
+            raise StoreError(f"{path}: {exc.strerror or exc}; {_WHAT_TO_DO}") from None
+
+    def _open(self, path: Path, now: float) -> sqlite3.Connection:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            self._db.execute(
-                "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        if path.exists() and not path.is_file():
+            raise StoreError(f"{path}: is not a regular file; {_WHAT_TO_DO}")
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise StoreError(
+                f"{path}: not readable and writable by this process; fix its owner/mode "
+                "(root, 0600) or " + _WHAT_TO_DO
             )
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise StoreError(f"{path}: schema version {row[0]}, this agent reads {SCHEMA_VERSION}")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"{path}: its directory is not writable (SQLite needs it for the -wal and -shm "
+                "files); fix the state directory's owner/mode"
+            )
+        fresh = not path.exists() or path.stat().st_size == 0
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            # A garbled or half-truncated file fails here, not half-way through a load.
+            check = db.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise StoreError(
+                    f"{path}: failed SQLite's integrity check ({str(check and check[0])[:200]}); "
+                    + _WHAT_TO_DO
+                )
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            fresh = fresh or "grants" not in tables
+            db.execute("BEGIN IMMEDIATE")
+            # One statement at a time: executescript() would commit the open transaction.
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            if fresh:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (repr(now),))
+            else:
+                self._migrate(db, path)
+            db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.close()
+            raise
         path.chmod(0o600)
+        return db
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, path: Path) -> None:
+        """Bring an older state file up to SCHEMA_VERSION (inside the open transaction)."""
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        text = str(row[0]) if row else "1"
+        version = int(text) if text.isdigit() and len(text) < 6 else -1
+        if version < 1 or version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: schema version {text[:20]!r} is not one this portagent reads "
+                f"(1..{SCHEMA_VERSION}); if a newer portagent wrote it, upgrade the package, "
+                "or " + _WHAT_TO_DO
+            )
+        if version < 2:
+            # 0.1.0 kept no key id beside the signature: the loader tries every trusted key.
+            columns = {r[1] for r in db.execute("PRAGMA table_info(grants)")}
+            if "key_id" not in columns:
+                db.execute("ALTER TABLE grants ADD COLUMN key_id TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def epoch(self) -> float:
+        """When this state began (0 for a state created before epochs existed)."""
+        row = self._read("SELECT value FROM meta WHERE key='epoch'").fetchone()
+        try:
+            value = float(row[0]) if row else 0.0
+        except (TypeError, ValueError):
+            value = math.inf  # garbled: refuse every older grant rather than none
+        return value if math.isfinite(value) or value == math.inf else math.inf
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {_describe(exc)}") from None
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All writes inside commit together or not at all."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """All writes inside commit together or not at all. A failed COMMIT (disk full,
+        read-only) rolls back and raises StoreError: nothing of it is on disk."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: cannot write: {_describe(exc)}") from None
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("COMMIT")
+        except BaseException as exc:
+            if self._db.in_transaction:
+                # If even that fails, the connection drops what it could not commit.
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{self.path}: cannot write: {_describe(exc)}") from None
             raise
-        self._db.execute("COMMIT")
 
-    def load(self) -> list[GrantRecord]:
-        # The signature stays on disk: memory holds only what is served.
-        rows = self._db.execute(
-            "SELECT handle, grant_bytes, state, apply_time, revoke_time FROM grants"
+    def load(self) -> list[StoredGrant | BadRow]:
+        """Every grant row, typed but not verified (the engine verifies)."""
+        rows = self._read(
+            "SELECT grant_id, handle, grant_bytes, signature, key_id, state, apply_time, "
+            "revoke_time FROM grants"
+        ).fetchall()
+        return [_row(raw) for raw in rows]
+
+    def quarantine(self, rows: list[tuple[str, bytes, bytes, str, str]], now: float) -> None:
+        """Move rows (grant_id, bytes, signature, key id, reason) out of `grants`: they are
+        kept for inspection and never loaded again."""
+        self._db.executemany(
+            "INSERT INTO quarantine VALUES (?, ?, ?, ?, ?, ?)",
+            [(g, b, s, k, r, now) for g, b, s, k, r in rows],
         )
-        return [
-            GrantRecord(
-                grant=grant_from_pb(pb.Grant.FromString(blob)),
-                handle=handle,
-                grant_bytes=blob,
-                signature=b"",
-                state=GrantState(state),
-                apply_time=applied,
-                revoke_time=revoked,
-            )
-            for handle, blob, state, applied, revoked in rows
-        ]
+        self._db.executemany("DELETE FROM grants WHERE grant_id=?", [(r[0],) for r in rows])
 
     def revoked_ids(self) -> dict[str, float]:
-        return dict(self._db.execute("SELECT grant_id, forget_after FROM revoked_ids"))
+        found: dict[str, float] = {}
+        for grant_id, forget_after in self._read("SELECT grant_id, forget_after FROM revoked_ids"):
+            if isinstance(grant_id, str) and _is_time(forget_after):
+                found[grant_id] = float(forget_after)
+            elif isinstance(grant_id, str):
+                # A garbled time: remember it as long as any grant could live.
+                found[grant_id] = math.inf
+        return found
 
     def next_handle(self) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key='last_handle'").fetchone()
-        last = int(row[0]) if row else 0
+        try:
+            last = int(row[0]) if row else 0
+        except (TypeError, ValueError):
+            last = 0
         for _ in range(1000):
             last = last % MAX_HANDLE + 1
             if self._db.execute("SELECT 1 FROM grants WHERE handle=?", (last,)).fetchone() is None:
                 break
         else:  # pragma: no cover - needs a billion live grants
-            raise StoreError("no free grant handle")
+            raise StoreError(f"{self.path}: no free grant handle")
         self._db.execute("INSERT OR REPLACE INTO meta VALUES ('last_handle', ?)", (str(last),))
         return last
 
-    def insert(self, record: GrantRecord) -> None:
+    def insert(
+        self,
+        *,
+        grant_id: str,
+        handle: int,
+        grant_bytes: bytes,
+        signature: bytes,
+        key_id: str,
+        expire_time: float,
+        state: str,
+        apply_time: float,
+    ) -> None:
         self._db.execute(
-            "INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.grant.grant_id,
-                record.handle,
-                record.grant_bytes,
-                record.signature,
-                record.grant.expire_time,
-                record.state.value,
-                record.apply_time,
-                record.revoke_time,
-            ),
+            "INSERT INTO grants (grant_id, handle, grant_bytes, signature, expire_time, state, "
+            "apply_time, revoke_time, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            (grant_id, handle, grant_bytes, signature, expire_time, state, apply_time, key_id),
         )
 
     def mark_revoked(self, grant_id: str, when: float) -> None:
         self._db.execute(
-            "UPDATE grants SET state=?, revoke_time=? WHERE grant_id=?",
-            (GrantState.REVOKED.value, when, grant_id),
+            "UPDATE grants SET state='revoked', revoke_time=? WHERE grant_id=?", (when, grant_id)
         )
 
-    def mark_expired(self, grant_id: str) -> None:
-        self._db.execute(
-            "UPDATE grants SET state=? WHERE grant_id=?", (GrantState.EXPIRED.value, grant_id)
+    def mark_expired(self, grant_ids: list[str]) -> None:
+        self._db.executemany(
+            "UPDATE grants SET state='expired' WHERE grant_id=?", [(g,) for g in grant_ids]
         )
 
     def remember_revoked(self, grant_id: str, forget_after: float) -> None:
@@ -144,3 +332,14 @@ class Store:
     def forget_revoked_before(self, now: float) -> int:
         cursor = self._db.execute("DELETE FROM revoked_ids WHERE forget_after < ?", (now,))
         return cursor.rowcount
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    text = str(exc) or type(exc).__name__
+    if "not a database" in text or "malformed" in text:
+        return f"not a valid portagent state file ({text})"
+    if "readonly" in text or "read-only" in text:
+        return f"the file or its file system is read-only ({text})"
+    if "disk is full" in text or "disk I/O" in text:
+        return f"{text} (check free space on the state directory's file system)"
+    return text

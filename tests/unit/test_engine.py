@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from portagent.engine import Engine
 from portagent.errors import EnforcementError, GrantConflict, GrantNotFound, GrantNotInWindow
 from portagent.model import GrantState, parse_port_spec
 from portagent.settings import ApiSettings, Policy, Settings
-from portagent.store import Store
+from portagent.store import Store, StoreError
 from portagent.testing.fakes import FakeClock, FakeFirewall, memory_log
 from portagent.testing.grants import TestSigner
 
@@ -52,7 +54,7 @@ class Harness:
         self.signer, self.clock, self.firewall = signer, clock, firewall
         self.settings = make_settings(signer, state_dir)
         self.log, events = memory_log()
-        self.store = Store(self.settings.store_path)
+        self.store = Store(self.settings.store_path, now=self.clock())
         self.engine = Engine(self.settings, firewall, self.store, events, clock=clock)
         self.engine.start()
         firewall.batches.clear()  # start-up lays out the table; tests count what follows
@@ -60,7 +62,7 @@ class Harness:
     def restart(self) -> None:
         self.engine.stop()
         self.store.close()
-        self.store = Store(self.settings.store_path)
+        self.store = Store(self.settings.store_path, now=self.clock())
         self.log, events = memory_log()
         self.engine = Engine(self.settings, self.firewall, self.store, events, clock=self.clock)
         self.engine.start()
@@ -83,7 +85,7 @@ def test_apply_enforces_and_persists(harness: Harness) -> None:
     record = harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-1"))
     assert record.handle > 0 and record.state is GrantState.ACTIVE
     assert harness.kernel_handles() == {record.handle}
-    assert [r.grant.grant_id for r in harness.store.load()] == ["g-1"]
+    assert [r.grant_id for r in harness.store.load()] == ["g-1"]
     assert "ACTION=apply" in harness.log.getvalue()
 
 
@@ -117,7 +119,7 @@ def test_kernel_failure_leaves_store_unchanged(harness: Harness) -> None:
     assert harness.engine.list_grants() == []
     # The agent still works afterwards.
     harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-2"))
-    assert [r.grant.grant_id for r in harness.store.load()] == ["g-2"]
+    assert [r.grant_id for r in harness.store.load()] == ["g-2"]
 
 
 def test_revoked_grant_never_reopens_even_after_restart(harness: Harness) -> None:
@@ -255,3 +257,182 @@ def test_timeouts_are_computed_when_applied_not_when_the_batch_started(
     finally:
         h.engine.stop()
         h.store.close()
+
+
+# ---- fail-closed under store faults, tampering and stalls --------------------------------
+
+
+def _sql(harness: Harness, statement: str, *args: object) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(harness.settings.store_path)
+    try:
+        rows = db.execute(statement, args).fetchall()
+        db.commit()
+        return rows
+    finally:
+        db.close()
+
+
+def _stop(harness: Harness) -> None:
+    harness.engine.stop()
+    harness.store.close()
+
+
+def test_a_stored_grant_changed_on_disk_is_quarantined_not_enforced(harness: Harness) -> None:
+    now = harness.clock.now
+    harness.engine.apply_grant(
+        harness.signer.grant(now, grant_id="g-1", source_prefixes=["10.97.0.67"])
+    )
+    kept = harness.engine.apply_grant(
+        harness.signer.grant(now, grant_id="g-2", source_prefixes=["10.97.0.70"])
+    )
+    _stop(harness)
+    ((blob,),) = _sql(harness, "SELECT grant_bytes FROM grants WHERE grant_id='g-1'")
+    assert isinstance(blob, bytes) and b"10.97.0.67" in blob
+    _sql(
+        harness,
+        "UPDATE grants SET grant_bytes=? WHERE grant_id='g-1'",
+        blob.replace(b"10.97.0.67", b"10.97.0.68"),
+    )
+    harness.restart()
+    assert [r.grant.grant_id for r in harness.engine.list_grants()] == ["g-2"]
+    assert harness.kernel_handles() == {kept.handle}  # the old element was removed too
+    log = harness.log.getvalue()
+    assert "ACTION=quarantine" in log and "BAD_SIGNATURE" in log
+    assert _sql(harness, "SELECT grant_id FROM quarantine") == [("g-1",)]
+    assert _sql(harness, "SELECT grant_id FROM grants") == [("g-2",)]
+    harness.restart()  # quarantined rows stay out
+    assert [r.grant.grant_id for r in harness.engine.list_grants()] == ["g-2"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("handle", "x"),
+        ("handle", 0),
+        ("state", "open"),
+        ("apply_time", "soon"),
+        ("grant_bytes", "text, not a blob"),
+        ("signature", None),
+        ("grant_id", "g-other"),
+        ("key_id", "some-other-key"),
+    ],
+)
+def test_a_garbled_row_is_quarantined_and_the_rest_loads(
+    harness: Harness, column: str, value: object
+) -> None:
+    now = harness.clock.now
+    harness.engine.apply_grant(harness.signer.grant(now, grant_id="g-1"))
+    harness.engine.apply_grant(
+        harness.signer.grant(now, grant_id="g-2", source_prefixes=["10.5.0.2"])
+    )
+    _stop(harness)
+    _sql(harness, "PRAGMA ignore_check_constraints=ON")
+    if column == "signature" and value is None:
+        # NOT NULL: rebuild the row with an empty signature instead.
+        _sql(harness, "UPDATE grants SET signature=x'' WHERE grant_id='g-1'")
+    else:
+        _sql(harness, f"UPDATE grants SET {column}=? WHERE grant_id='g-1'", value)
+    harness.restart()
+    assert [r.grant.grant_id for r in harness.engine.list_grants()] == ["g-2"]
+    assert "ACTION=quarantine" in harness.log.getvalue()
+
+
+def test_after_the_store_is_lost_a_revoked_grant_never_reopens(harness: Harness) -> None:
+    signed = harness.signer.grant(harness.clock.now, grant_id="g-1", ttl=3600)
+    harness.engine.apply_grant(signed)
+    harness.engine.revoke_grant(harness.signer.revocation(harness.clock.now, "g-1"))
+    _stop(harness)
+    harness.settings.store_path.write_bytes(b"")  # truncated to 0 bytes
+    harness.clock.advance(1)
+    harness.restart()
+    assert harness.engine.list_grants() == []
+    with pytest.raises(GrantNotInWindow) as info:
+        harness.engine.apply_grant(signed)
+    assert info.value.reason == "GRANT_PREDATES_STATE"
+    assert harness.kernel_handles() == set()
+    # A grant the broker issues now is accepted.
+    fresh = harness.engine.apply_grant(harness.signer.grant(harness.clock.now, grant_id="g-2"))
+    assert harness.kernel_handles() == {fresh.handle}
+
+
+def _failing_commits(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = harness.store.transaction
+
+    @contextmanager
+    def full_disk() -> Iterator[None]:
+        with real():
+            yield
+            raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(harness.store, "transaction", full_disk)
+
+
+def test_a_failed_commit_takes_the_kernel_change_back(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = harness.clock.now
+    existing = harness.engine.apply_grant(harness.signer.grant(now, grant_id="g-0"))
+    _failing_commits(harness, monkeypatch)
+    with pytest.raises(EnforcementError) as info:
+        harness.engine.apply_grant(
+            harness.signer.grant(now, grant_id="g-1", source_prefixes=["10.97.0.81"])
+        )
+    assert info.value.reason == "ENFORCEMENT_FAILED"
+    assert harness.kernel_handles() == {existing.handle}
+    with pytest.raises(EnforcementError):  # a revocation that cannot persist changes nothing
+        harness.engine.revoke_local("g-0", actor="root")
+    assert harness.kernel_handles() == {existing.handle}
+    assert [(r.grant.grant_id, r.state) for r in harness.engine.list_grants()] == [
+        ("g-0", GrantState.ACTIVE)
+    ]
+    log = harness.log.getvalue()
+    assert "ACTION=refuse" in log and "REASON=ENFORCEMENT_FAILED" in log
+    monkeypatch.undo()
+    assert [r.grant_id for r in harness.store.load()] == ["g-0"]
+
+
+def test_expiry_and_repair_go_on_while_the_store_cannot_write(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = harness.clock.now
+    harness.engine.apply_grant(harness.signer.grant(now, grant_id="short", ttl=5))
+    long = harness.engine.apply_grant(
+        harness.signer.grant(now, grant_id="long", ttl=600, source_prefixes=["10.5.0.9"])
+    )
+
+    @contextmanager
+    def read_only() -> Iterator[None]:
+        raise StoreError("state.db: cannot write: attempt to write a readonly database")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(harness.store, "transaction", read_only)
+    harness.clock.advance(6)
+    harness.engine._expire()
+    assert [r.grant.grant_id for r in harness.engine.list_grants()] == ["long"]
+    harness.firewall.flush()
+    harness.engine._reconcile_full()
+    assert harness.kernel_handles() == {long.handle}
+    assert "cannot record expiries" in harness.log.getvalue()
+    monkeypatch.undo()
+    harness.engine._flush_store_debt()
+    assert [r.grant_id for r in harness.store.load()] == ["long"]
+
+
+def test_an_element_inserted_after_a_stall_never_outlives_its_grant(harness: Harness) -> None:
+    now = harness.clock.now
+    harness.firewall.stalls = [5.0]  # SIGSTOP between rendering and the insert
+    record = harness.engine.apply_grant(harness.signer.grant(now, grant_id="g-1", ttl=60))
+    (element,) = harness.firewall.state.elements.values()
+    assert element.handle == record.handle
+    assert element.expire_time <= record.grant.expire_time  # re-asserted at once
+
+
+def test_after_two_stalls_expiry_deletes_the_element_explicitly(harness: Harness) -> None:
+    now = harness.clock.now
+    harness.firewall.stalls = [5.0, 5.0]  # the re-assert stalls as well
+    record = harness.engine.apply_grant(harness.signer.grant(now, grant_id="g-1", ttl=60))
+    (element,) = harness.firewall.state.elements.values()
+    assert element.expire_time > record.grant.expire_time  # the kernel would hold it late
+    harness.clock.now = record.grant.expire_time
+    harness.engine._expire()
+    assert harness.firewall.state.elements == {}

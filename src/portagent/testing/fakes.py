@@ -4,6 +4,7 @@ the clock. Real-kernel tests (tests/integration, tests/e2e) prove the behaviour.
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 from portagent.adapters.journal import EventLog
 from portagent.errors import EnforcementError
@@ -32,6 +33,9 @@ class FakeFirewall:
         self.layout: Layout | None = None
         self.batches: list[Plan] = []
         self.fail_next = False
+        # Seconds the process "stalls" between rendering and the kernel's insert, one
+        # per coming batch (SIGSTOP): timeouts then run from the later insert.
+        self.stalls: list[float] = []
 
     def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None:
         # Timeouts are rendered as expire_time - now: a `now` behind the clock would let
@@ -45,7 +49,19 @@ class FakeFirewall:
             # The kernel would read a zero timeout as "forever" on newer kernels.
             if element.expire_time <= now:
                 raise AssertionError(f"element with no time left: {element}")
-        self.state.elements = self._live(now)
+        if self.stalls:
+            self.clock.advance(self.stalls.pop(0))
+        late = self.clock.now - now
+        if late > 0:
+            # A timeout of (expire - now) inserted `late` seconds after `now`.
+            plan = replace(
+                plan,
+                add=tuple(replace(e, expire_time=e.expire_time + late) for e in plan.add),
+                replace=tuple(
+                    (o, replace(n, expire_time=n.expire_time + late)) for o, n in plan.replace
+                ),
+            )
+        self.state.elements = self._live(self.clock.now)
         apply_plan(self.state.elements, plan)
         if layout is not None:
             self.layout = layout
