@@ -2,17 +2,27 @@
 
 The socket's mode is the access control; SO_PEERCRED tells us who is asking, so
 every change is logged with the operator's uid and pid.
+
+Every request is parsed once, canonically, before anything acts on it
+(`parse_request`): one line of at most MAX_REQUEST bytes, strict UTF-8, one flat JSON
+object without duplicate keys, NaN/Infinity or oversized numbers, a known op and only
+that op's fields, each range- and length-checked. Whatever goes wrong, the client gets
+exactly one JSON error line naming the field; the server thread never dies with a
+traceback. Idle clients time out, and concurrent connections are capped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
 import pwd
+import re
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +39,93 @@ from portagent.model import Flow, GrantRecord
 from portagent.usage import GrantUsage, UsageReader
 
 MAX_REQUEST = 64 * 1024
+# A client must send its request line within this; it also bounds each write of an
+# events stream to a client that stopped reading.
+REQUEST_TIMEOUT = 10.0
+MAX_CONNECTIONS = 32
+MAX_INT_DIGITS = 20
+MAX_SEQUENCE = 2**63 - 1
+GRANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# op -> its fields besides "op" (required ones are checked in parse_request).
+OPS: dict[str, frozenset[str]] = {
+    "list": frozenset(),
+    "status": frozenset(),
+    "show": frozenset({"grant_id"}),
+    "revoke": frozenset({"grant_id"}),
+    "events": frozenset({"after"}),
+}
+
+
+class BadRequest(PortagentError):
+    """A malformed admin request; the message names the field."""
+
+    reason = "BAD_REQUEST"
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"request: {name} is not valid JSON")
+
+
+def _bounded_int(text: str) -> int:
+    # Python would parse (slowly) or refuse (ValueError) a huge literal: refuse it first.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadRequest(f"request: integer of {len(text)} digits")
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise BadRequest(f"{_clip(key)!s}: duplicate key")
+        result[key] = value
+    return result
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    """The one parse of an admin request line; raises BadRequest naming the field."""
+    if len(line) > MAX_REQUEST:
+        raise BadRequest(f"request: longer than {MAX_REQUEST} bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("request: not UTF-8") from None
+    if not text.strip():
+        raise BadRequest("request: empty")
+    try:
+        request = json.loads(
+            text,
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+            object_pairs_hook=_unique_keys,
+        )
+    except RecursionError:
+        raise BadRequest("request: nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"request: not JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(request, dict):
+        raise BadRequest("request: must be a JSON object")
+    op = request.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        shown = _clip(op) if isinstance(op, str) else type(op).__name__
+        raise BadRequest(f"op: unknown operation {shown!r}; one of {', '.join(sorted(OPS))}")
+    for key in request:
+        if key != "op" and key not in OPS[op]:
+            raise BadRequest(f"{_clip(key)}: unknown field for op {op!r}")
+    if "grant_id" in OPS[op]:
+        grant_id = request.get("grant_id")
+        if not isinstance(grant_id, str) or not GRANT_ID.fullmatch(grant_id):
+            raise BadRequest("grant_id: required, 1-64 characters of [A-Za-z0-9._-]")
+    if op == "events":
+        after = request.setdefault("after", 0)
+        # bool is an int subclass; floats (1e400 is inf) are not sequence numbers.
+        if type(after) is not int or not 0 <= after <= MAX_SEQUENCE:
+            raise BadRequest(f"after: must be an integer from 0 to {MAX_SEQUENCE}")
+    return request
 
 
 @dataclass(frozen=True)
@@ -115,6 +212,54 @@ def event_to_json(event: AgentEvent) -> dict[str, Any]:
     }
 
 
+class _Server(socketserver.ThreadingUnixStreamServer):
+    """One thread per connection, at most `limit` at once: one more gets a BUSY reply
+    from the accepting thread and is closed, without a thread of its own."""
+
+    request_queue_size = 64  # the listen backlog; socketserver's default is 5
+
+    def __init__(
+        self,
+        path: str,
+        handler: type[socketserver.StreamRequestHandler],
+        events: EventLog,
+        limit: int,
+    ) -> None:
+        super().__init__(path, handler)
+        self._log = events
+        self._slots = threading.BoundedSemaphore(limit)
+        self.limit = limit
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                reply = _error("BUSY", f"at most {self.limit} admin connections at once")
+                request.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread started: nobody else will release
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print a traceback to stderr; log one line instead.
+        exc = sys.exc_info()[1]
+        self._log.emit(
+            "error", f"admin connection failed: {type(exc).__name__}", Priority.ERR, ERROR=exc
+        )
+
+
 class AdminServer:
     def __init__(
         self,
@@ -139,7 +284,7 @@ class AdminServer:
         # Created 0600 by umask, then opened to the group: never briefly world-accessible.
         old_umask = os.umask(0o177)
         try:
-            self._server = socketserver.ThreadingUnixStreamServer(str(path), handler)
+            self._server = _Server(str(path), handler, events, MAX_CONNECTIONS)
         finally:
             os.umask(old_umask)
         self._server.daemon_threads = True
@@ -174,22 +319,42 @@ class AdminServer:
         outer = self
 
         class Handler(socketserver.StreamRequestHandler):
+            # Applied to the connection before anything is read: an idle client is
+            # dropped instead of holding a thread forever.
+            timeout = REQUEST_TIMEOUT
+
             def handle(self) -> None:
-                peer = peer_of(self.request)
-                line = self.rfile.readline(MAX_REQUEST)
                 try:
-                    request = json.loads(line)
-                    if not isinstance(request, dict):
-                        raise ValueError("request must be a JSON object")
-                    if request.get("op") == "events":
-                        outer.stream_events(int(request.get("after", 0)), self.wfile)
-                        return
-                    reply = {"ok": True, "result": outer.dispatch(request, peer)}
+                    reply = self._answer()
+                except Exception as exc:  # never a traceback, always a reply
+                    outer._events.emit(
+                        "error",
+                        f"admin request failed: {type(exc).__name__}",
+                        Priority.ERR,
+                        ERROR=str(exc),
+                    )
+                    reply = _error("INTERNAL", "the agent could not handle the request")
+                if reply is not None:
+                    self._send(reply)
+
+            def _answer(self) -> dict[str, Any] | None:
+                try:
+                    line = self.rfile.readline(MAX_REQUEST + 1)
+                except OSError:  # timed out or reset: nobody to answer
+                    return None
+                try:
+                    request = parse_request(line)
+                    peer = peer_of(self.request)
+                    if request["op"] == "events":
+                        outer.stream_events(request["after"], self.wfile)
+                        return None
+                    return {"ok": True, "result": outer.dispatch(request, peer)}
                 except PortagentError as exc:
-                    reply = {"ok": False, "error": {"reason": exc.reason, "message": exc.message}}
-                except (ValueError, KeyError, TypeError) as exc:
-                    reply = {"ok": False, "error": {"reason": "BAD_REQUEST", "message": str(exc)}}
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
+                    return _error(exc.reason, exc.message)
+
+            def _send(self, reply: dict[str, Any]) -> None:
+                with contextlib.suppress(OSError):  # the client has gone
+                    self.wfile.write(json.dumps(reply).encode() + b"\n")
 
         return Handler
 
@@ -230,9 +395,9 @@ class AdminServer:
         if op == "list":
             return self._describe(self._engine.list_grants(), with_flows=False)
         if op == "show":
-            return self._describe([self._engine.get(str(request["grant_id"]))], with_flows=True)[0]
+            return self._describe([self._engine.get(request["grant_id"])], with_flows=True)[0]
         if op == "revoke":
-            record = self._engine.revoke_local(str(request["grant_id"]), actor=peer.name)
+            record = self._engine.revoke_local(request["grant_id"], actor=peer.name)
             return record_to_json(record, now)
         if op == "status":
             settings = self._engine.settings
@@ -248,7 +413,11 @@ class AdminServer:
                 "last_reconcile_age_seconds": round(now - self._engine.last_reconcile, 1),
                 "trusted_keys": [k.key_id for k in settings.trusted_keys],
             }
-        raise ValueError(f"op: unknown operation {op!r}")
+        raise BadRequest(f"op: unknown operation {op!r}")
+
+
+def _error(reason: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"reason": reason, "message": _clip(message, 1024)}}
 
 
 def call(path: Path, request: dict[str, Any], timeout: float = 30.0) -> Any:
@@ -278,4 +447,10 @@ def stream(path: Path, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         with conn.makefile("rb") as lines:
             for line in lines:
                 if line.strip():
-                    yield json.loads(line)
+                    item = json.loads(line)
+                    if isinstance(item, dict) and item.get("ok") is False:
+                        error = item.get("error", {})
+                        raise PortagentError(
+                            error.get("message", "refused"), reason=error.get("reason")
+                        )
+                    yield item

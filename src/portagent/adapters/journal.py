@@ -2,6 +2,12 @@
 
 Logging must never take the daemon down: a journald that dies under us
 (ConnectionRefusedError on send) demotes us to stderr for that record.
+
+Values often come from outside (key ids, grant ids, subjects, peer names): every
+field and the message are capped (MAX_FIELD_CHARS, MAX_MESSAGE_CHARS) on both paths,
+and the stderr line escapes every control character (C0, C1, DEL, Unicode line and
+paragraph separators), so one record is always exactly one line and a value can never
+forge another record. Field names come from our code only.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from typing import Any, TextIO
 
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 IDENTIFIER = "portagentd"
+MAX_FIELD_CHARS = 1024
+MAX_MESSAGE_CHARS = 4096
 
 
 class Priority(IntEnum):
@@ -48,20 +56,25 @@ class EventLog:
     def emit(
         self, action: str, message: str, priority: Priority = Priority.INFO, **fields: object
     ) -> None:
-        record = {key.upper(): _text(value) for key, value in fields.items() if value is not None}
-        record["ACTION"] = action
+        record = {
+            key.upper(): clip(_text(value), MAX_FIELD_CHARS)
+            for key, value in fields.items()
+            if value is not None
+        }
+        record["ACTION"] = clip(action, MAX_FIELD_CHARS)
+        message = clip(message, MAX_MESSAGE_CHARS)
         if self._send is not None:
             try:
                 self._send(message, PRIORITY=int(priority), SYSLOG_IDENTIFIER=IDENTIFIER, **record)
                 return
-            except OSError:
-                pass  # journald gone: fall through to stderr
+            except (OSError, ValueError):
+                pass  # journald gone (or refused a value, e.g. NUL): fall through to stderr
         self._write_line(message, priority, record)
 
     def _write_line(self, message: str, priority: Priority, record: Mapping[str, str]) -> None:
         details = " ".join(f"{k}={_quote(v)}" for k, v in sorted(record.items()))
         try:
-            self._stream.write(f"<{int(priority)}>{message} {details}\n")
+            self._stream.write(f"<{int(priority)}>{escape(message)} {details}\n")
             self._stream.flush()
         except (OSError, ValueError):
             pass  # nowhere left to log; enforcement goes on
@@ -73,8 +86,34 @@ def _text(value: object) -> str:
     return str(value)
 
 
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, marked with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """`text` with the backslash and every character that is not printable (C0, DEL, C1,
+    line/paragraph separators, format characters such as bidi overrides, lone
+    surrogates, unassigned code points) as a visible escape: one line, always
+    encodable, and an escape in the output is always ours."""
+    text = text.replace("\\", "\\\\")
+    if text.isprintable():  # the common case: nothing else to do
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
 def _quote(value: str) -> str:
-    return value if value and " " not in value and '"' not in value else repr(value)
+    value = escape(value)
+    if value and " " not in value and '"' not in value and "=" not in value:
+        return value
+    return '"' + value.replace('"', '\\"') + '"'
 
 
 def pid_name(pid: int) -> str:

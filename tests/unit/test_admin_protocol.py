@@ -1,0 +1,268 @@
+"""The admin socket's request parsing: every malformed request gets exactly one JSON
+error line naming the field, changes nothing, and the server stays up."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from portagent.admin import MAX_REQUEST, AdminServer, BadRequest, call, parse_request
+from portagent.engine import Engine
+from portagent.model import parse_port_spec
+from portagent.settings import ApiSettings, Policy, Settings
+from portagent.store import Store
+from portagent.testing.fakes import FakeClock, FakeFirewall, memory_log
+from portagent.testing.grants import TestSigner
+
+
+class Agent:
+    def __init__(self, state_dir: Path) -> None:
+        self.signer = TestSigner()
+        self.clock = FakeClock()
+        self.settings = Settings(
+            host_id="host-a",
+            api=ApiSettings("127.0.0.1:0", Path("ca"), Path("c"), Path("k")),
+            trusted_keys=(self.signer.trusted,),
+            policy=Policy(guarded=(parse_port_spec("5432/tcp"),), max_ttl=3600.0),
+            state_dir=state_dir,
+            reconcile_interval=3600.0,
+        )
+        self.log, events = memory_log()
+        self.store = Store(self.settings.store_path)
+        self.engine = Engine(
+            self.settings, FakeFirewall(self.clock), self.store, events, clock=self.clock
+        )
+        self.engine.start()
+        self.record = self.engine.apply_grant(self.signer.grant(self.clock.now))
+        # A short path: AF_UNIX paths are limited to 108 bytes.
+        self.path = Path(tempfile.mkdtemp(dir="/tmp")) / "a.sock"
+        self.admin = AdminServer(self.engine, self.path, "no-such-group-xyz", events, time.time())
+        self.admin.start()
+
+    def raw(self, data: bytes, timeout: float = 10.0) -> list[bytes]:
+        """Send bytes, read until the server closes; the non-empty reply lines."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(str(self.path))
+            # Refused before it read everything: the reply is still queued for us.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+            received = b""
+            while True:
+                try:
+                    chunk = conn.recv(1 << 16)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+        return [line for line in received.split(b"\n") if line.strip()]
+
+    def state(self) -> list[tuple[str, str]]:
+        return [(r.grant.grant_id, r.state.value) for r in self.engine.list_grants()]
+
+    def close(self) -> None:
+        self.admin.stop()
+        self.engine.stop()
+        self.store.close()
+        self.path.unlink(missing_ok=True)
+        self.path.parent.rmdir()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    a = Agent(tmp_path_factory.mktemp("admin"))
+    yield a
+    a.close()
+
+
+def error_of(lines: list[bytes]) -> dict[str, str]:
+    assert len(lines) == 1, lines
+    reply = json.loads(lines[0])
+    assert reply["ok"] is False
+    error: dict[str, str] = reply["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("request_text", "field"),
+    [
+        ('{"op":"events","after":1e400}', "after"),
+        ('{"op":"events","after":-1}', "after"),
+        ('{"op":"events","after":1.5}', "after"),
+        ('{"op":"events","after":true}', "after"),
+        ('{"op":"events","after":"5"}', "after"),
+        ('{"op":"events","after":' + "9" * 5000 + "}", "request"),
+        ('{"op":"events","after":NaN}', "request"),
+        ('{"op":"events","after":-Infinity}', "request"),
+        ('{"op":"list","x":1}', "x"),
+        ('{"op":"list","op":"list"}', "op"),
+        ('{"op":"nope"}', "op"),
+        ('{"op":["list"]}', "op"),
+        ("[1]", "request"),
+        ('"list"', "request"),
+        ("{", "request"),
+        ("", "request"),
+        ('{"op":"show"}', "grant_id"),
+        ('{"op":"show","grant_id":5}', "grant_id"),
+        ('{"op":"show","grant_id":"' + "a" * 65 + '"}', "grant_id"),
+        ('{"op":"revoke","grant_id":"g 1"}', "grant_id"),
+        ('{"op":"revoke","grant_id":"g\\n1"}', "grant_id"),
+        ("[" * 100_000, "request"),
+        ('{"op":"list","a":' + "[" * 50_000 + "]" * 50_000 + "}", "request"),
+    ],
+)
+def test_malformed_requests_name_the_field(request_text: str, field: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        parse_request(request_text.encode())
+    assert caught.value.message.startswith(field + ":"), caught.value.message
+
+
+def test_canonical_requests_parse() -> None:
+    assert parse_request(b'{"op":"events"}\n') == {"op": "events", "after": 0}
+    assert parse_request(b'{"op":"events","after":12}') == {"op": "events", "after": 12}
+    assert parse_request(b'{"op":"show","grant_id":"g-1.a_B"}')["grant_id"] == "g-1.a_B"
+
+
+def test_the_socket_answers_each_hostile_request_once(agent: Agent) -> None:
+    before = agent.state()
+    for data in (
+        b'{"op":"events","after":1e400}\n',
+        b"[" * 60_000 + b"\n",
+        b"\xff\xfe\x00garbage\n",
+        b'{"op":"revoke","grant_id":"' + b"x" * 1000 + b'"}\n',
+        b"x" * (MAX_REQUEST + 10) + b"\n",  # longer than the limit: refused, not cut
+        b'{"op":"list"}' + b" " * MAX_REQUEST + b"\n",
+    ):
+        error = error_of(agent.raw(data))
+        assert error["reason"] == "BAD_REQUEST", (data[:40], error)
+    assert agent.state() == before
+    assert call(agent.path, {"op": "status"})["grants_total"] == 1
+
+
+def test_an_idle_client_does_not_hold_the_server(agent: Agent) -> None:
+    # More idle connections than the cap: the extra ones get BUSY, and once the idle
+    # ones time out the server answers again.
+    idle = []
+    try:
+        for _ in range(32):
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(str(agent.path))
+            idle.append(conn)
+        deadline = time.monotonic() + 10
+        while True:  # until the server has accepted all 32 (one per accept-loop turn)
+            lines = agent.raw(b'{"op":"status"}\n')
+            if not json.loads(lines[0])["ok"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert error_of(lines)["reason"] == "BUSY"
+    finally:
+        for conn in idle:
+            conn.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        lines = agent.raw(b'{"op":"status"}\n')
+        if json.loads(lines[0])["ok"]:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the admin server did not recover from idle connections")
+
+
+def test_a_handler_crash_is_a_json_reply(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom() -> list[object]:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(agent.engine, "list_grants", boom)
+    error = error_of(agent.raw(b'{"op":"list"}\n'))
+    assert error["reason"] == "INTERNAL"
+    monkeypatch.undo()
+    assert "simulated bug" in agent.log.getvalue()
+    assert len(call(agent.path, {"op": "list"})) == 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(
+            st.sampled_from(["op", "after", "grant_id", "x"]),
+            st.one_of(st.sampled_from(["list", "show", "revoke", "events", "status"]), json_values),
+            max_size=4,
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_parse_never_raises_anything_but_bad_request(data: bytes) -> None:
+    try:
+        request = parse_request(data)
+    except BadRequest as exc:
+        assert exc.message.split(":", 1)[0] in {
+            "request",
+            "op",
+            "after",
+            "grant_id",
+            "x",
+            *json_keys(data),
+        }
+        return
+    assert request["op"] in {"list", "show", "revoke", "events", "status"}
+
+
+def json_keys(data: bytes) -> set[str]:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return set()
+    return (
+        {k[:63] for k in value} | {k[:63] + "…" for k in value}
+        if isinstance(value, dict)
+        else set()
+    )
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.one_of(
+        st.binary(max_size=200).filter(lambda b: b"\n" not in b),
+        st.dictionaries(
+            st.sampled_from(["op", "after", "grant_id", "zz"]),
+            st.one_of(st.sampled_from(["show", "revoke", "events", "nope"]), json_values),
+            max_size=3,
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_every_garbage_request_gets_one_json_line(agent: Agent, data: bytes) -> None:
+    if b'"events"' in data:
+        return  # a valid events request streams until the client goes: not one line
+    before = agent.state()
+    lines = agent.raw(data + b"\n")
+    assert len(lines) == 1, lines
+    reply = json.loads(lines[0])
+    assert reply["ok"] in (True, False)
+    if not reply["ok"]:
+        assert reply["error"]["reason"] in {"BAD_REQUEST", "NOT_FOUND", "GRANT_NOT_FOUND"}
+    assert agent.state() == before

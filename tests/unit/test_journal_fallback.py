@@ -1,0 +1,104 @@
+"""The stderr fallback of the event log: one record is one line, whatever the values."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from portagent.adapters.journal import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS, EventLog, escape
+
+HOSTILE = st.text(
+    alphabet=st.sampled_from(
+        [
+            "a",
+            " ",
+            "=",
+            '"',
+            "\\",
+            "\n",
+            "\r",
+            "\x00",
+            "\x1b",
+            "\x85",
+            "\u2028",
+            "\u2029",
+            "\x0b",
+            "\x0c",
+            "\x1c",
+            "\x7f",
+            "\x9b",
+            "<",
+            "\u202e",
+            "\u00a0",
+            "\U000e0001",
+            "é",
+            "\ud800",
+        ]
+    )
+    | st.characters(),
+    max_size=300,
+)
+
+
+def fallback() -> tuple[io.StringIO, EventLog]:
+    out = io.StringIO()
+    return out, EventLog(stream=out, use_journal=False)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    HOSTILE,
+    st.dictionaries(
+        st.sampled_from(["key_id", "grant_id", "subject", "peer"]), HOSTILE, max_size=4
+    ),
+)
+def test_one_record_is_one_line(message: str, fields: dict[str, str]) -> None:
+    out, log = fallback()
+    log.emit("refuse", message, **fields)
+    text = out.getvalue()
+    assert text.endswith("\n")
+    assert text.splitlines() == [text[:-1]]  # no other break of any kind inside
+    assert text[:-1].isprintable()
+    assert text.encode("utf-8")  # no lone surrogates left: the write cannot fail
+
+
+def test_forged_line_is_escaped() -> None:
+    out, log = fallback()
+    log.emit("refuse", "bad\n<1>portagentd: root login", KEY_ID="k\n<1>ACTION=apply\r")
+    assert out.getvalue() == (
+        '<6>bad\\x0a<1>portagentd: root login ACTION=refuse KEY_ID="k\\x0a<1>ACTION=apply\\x0d"\n'
+    )
+
+
+def test_fields_and_message_are_capped() -> None:
+    out, log = fallback()
+    log.emit("refuse", "m" * 10 * MAX_MESSAGE_CHARS, GRANT_ID="g" * 10 * MAX_FIELD_CHARS)
+    line = out.getvalue()
+    assert len(line) < MAX_MESSAGE_CHARS + MAX_FIELD_CHARS + 100
+    assert "g" * (MAX_FIELD_CHARS - 1) + "…" in line
+
+
+def test_escape_is_unambiguous() -> None:
+    # A literal backslash-x in the input cannot pass for an escaped control character.
+    assert escape("\\x0a") != escape("\n")
+    assert escape("\\x0a") == "\\\\x0a"
+
+
+def test_journald_path_caps_fields_and_survives_refusal() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def send(message: str, **fields: Any) -> None:
+        if "\x00" in message:
+            raise ValueError("embedded null character")
+        sent.append({"MESSAGE": message, **fields})
+
+    out, log = fallback()
+    log._send = send  # what a reachable journald looks like to the log
+    log.emit("refuse", "x" * 100_000, KEY_ID="k" * 100_000)
+    assert len(sent[0]["MESSAGE"]) == MAX_MESSAGE_CHARS
+    assert len(sent[0]["KEY_ID"]) == MAX_FIELD_CHARS
+    log.emit("refuse", "nul\x00here", KEY_ID="k")
+    assert out.getvalue() == "<6>nul\\x00here ACTION=refuse KEY_ID=k\n"
