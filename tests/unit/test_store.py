@@ -1,0 +1,143 @@
+"""The state file: every failure named with the file, a migration from 0.1.0, the epoch."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from portagent.store import SCHEMA_VERSION, BadRow, Store, StoredGrant, StoreError
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE grants (
+    grant_id TEXT PRIMARY KEY, handle INTEGER NOT NULL UNIQUE, grant_bytes BLOB NOT NULL,
+    signature BLOB NOT NULL, expire_time REAL NOT NULL, state TEXT NOT NULL,
+    apply_time REAL NOT NULL, revoke_time REAL);
+CREATE TABLE revoked_ids (grant_id TEXT PRIMARY KEY, forget_after REAL NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO grants VALUES ('g-1', 7, x'0a03672d31', x'00', 2e9, 'active', 1.7e9, NULL);
+INSERT INTO revoked_ids VALUES ('g-0', 2e9);
+"""
+
+
+def test_a_new_store_starts_an_epoch(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db", now=1234.5)
+    assert store.epoch == 1234.5
+    store.close()
+    assert Store(tmp_path / "state.db", now=9999.0).epoch == 1234.5  # kept across opens
+
+
+def test_a_zero_byte_file_is_a_new_state(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.write_bytes(b"")
+    assert Store(path, now=42.0).epoch == 42.0
+
+
+def test_a_state_from_0_1_0_is_migrated_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript(V1_SCHEMA)
+    db.close()
+    store = Store(path, now=5000.0)
+    assert store.epoch == 0.0  # it existed before epochs: no grant is refused for its age
+    (row,) = store.load()
+    assert isinstance(row, StoredGrant)
+    assert (row.grant_id, row.handle, row.key_id, row.state) == ("g-1", 7, "", "active")
+    assert store.revoked_ids() == {"g-0": 2e9}
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
+    db.close()
+
+
+def test_a_newer_schema_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    Store(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match=r"state\.db: schema version '99'"):
+        Store(path)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["garbage", "half", "directory", "read-only"],
+)
+def test_a_damaged_file_is_one_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "state.db"
+    store = Store(path)
+    for i in range(200):  # enough pages that half a file is a broken database
+        with store.transaction():
+            store.insert(
+                grant_id=f"g-{i}", handle=i + 1, grant_bytes=os.urandom(300), signature=b"s" * 64,
+                key_id="k", expire_time=2e9, state="active", apply_time=1.0,
+            )
+    store.close()
+    if damage == "garbage":
+        path.write_bytes(os.urandom(path.stat().st_size))
+    elif damage == "half":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "directory":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.chmod(0o400)
+        if os.geteuid() == 0:
+            pytest.skip("root writes read-only files; the directory case covers root")
+    with pytest.raises(StoreError) as info:
+        Store(path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    assert "move the file aside" in message or "owner/mode" in message
+
+
+def test_a_read_only_state_directory_is_named(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory modes")
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o500)
+    with pytest.raises(StoreError, match="directory is not writable"):
+        Store(state / "state.db")
+
+
+def test_rows_of_the_wrong_types_come_back_as_bad_rows(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = Store(path)
+    with store.transaction():
+        store.insert(
+            grant_id="g-1", handle=1, grant_bytes=b"x", signature=b"s", key_id="k",
+            expire_time=2e9, state="active", apply_time=1.0,
+        )
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE grants SET handle='one', apply_time='never'")
+    db.commit()
+    db.close()
+    (row,) = Store(path).load()
+    assert isinstance(row, BadRow) and "handle" in row.problem
+
+
+def test_a_failed_commit_leaves_nothing_and_the_store_usable(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    with pytest.raises(StoreError, match="cannot write"), store.transaction():
+        store.insert(
+            grant_id="g-1", handle=1, grant_bytes=b"x", signature=b"s", key_id="k",
+            expire_time=2e9, state="active", apply_time=1.0,
+        )
+        store.insert(  # same handle: the transaction fails as a whole
+            grant_id="g-2", handle=1, grant_bytes=b"x", signature=b"s", key_id="k",
+            expire_time=2e9, state="active", apply_time=1.0,
+        )
+    assert store.load() == []
+    with store.transaction():
+        store.remember_revoked("g-9", 3e9)
+    assert store.revoked_ids() == {"g-9": 3e9}
