@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ipaddress import ip_network
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from portagent.events import AgentEvent, EventKind
@@ -20,9 +21,18 @@ STATE_TO_PB = {
 }
 
 
+def canonical_bytes(message: Message) -> bytes:
+    """The one encoding we sign: deterministic, which the agent requires byte for byte
+    (portagent.verify.decode_canonical, docs/adr/0005-canonical-grants.md)."""
+    return message.SerializeToString(deterministic=True)
+
+
 def timestamp(seconds: float) -> Timestamp:
     whole = int(seconds // 1)
-    return Timestamp(seconds=whole, nanos=round((seconds - whole) * 1e9) % 1_000_000_000)
+    nanos = round((seconds - whole) * 1e9)
+    if nanos >= 1_000_000_000:  # 0.9999999999 rounds up: carry, never nanos out of range
+        whole, nanos = whole + 1, 0
+    return Timestamp(seconds=whole, nanos=nanos)
 
 
 def seconds_of(ts: Timestamp) -> float:

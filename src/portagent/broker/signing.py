@@ -9,7 +9,6 @@ not as a refusal from a remote host.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from portagent.broker.pki import key_id_for
-from portagent.codec import PROTOCOL_TO_PB, timestamp
+from portagent.codec import PROTOCOL_TO_PB, canonical_bytes, timestamp
 from portagent.durations import parse_duration
 from portagent.model import GuardedPort, IPNetwork, Protocol, parse_port_spec
 from portagent.v1 import agent_pb2 as pb
@@ -29,6 +28,7 @@ from portagent.verify import (
     MAX_REASON_LENGTH,
     MAX_SOURCES,
     MAX_SUBJECT_LENGTH,
+    parse_network,
 )
 
 NONCE_BYTES = 16
@@ -58,22 +58,19 @@ class GrantRequest:
 
 
 def parse_sources(texts: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """IP addresses or CIDR networks, never hostnames; duplicates dropped, order kept."""
+    """IP addresses or CIDR networks, never hostnames; duplicates dropped, order kept.
+
+    Each text goes through the agent's own parse (`portagent.verify.parse_network`),
+    so a source the agent would refuse (multicast, IPv4-mapped, ...) fails here, on the
+    operator's terminal. Surrounding blanks of command-line input are forgiven here
+    only: what is signed is the network's canonical text.
+    """
     networks: list[IPNetwork] = []
     for text in texts:
         try:
-            network = ipaddress.ip_network(text.strip(), strict=True)
-        except ValueError:
-            try:
-                loose = ipaddress.ip_network(text.strip(), strict=False)
-            except ValueError:
-                raise InputError("source", f"{text!r} is not an IP address or network") from None
-            raise InputError(
-                "source", f"{text!r} has host bits set (did you mean {loose}?)"
-            ) from None
-        if getattr(network.network_address, "scope_id", None):
-            # "fe80::1%eth0" parses, but a zone means nothing to a remote host's firewall.
-            raise InputError("source", f"{text!r}: a zone index (%...) is not allowed")
+            network = parse_network(text.strip())
+        except ValueError as exc:
+            raise InputError("source", str(exc)) from None
         if network not in networks:
             networks.append(network)
     if not networks:
@@ -210,7 +207,7 @@ class Signer:
                 keep_established=request.keep_established, max_connections=request.max_connections
             ),
         )
-        payload = grant.SerializeToString()
+        payload = canonical_bytes(grant)
         return pb.SignedGrant(grant=payload, signature=self._key.sign(payload), key_id=self.key_id)
 
     def sign_revocation(
@@ -224,7 +221,7 @@ class Signer:
             key_id=self.key_id,
             reason=_check_text("reason", reason, MAX_REASON_LENGTH, required=False),
         )
-        payload = revocation.SerializeToString()
+        payload = canonical_bytes(revocation)
         return pb.SignedRevocation(
             revocation=payload, signature=self._key.sign(payload), key_id=self.key_id
         )

@@ -12,7 +12,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from portagent.codec import timestamp
+from portagent.codec import canonical_bytes, timestamp
 from portagent.engine import SignedInput
 from portagent.model import Grant, GrantRecord, GrantState, PortRange, Protocol
 from portagent.settings import TrustedKey
@@ -60,7 +60,7 @@ class TestSigner:
         return SignedInput(payload, self.private_key.sign(payload), key_id or self.key_id)
 
     def grant(self, now: float, **fields: Any) -> SignedInput:
-        return self.sign(self.grant_message(now, **fields).SerializeToString())
+        return self.sign(canonical_bytes(self.grant_message(now, **fields)))
 
     def signed_grant_pb(self, now: float, **fields: Any) -> pb.SignedGrant:
         signed = self.grant(now, **fields)
@@ -76,7 +76,7 @@ class TestSigner:
             nonce=secrets.token_bytes(16),
             key_id=self.key_id,
         )
-        return self.sign(message.SerializeToString())
+        return self.sign(canonical_bytes(message))
 
 
 def grant_record(
