@@ -1,26 +1,56 @@
 """portagentd: the agent daemon.
 
-Start-up order is what makes READY=1 mean something: load config, open the store,
-converge the kernel (adopting what is already there: no flush, no gap), bind the
-admin socket and the mTLS API, then notify systemd.
+Start-up order is what makes READY=1 mean something, and what makes a failed start
+change nothing: parse the config, run the pre-flight (every file it needs), take this
+network namespace's lock, open the store, check the API address can be bound, and
+only then touch the kernel: converge it (adopting what is already there: no flush, no
+gap), turn on the conntrack sysctls, bind the admin socket and the mTLS API, notify
+systemd.
+
+Exit status: 78 (EX_CONFIG) for anything the operator must fix (config, files, state,
+a second agent in this namespace); systemd does not restart on it
+(RestartPreventExitStatus=78). 1 for what may pass by itself (the API address is in
+use or not configured yet, the kernel refused): systemd retries.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
+import socket
+import sqlite3
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from portagent import __version__
-from portagent.adapters.journal import EventLog, Priority
+from portagent.adapters.journal import IDENTIFIER, EventLog, Priority
 from portagent.errors import ConfigError, PortagentError
-from portagent.settings import DEFAULT_CONFIG_PATH, Settings, load_settings_file
+from portagent.preflight import (
+    AgentRunning,
+    Finding,
+    NamespaceLock,
+    check_runtime,
+    problems_of,
+    running_agent,
+)
+from portagent.settings import (
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    load_settings_file,
+    parse_listen,
+)
+
+if TYPE_CHECKING:
+    from portagent.store import Store
 
 EX_CONFIG = 78  # sysexits.h: systemd does not restart-loop on a bad config with this
+EX_FAILURE = 1
+TABLE = "table inet portagent"
 
 
 def _notify(message: str) -> None:
@@ -58,41 +88,210 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-config",
         action="store_true",
-        help="validate the config, print every problem, exit 0 if valid",
+        help="check the config and every file, directory and key it names, as a start "
+        "would; print every problem; exit 0 if it can start, 78 if not",
     )
     parser.add_argument(
         "--delete-table",
         action="store_true",
-        help="delete the 'inet portagent' table (closes every grant) and exit",
+        help="delete the 'inet portagent' table (closes every grant) and exit; refused "
+        "while an agent runs in this network namespace",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --delete-table: delete even while an agent runs here (it rebuilds "
+        "the table from its state at once)",
     )
     parser.add_argument("--version", action="version", version=f"portagentd {__version__}")
     return parser
 
 
+def _stderr_is_journal() -> bool:
+    """True when systemd connected our stderr to the journal (JOURNAL_STREAM=dev:ino)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in stream.split(":"))
+        info = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (dev, ino)
+
+
+def report(lines: list[str], priority: Priority = Priority.ERR, **fields: object) -> None:
+    """Start-up problems: one line each, on stderr, or as journal records under systemd.
+
+    Under systemd stderr already goes to the journal; a structured record instead of a
+    plain line gives it its priority and ACTION=error, and it is not there twice.
+    """
+    if _stderr_is_journal():
+        try:
+            from systemd import journal
+
+            for line in lines:
+                journal.send(
+                    line,
+                    PRIORITY=int(priority),
+                    SYSLOG_IDENTIFIER=IDENTIFIER,
+                    ACTION="error",
+                    **{k.upper(): str(v) for k, v in fields.items()},
+                )
+            return
+        except (ImportError, OSError):
+            pass  # journald unreachable: stderr still reaches it or the terminal
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def fail(lines: list[str], status: int) -> int:
+    report(lines, EXIT_STATUS=status)
+    return status
+
+
+def _config_lines(config: Path, exc: ConfigError) -> list[str]:
+    fix = "fix it, then run portagentd --check-config"
+    prefix = f"{config}: "
+    return [f"portagentd: {p if p.startswith(prefix) else prefix + p}; {fix}" for p in exc.problems]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.force and not args.delete_table:
+        print("portagentd: --force only goes with --delete-table", file=sys.stderr)
+        return 2
     if args.delete_table:
-        from portagent.adapters.nftables import NftablesFirewall
-
-        deleted = NftablesFirewall().delete_table()
-        print("deleted table inet portagent" if deleted else "no table inet portagent")
-        return 0
+        return delete_table(force=args.force)
     try:
         settings = load_settings_file(args.config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"portagentd: {args.config}: {problem}", file=sys.stderr)
-        return EX_CONFIG
+        return fail(_config_lines(args.config, exc), EX_CONFIG)
     if args.check_config:
+        return check_config(settings, args.config)
+    return start(settings, args.config)
+
+
+def check_config(settings: Settings, config: Path) -> int:
+    """Everything a start checks, without the kernel: every problem, then exit 0 or 78."""
+    findings = check_runtime(settings)
+    for finding in findings:
+        print(finding.line(), file=sys.stderr)
+    problems = problems_of(findings)
+    if problems:
         print(
-            f"{args.config}: ok (host {settings.host_id}, {len(settings.policy.guarded)} guarded "
-            f"port ranges, {len(settings.trusted_keys)} trusted keys)"
+            f"portagentd: {config}: {len(problems)} problem(s); the agent would not start",
+            file=sys.stderr,
         )
-        return 0
-    return run(settings, args.config)
+        return EX_CONFIG
+    print(
+        f"{config}: ok (host {settings.host_id}, api {settings.api.listen}, "
+        f"{len(settings.policy.guarded)} guarded port ranges, {len(settings.trusted_keys)} "
+        f"trusted keys, state {settings.state_dir}, admin socket {settings.admin_socket})"
+    )
+    return 0
 
 
-def run(settings: Settings, config_path: Path) -> int:
+def delete_table(*, force: bool) -> int:
+    holder = running_agent()
+    if holder is not None and not force:
+        who = f"pid {holder}" if holder > 0 else "pid unknown"
+        print(
+            f"portagentd: {TABLE}: a running agent ({who}) owns it in this network "
+            "namespace, and would treat the deletion as tampering and rebuild it; stop it "
+            "first (systemctl stop portagent), or pass --force",
+            file=sys.stderr,
+        )
+        return EX_FAILURE
+    from portagent.adapters.nftables import NftablesFirewall
+
+    deleted = NftablesFirewall().delete_table()
+    print("deleted table inet portagent" if deleted else "no table inet portagent")
+    return 0
+
+
+def _probe_listen(listen: str) -> str | None:
+    """Why the API address cannot be bound now, or None (a host name: gRPC resolves it).
+
+    A probe before the kernel is touched; gRPC binds for real later (a race there
+    still ends the start with status 1).
+    """
+    host, port = parse_listen(listen)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        # As gRPC binds: SO_REUSEADDR, so a port in TIME_WAIT is not "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def start(settings: Settings, config: Path) -> int:
+    """Everything that can fail for a reason the operator must fix, before the kernel."""
+    findings: list[Finding] = []
+    lock = NamespaceLock()
+    try:
+        lock.acquire()
+        locked = True
+    except AgentRunning as exc:
+        locked = False
+        findings.append(
+            Finding(
+                TABLE,
+                f"{exc} in this network namespace",
+                "run one agent per network namespace: stop the other one, or start this "
+                "one in its own namespace",
+            )
+        )
+    findings += check_runtime(settings, starting=locked)
+    problems = problems_of(findings)
+    if problems:
+        return fail([f.line() for f in problems], EX_CONFIG)
+    if findings:
+        report([f.line() for f in findings], Priority.WARNING)
+    from portagent.store import Store, StoreError
+
+    try:
+        store = Store(settings.store_path)
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        return fail([_store_line(settings.store_path, exc)], EX_CONFIG)
+    try:
+        unbindable = _probe_listen(settings.api.listen)
+        if unbindable is not None:
+            return fail(
+                [
+                    f"portagentd: {config}: api.listen: cannot bind {settings.api.listen} "
+                    f"({unbindable}); stop what listens there, or wait until this host has "
+                    "the address, or correct api.listen"
+                ],
+                EX_FAILURE,
+            )
+        return run(settings, config, store)
+    finally:
+        store.close()
+        lock.release()
+
+
+def _store_line(path: Path, exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    if not text.startswith(str(path)):
+        text = f"{path}: {text}"
+    if ";" not in text:
+        text += (
+            "; restore it from a backup, or move it away to start with no grants (the broker "
+            "must send them again)"
+        )
+    return f"portagentd: {text}"
+
+
+def run(settings: Settings, config_path: Path, store: Store) -> int:
+    """Enforce: from here on the kernel is touched. The caller holds the lock and the store."""
     # Imported here so --check-config and --help work without root or libnftables.
     from portagent.adapters.conntrack import (
         Conntrack,
@@ -106,22 +305,12 @@ def run(settings: Settings, config_path: Path) -> int:
     from portagent.admin import AdminServer
     from portagent.api.grpc_server import start_server
     from portagent.engine import Engine
-    from portagent.store import Store
+    from portagent.store import StoreError
     from portagent.usage import UsageReader
 
     events = EventLog()
     started = time.time()
     watchdog_interval, ping = _watchdog_pinger()
-    store = Store(settings.store_path)
-    # Per-flow byte counters and DESTROY events for every entry are per-namespace
-    # sysctls; both only affect connections created from now on.
-    if not (enable_accounting() and enable_events()):
-        events.emit(
-            "error",
-            "could not enable nf_conntrack_acct/nf_conntrack_events; "
-            "connection counters may be missing",
-            Priority.WARNING,
-        )
     try:
         engine_conntrack: Conntrack | None = Conntrack()
         usage_conntrack: Conntrack | None = Conntrack()
@@ -154,10 +343,28 @@ def run(settings: Settings, config_path: Path) -> int:
             Priority.WARNING,
         )
     try:
+        # Reads the whole store before its first kernel transaction: a store that
+        # does not load fails here with the kernel untouched.
         engine.start()
+    except (StoreError, sqlite3.Error) as exc:
+        if watcher is not None:
+            watcher.stop()
+        return fail([_store_line(settings.store_path, exc)], EX_CONFIG)
     except PortagentError as exc:
+        if watcher is not None:
+            watcher.stop()
         events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON=exc.reason)
-        return 1
+        return EX_FAILURE
+    # Per-flow byte counters and DESTROY events for every entry are per-namespace
+    # sysctls; both only affect connections created from now on. After the first
+    # reconcile, so that a start that fails earlier leaves them as they were.
+    if not (enable_accounting() and enable_events()):
+        events.emit(
+            "error",
+            "could not enable nf_conntrack_acct/nf_conntrack_events; "
+            "connection counters may be missing",
+            Priority.WARNING,
+        )
     connection_events = None
     try:
         connection_events = ConntrackEvents()
@@ -192,7 +399,7 @@ def run(settings: Settings, config_path: Path) -> int:
     except (OSError, RuntimeError) as exc:
         events.emit("error", f"cannot start: {exc}", Priority.ERR)
         engine.stop()
-        return 1
+        return EX_FAILURE
     admin.start()
 
     stop = threading.Event()
@@ -248,7 +455,6 @@ def run(settings: Settings, config_path: Path) -> int:
     if connection_events is not None:
         connection_events.stop()
     engine.stop()
-    store.close()
     return 0
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
+import math
+import os
+import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +23,19 @@ from portagent.errors import ConfigError
 from portagent.model import GuardedPort, parse_port_spec
 
 DEFAULT_CONFIG_PATH = Path("/etc/portagent/agent.toml")
+# A config is a few kilobytes; anything this big is not one (and must not be read whole).
+MAX_CONFIG_BYTES = 1 << 20
+# What the broker accepts for a host id (broker.settings.HOST_ID_PATTERN): a host id
+# no broker can issue grants for is a configuration error, not a silent lock-out.
+HOST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+KEY_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no blanks
+_HOSTNAME_PATTERN = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+# Upper bounds keep every duration finite and far inside what the kernel's element
+# timeouts and the engine's arithmetic handle ("9"*400 + "d" parses to infinity).
+_MAX_POLICY_DURATION = 366 * 86400.0
+_TOO_BIG = f"larger than {MAX_CONFIG_BYTES} bytes: not an agent config"
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,16 @@ class _Reader:
             return default
         return value
 
-    def duration(self, table: dict[str, Any], name: str, where: str, default: float) -> float:
+    def duration(
+        self,
+        table: dict[str, Any],
+        name: str,
+        where: str,
+        default: float,
+        *,
+        low: float = 0.0,
+        high: float = _MAX_POLICY_DURATION,
+    ) -> float:
         text = self.get(table, name, str, where)
         if text is None:
             return default
@@ -113,34 +140,106 @@ class _Reader:
         except ValueError as exc:
             self.problems.append(f"{where}{name}: {exc}")
             return default
+        if not (math.isfinite(seconds) and low <= seconds <= high):
+            self.problems.append(
+                f"{where}{name}: must be between {_seconds(low)} and {_seconds(high)}, got {text!r}"
+            )
+            return default
         return seconds
+
+    def path(
+        self, table: dict[str, Any], name: str, where: str, base: Path, default: str = ""
+    ) -> Path:
+        """A file or directory setting, resolved against `base`; never empty, never NUL."""
+        text = self.get(table, name, str, where, default, required=not default)
+        if name in table and isinstance(text, str):
+            if not text.strip():
+                self.problems.append(f"{where}{name}: must not be empty")
+            elif "\0" in text:
+                self.problems.append(f"{where}{name}: must not contain a NUL character")
+            elif len(text) > 4095:
+                self.problems.append(f"{where}{name}: longer than PATH_MAX (4095)")
+        return _resolve(base, text or default or ".")
+
+    def unknown(self, table: dict[str, Any], known: set[str], where: str) -> None:
+        """A misspelt setting silently falling back to its default is worse than refusing."""
+        for name in sorted(set(table) - known):
+            self.problems.append(f"{where}{name}: unknown setting")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """api.listen as (host, port): "10.0.0.5:7443", "[fd00::1]:7443", "0.0.0.0:7443",
+    "[::]:7443" or "name:7443". ValueError names what is wrong."""
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [IPv6]:PORT, got {text!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected ADDRESS:PORT, got {text!r}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port_text}")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if host[0].isdigit() and host.replace(".", "").isdigit():
+                raise ValueError(f"{host!r} is not an IPv4 address") from None
+            if not _HOSTNAME_PATTERN.fullmatch(host):
+                raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+    # One spelling per port: no sign, no leading zero, ASCII digits only.
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port_text!r}")
+    if port_text != str(int(port_text)):
+        raise ValueError(f"port must be written without leading zeros, got {port_text!r}")
+    return host, int(port_text)
 
 
 def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None = None) -> Settings:
     """Parse agent.toml text. Relative paths resolve against `base_dir`."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([_TOO_BIG])
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"not valid TOML: {exc}"]) from None
+    except RecursionError:
+        # tomllib recurses per nesting level; thousands of "[[[" exhaust the stack.
+        raise ConfigError(["not valid TOML: nested too deeply"]) from None
     problems: list[str] = []
     read = _Reader(problems)
     known_top = {"host_id", "api", "admin", "state", "trusted_keys", "policy", "nftables", "agent"}
-    for unknown in sorted(set(doc) - known_top):
-        problems.append(f"{unknown}: unknown setting")
+    read.unknown(doc, known_top, "")
 
     host_id = read.get(doc, "host_id", str, "", required=True) or ""
-    if host_id and not host_id.strip():
-        problems.append("host_id: must not be blank")
+    if (
+        "host_id" in doc
+        and isinstance(doc["host_id"], str)
+        and not HOST_ID_PATTERN.fullmatch(host_id)
+    ):
+        problems.append(f"host_id: {host_id!r} is not 1-253 of [A-Za-z0-9._-]")
 
     api_t = read.get(doc, "api", dict, "", default={}, required=True)
+    read.unknown(api_t, {"listen", "ca_file", "cert_file", "key_file"}, "api.")
     listen = read.get(api_t, "listen", str, "api.", required=True) or ""
-    if listen and ":" not in listen:
-        problems.append(f"api.listen: expected ADDRESS:PORT, got {listen!r}")
+    if "listen" in api_t and isinstance(api_t["listen"], str):
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            problems.append(f"api.listen: {exc}")
     api = ApiSettings(
         listen=listen,
-        ca_file=_resolve(base_dir, read.get(api_t, "ca_file", str, "api.", "", required=True)),
-        cert_file=_resolve(base_dir, read.get(api_t, "cert_file", str, "api.", "", required=True)),
-        key_file=_resolve(base_dir, read.get(api_t, "key_file", str, "api.", "", required=True)),
+        ca_file=read.path(api_t, "ca_file", "api.", base_dir),
+        cert_file=read.path(api_t, "cert_file", "api.", base_dir),
+        key_file=read.path(api_t, "key_file", "api.", base_dir),
     )
 
     keys: list[TrustedKey] = []
@@ -149,8 +248,12 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         if not isinstance(entry, dict):
             problems.append(f"trusted_keys[{index}]: expected a table")
             continue
+        read.unknown(entry, {"key_id", "public_key"}, where)
         key_id = read.get(entry, "key_id", str, where, "", required=True)
         encoded = read.get(entry, "public_key", str, where, "", required=True)
+        if "key_id" in entry and isinstance(key_id, str) and not KEY_ID_PATTERN.fullmatch(key_id):
+            problems.append(f"{where}key_id: must be 1-128 printable characters without blanks")
+            continue
         try:
             raw = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
@@ -170,6 +273,19 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         problems.append("trusted_keys: at least one key is required")
 
     pol = read.get(doc, "policy", dict, "", default={}, required=True)
+    read.unknown(
+        pol,
+        {
+            "guarded",
+            "max_ttl",
+            "clock_skew",
+            "min_prefix_v4",
+            "min_prefix_v6",
+            "allow_any_source",
+            "keep_established_max",
+        },
+        "policy.",
+    )
     guarded: list[GuardedPort] = []
     for spec in read.get(pol, "guarded", list, "policy.", [], required=True):
         try:
@@ -188,29 +304,36 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         problems.append(f"policy.min_prefix_v4: must be 0..32, got {min4}")
     if not 0 <= min6 <= 128:
         problems.append(f"policy.min_prefix_v6: must be 0..128, got {min6}")
-    max_ttl = read.duration(pol, "max_ttl", "policy.", 8 * 3600.0)
-    if max_ttl <= 0:
-        problems.append("policy.max_ttl: must be positive")
+    max_ttl = read.duration(pol, "max_ttl", "policy.", 8 * 3600.0, low=1.0)
     policy = Policy(
         guarded=tuple(sorted(set(guarded), key=lambda g: (g.protocol.value, g.ports))),
         max_ttl=max_ttl,
-        clock_skew=read.duration(pol, "clock_skew", "policy.", 30.0),
+        clock_skew=read.duration(pol, "clock_skew", "policy.", 30.0, high=86400.0),
         min_prefix_v4=min4,
         min_prefix_v6=min6,
         allow_any_source=read.get(pol, "allow_any_source", bool, "policy.", False),
-        keep_established_max=read.duration(pol, "keep_established_max", "policy.", 12 * 3600.0),
+        keep_established_max=read.duration(
+            pol, "keep_established_max", "policy.", 12 * 3600.0, low=1.0
+        ),
     )
 
     state_t = read.get(doc, "state", dict, "", default={})
     admin_t = read.get(doc, "admin", dict, "", default={})
     nft_t = read.get(doc, "nftables", dict, "", default={})
     agent_t = read.get(doc, "agent", dict, "", default={})
+    read.unknown(state_t, {"dir"}, "state.")
+    read.unknown(admin_t, {"socket", "group"}, "admin.")
+    read.unknown(nft_t, {"refuse"}, "nftables.")
+    read.unknown(agent_t, {"reconcile_interval"}, "agent.")
     refuse = read.get(nft_t, "refuse", str, "nftables.", "drop")
     if refuse not in ("drop", "reject"):
         problems.append(f'nftables.refuse: expected "drop" or "reject", got {refuse!r}')
-    interval = read.duration(agent_t, "reconcile_interval", "agent.", 30.0)
-    if interval <= 0:
-        problems.append("agent.reconcile_interval: must be positive")
+    interval = read.duration(agent_t, "reconcile_interval", "agent.", 30.0, low=1.0, high=86400.0)
+    state_dir = read.path(state_t, "dir", "state.", base_dir, "/var/lib/portagent")
+    admin_socket = read.path(admin_t, "socket", "admin.", base_dir, "/run/portagent/admin.sock")
+    admin_group = read.get(admin_t, "group", str, "admin.", "portagent")
+    if not admin_group.strip() or "\0" in admin_group:
+        problems.append(f"admin.group: not a group name: {admin_group!r}")
 
     if problems:
         raise ConfigError(problems)
@@ -219,11 +342,9 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         api=api,
         trusted_keys=tuple(keys),
         policy=policy,
-        state_dir=_resolve(base_dir, read.get(state_t, "dir", str, "state.", "/var/lib/portagent")),
-        admin_socket=_resolve(
-            base_dir, read.get(admin_t, "socket", str, "admin.", "/run/portagent/admin.sock")
-        ),
-        admin_group=read.get(admin_t, "group", str, "admin.", "portagent"),
+        state_dir=state_dir,
+        admin_socket=admin_socket,
+        admin_group=admin_group,
         refuse_action=refuse,
         reconcile_interval=interval,
         source_path=source,
@@ -231,11 +352,37 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
 
 
 def read_config_text(path: Path) -> str:
-    """A config file's text; ConfigError (not OSError) when it cannot be read."""
+    """A config file's text; ConfigError (not OSError) when it cannot be read.
+
+    Only a regular file of at most MAX_CONFIG_BYTES is read: a FIFO would block start-up
+    forever and /dev/zero would never end. O_NONBLOCK makes opening a FIFO return at once.
+    """
     try:
-        return path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"{path}: cannot read ({_reason(exc)})"]) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError([f"{path}: not a regular file"])
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{path}: {_TOO_BIG}"])
+        with os.fdopen(fd, "rb", closefd=False) as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror or exc}"]) from None
+        raise ConfigError([f"{path}: cannot read ({_reason(exc)})"]) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:  # grew between fstat and read
+        raise ConfigError([f"{path}: {_TOO_BIG}"])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def load_settings_file(path: Path) -> Settings:
