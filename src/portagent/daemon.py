@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from portagent import __version__
-from portagent.adapters.journal import IDENTIFIER, EventLog, Priority
+from portagent.adapters.journal import EventLog, Priority
 from portagent.errors import ConfigError, PortagentError
 from portagent.preflight import (
     AgentRunning,
@@ -118,33 +118,21 @@ def _stderr_is_journal() -> bool:
     return (info.st_dev, info.st_ino) == (dev, ino)
 
 
-def report(lines: list[str], priority: Priority = Priority.ERR, **fields: object) -> None:
-    """Start-up problems: one line each, on stderr, or as journal records under systemd.
+def report(lines: list[str], priority: Priority = Priority.ERR) -> None:
+    """Start-up problems: one line each on stderr.
 
-    Under systemd stderr already goes to the journal; a structured record instead of a
-    plain line gives it its priority and ACTION=error, and it is not there twice.
+    Under systemd stderr is a journal stream: a "<N>" prefix gives each line its
+    priority (SyslogLevelPrefix=), and the stream carries the unit, so the line is
+    found by `journalctl -u portagent` even though the process exits at once (a
+    native journal record from a process that is gone may lose its unit).
     """
-    if _stderr_is_journal():
-        try:
-            from systemd import journal
-
-            for line in lines:
-                journal.send(
-                    line,
-                    PRIORITY=int(priority),
-                    SYSLOG_IDENTIFIER=IDENTIFIER,
-                    ACTION="error",
-                    **{k.upper(): str(v) for k, v in fields.items()},
-                )
-            return
-        except (ImportError, OSError):
-            pass  # journald unreachable: stderr still reaches it or the terminal
+    prefix = f"<{int(priority)}>" if _stderr_is_journal() else ""
     for line in lines:
-        print(line, file=sys.stderr, flush=True)
+        print(prefix + line, file=sys.stderr, flush=True)
 
 
 def fail(lines: list[str], status: int) -> int:
-    report(lines, EXIT_STATUS=status)
+    report(lines)
     return status
 
 

@@ -9,6 +9,7 @@ the state the previous one left (one grant, active for the whole run).
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -223,11 +224,22 @@ def test_reload_with_a_bad_config_keeps_the_running_one(lab: PackagingLab) -> No
 
 def test_config_check_before_start(lab: PackagingLab) -> None:
     c = lab.container
-    # Still the bad config from the previous step: ExecStartPre refuses to start...
+    lab.wait_active()
+    # Still the bad config from the previous step: the daemon refuses before touching
+    # the kernel and exits 78, which systemd does not retry: the unit fails once.
     result = c.exec(["systemctl", "restart", "portagent"], check=False)
     assert result.returncode != 0
-    log = c.exec(["journalctl", "--no-pager", "-u", "portagent", "-n", "20"]).stdout
-    assert "policy.min_prefix_v4: must be 0..32" in log, log
+    failed = c.unit("ActiveState", "Result", "ExecMainStatus", "NRestarts")
+    assert failed["ActiveState"] == "failed", failed
+    assert failed["Result"] == "exit-code" and failed["ExecMainStatus"] == "78", failed
+    time.sleep(3)  # longer than RestartSec=2s: a restart would have happened by now
+    later = c.unit("ActiveState", "NRestarts")
+    assert later == {"ActiveState": "failed", "NRestarts": failed["NRestarts"]}, later
+    log = c.exec(["journalctl", "--no-pager", "-u", "portagent", "-p", "err",
+                  "-n", "30"]).stdout
+    wanted = "portagentd: /etc/portagent/agent.toml: policy.min_prefix_v4: must be 0..32"
+    lines = [line for line in log.splitlines() if wanted in line]
+    assert len(lines) == 1, log
     # ...and the kernel keeps enforcing the active grant meanwhile (fail-safe).
     assert lab.can_connect()
     assert "inet portagent" in lab.nft_tables()
