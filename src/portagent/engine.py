@@ -1108,7 +1108,7 @@ class Engine:
     def _refused(self, command: _Command, error: PortagentError) -> None:
         # Unverified bytes are never parsed (only a trusted key's signature lets bytes
         # reach the protobuf parser): the record names them by digest and size.
-        fields: dict[str, object] = {"REASON": error.reason}
+        fields: dict[str, object] = {"REASON": error.reason, **error.verified_fields}
         if command.signed is not None:
             fields["KEY_ID"] = command.signed.key_id[:MAX_LOGGED_VALUE]
             fields["PAYLOAD_SHA256"] = hashlib.sha256(command.signed.payload).hexdigest()
@@ -1118,7 +1118,7 @@ class Engine:
         self.hub.publish(
             EventKind.GRANT_REFUSED,
             grant_id=str(fields.get("GRANT_ID", "")),
-            subject="",
+            subject=str(fields.get("SUBJECT", "")),
             reason=error.reason,
         )
         self._events.emit(

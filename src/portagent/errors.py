@@ -33,6 +33,9 @@ class PortagentError(Exception):
         self.message = message
         if reason is not None:
             self.reason = reason
+        # Audit fields (GRANT_ID, SUBJECT, ...) of a grant whose signature verified before
+        # it was refused; never filled from bytes no trusted key signed.
+        self.verified_fields: dict[str, object] = {}
 
 
 class InvalidGrant(PortagentError):
