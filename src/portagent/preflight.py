@@ -497,6 +497,7 @@ class NamespaceLock:
     def __init__(self, name: bytes = LOCK_NAME) -> None:
         self.name = name
         self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -510,7 +511,10 @@ class NamespaceLock:
             raise
         sock.listen(16)
         self._sock = sock
-        threading.Thread(target=self._answer, args=(sock,), name="netns-lock", daemon=True).start()
+        self._thread = threading.Thread(
+            target=self._answer, args=(sock,), name="netns-lock", daemon=True
+        )
+        self._thread.start()
 
     @staticmethod
     def _answer(sock: socket.socket) -> None:
@@ -525,6 +529,9 @@ class NamespaceLock:
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept()
+            # A thread still inside accept() keeps the socket, and so the name, alive.
+            if self._thread is not None:
+                self._thread.join(timeout=2.0)
             self._sock.close()
             self._sock = None
 
