@@ -22,6 +22,10 @@ from portagent.v1 import agent_pb2_grpc
 
 DEFAULT_TIMEOUT = 10.0
 LIST_PAGE_SIZE = 1000
+# What one BatchApplyGrants request may carry: the agent refuses more before parsing
+# (10,000 grants, 8 MiB); the byte budget leaves room for the envelope.
+BATCH_MAX_GRANTS = 10_000
+BATCH_MAX_BYTES = 4 * 1024 * 1024
 # The agent aborts with details "REASON: message" (UPPER_SNAKE reason first).
 _AGENT_REASON = re.compile(r"[A-Z][A-Z0-9_]*: ")
 
@@ -121,16 +125,29 @@ class AgentClient:
         response = self._call("ApplyGrant", pb.ApplyGrantRequest(signed_grant=signed_grant))
         return response.status
 
-    def apply_batch(
-        self, signed_grants: list[pb.SignedGrant], chunk: int = 50_000
-    ) -> list[pb.BatchApplyGrantResult]:
-        """Apply many grants; each chunk is verified per grant and enforced in one kernel
-        transaction. One result per grant, in order (refusals included, not raised)."""
+    def apply_batch(self, signed_grants: list[pb.SignedGrant]) -> list[pb.BatchApplyGrantResult]:
+        """Apply many grants; each request is verified per grant and enforced in one kernel
+        transaction. One result per grant, in order (refusals included, not raised).
+
+        Requests stay within what the agent accepts: at most BATCH_MAX_GRANTS grants and
+        BATCH_MAX_BYTES bytes each (the agent refuses larger ones before parsing)."""
         results: list[pb.BatchApplyGrantResult] = []
-        for start in range(0, len(signed_grants), chunk):
-            request = pb.BatchApplyGrantsRequest(signed_grants=signed_grants[start : start + chunk])
-            results.extend(self._call("BatchApplyGrants", request).results)
+        chunk: list[pb.SignedGrant] = []
+        size = 0
+        for signed in signed_grants:
+            entry = signed.ByteSize() + 8  # tag and length prefix
+            if chunk and (len(chunk) >= BATCH_MAX_GRANTS or size + entry > BATCH_MAX_BYTES):
+                results.extend(self._apply_chunk(chunk))
+                chunk, size = [], 0
+            chunk.append(signed)
+            size += entry
+        if chunk:
+            results.extend(self._apply_chunk(chunk))
         return results
+
+    def _apply_chunk(self, chunk: list[pb.SignedGrant]) -> list[pb.BatchApplyGrantResult]:
+        request = pb.BatchApplyGrantsRequest(signed_grants=chunk)
+        return list(self._call("BatchApplyGrants", request).results)
 
     def revoke(self, signed_revocation: pb.SignedRevocation) -> pb.GrantStatus | None:
         """The grant's status after revocation, or None when the agent never saw it."""
