@@ -11,14 +11,13 @@ import os
 import random
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faults import Burst, after_fault_problems
 from hostile import (
-    APPLY,
     EXPIRY_BOUND,
     GUARDED,
     HEALTH,
@@ -26,16 +25,12 @@ from hostile import (
     TCP_PORT,
     UDP_PORT,
     Arena,
-    apply_request,
-    envelope,
     lab_config_copy,
     record_result,
 )
 
-from portagent import admin
 from portagent.testing.lab import BIN, Lab
 from portagent.testing.netns import wait_until
-from portagent.v1 import agent_pb2 as pb
 
 pytestmark = pytest.mark.root
 
@@ -60,22 +55,6 @@ def repair_seconds(arena: Arena, expected: set[tuple[str, str, int, int]], limit
     if wait_until(lambda: arena.kernel_elements() == expected, limit, interval=0.02):
         return time.monotonic() - started
     return None
-
-
-def elements_within_committed_grants(arena: Arena) -> list[str]:
-    """Every kernel element belongs to an active grant in the store and ends no later than
-    that grant (plus the documented bound). Returns the problems found."""
-    records = admin.call(arena.lab.admin_socket, {"op": "list"}, timeout=10.0)
-    now = time.time()
-    left = {r["handle"]: r["expire_time"] - now for r in records if r["state"] == "active"}
-    problems = []
-    for handle, expires in arena.lab.element_timeouts():
-        if handle not in left:
-            problems.append(f"element of handle {handle}: no active grant in the store")
-        elif expires > left[handle] + EXPIRY_BOUND:
-            problems.append(f"element of handle {handle} expires in {expires:.1f}s, "
-                            f"its grant in {left[handle]:.1f}s")
-    return problems
 
 
 @pytest.mark.parametrize("tamper", ["foreign-element", "foreign-rule", "delete-table",
@@ -115,69 +94,6 @@ def test_tampering_is_repaired_within_a_second(arena: Arena, tamper: str) -> Non
     arena.check(probe=False)  # the client's v6 address is granted here
 
 
-class Burst:
-    """Legitimate applies fired back to back from a thread (short TTLs, TEST-NET sources),
-    remembering which ones the agent acknowledged."""
-
-    def __init__(self, arena: Arena) -> None:
-        self.arena = arena
-        self.sent: dict[str, bytes] = {}
-        self.acked: dict[str, float] = {}  # grant id -> expire time
-        self.codes: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.rng = random.Random(os.getpid())
-
-    def _run(self) -> None:
-        subnet = self.arena.lab.net.subnet
-        deadline = time.monotonic() + 60
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            now = time.time()
-            ttl = self.rng.uniform(2.0, 6.0)
-            source = f"198.51.{subnet}.{self.rng.randint(1, 254)}"
-            signed = self.arena.signer.grant(now, source_prefixes=[source],
-                                             port_start=TCP_PORT, ttl=ttl)
-            grant_id = pb.Grant.FromString(signed.payload).grant_id
-            message = apply_request(envelope(signed))
-            self.sent[grant_id] = message
-            try:
-                reply = self.arena.worker.call(APPLY, message, timeout=3.0)
-            except RuntimeError:
-                return
-            self.codes[reply["code"]] = self.codes.get(reply["code"], 0) + 1
-            if reply["code"] == "OK":
-                self.acked[grant_id] = now + ttl
-            elif reply["code"] != "UNAVAILABLE":
-                self.arena.ledger.violate(f"burst apply: {reply['code']} {reply.get('details')}")
-            if reply["code"] == "UNAVAILABLE":
-                time.sleep(0.05)
-
-    def __enter__(self) -> Burst:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
-def after_fault_problems(arena: Arena, burst: Burst) -> list[str]:
-    """The store holds only what was sent, everything acknowledged and still valid, and the
-    kernel only elements of committed grants, none outliving its grant."""
-    records = admin.call(arena.lab.admin_socket, {"op": "list"}, timeout=10.0)
-    active = {r["grant_id"] for r in records if r["state"] == "active"}
-    known = set(burst.sent) | set(arena.legit)
-    problems = [f"store holds unsent grant {g}" for g in sorted(active - known)]
-    now = time.time()
-    for grant_id, expires in burst.acked.items():
-        if expires > now + 1.0 and grant_id not in active:
-            problems.append(f"acknowledged grant {grant_id} lost ({expires - now:.1f}s left)")
-    problems += elements_within_committed_grants(arena)
-    if arena.worker.probe(arena.lab.net.server_ip, TCP_PORT):
-        problems.append("a never-granted source connects")
-    return problems
-
-
 def test_sigkill_during_bursts_keeps_kernel_within_the_store(arena: Arena) -> None:
     rng = random.Random(7)
     problems: list[str] = []
@@ -190,7 +106,9 @@ def test_sigkill_during_bursts_keeps_kernel_within_the_store(arena: Arena) -> No
             arena.lab.start_agent()
             restarts.append(round(time.monotonic() - started, 3))
             # Checked while the burst goes on: the invariants hold at any moment.
-            problems += [f"round {round_no}: {p}" for p in after_fault_problems(arena, burst)]
+            with burst.paused():
+                problems += [f"round {round_no}: {p}"
+                             for p in after_fault_problems(arena, burst)]
     problems += after_fault_problems(arena, burst)
     record_result("sigkill_loop", {"rounds": KILL_ROUNDS, "restart_seconds": restarts,
                                    "applies": burst.codes, "acked": len(burst.acked)})

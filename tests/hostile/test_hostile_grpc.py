@@ -17,7 +17,7 @@ import secrets
 from collections import Counter
 
 import pytest
-from attacks import Forge, catalogue, hostile_case
+from attacks import Forge, catalogue, run_generated
 from hostile import (
     APPLY,
     BATCH,
@@ -29,8 +29,6 @@ from hostile import (
     vm_hwm_kib,
     vm_rss_kib,
 )
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 
 from portagent.broker.pki import init_dev_setup
 from portagent.model import parse_port_spec
@@ -67,42 +65,9 @@ def test_every_named_attack_is_refused_specifically(arena: Arena) -> None:
 
 
 def test_generated_hostile_requests_change_nothing(arena: Arena) -> None:
-    """BATCHES x PER_BATCH generated requests; the oracle after every batch.
-
-    Hypothesis generates, but never sees a failure: replaying or shrinking an example
-    against a live daemon whose state the previous examples changed is not reproducible
-    (FlakyStrategyDefinition). Failures are collected and asserted after the run.
-    """
+    """BATCHES x PER_BATCH generated requests; the oracle after every batch."""
     since = len(arena.ledger.violations)
-    failures: list[str] = []
-
-    @settings(
-        max_examples=BATCHES,
-        deadline=None,
-        database=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(data=st.data())
-    def batch(data: st.DataObject) -> None:
-        if len(failures) >= 10 or arena.lab.agent is None or arena.lab.agent.poll() is not None:
-            return
-        forge = Forge(arena)
-        label = "generated batch"
-        try:
-            for _ in range(PER_BATCH):
-                case = data.draw(hostile_case(forge))
-                label = f"{case.category}/{case.name}"
-                arena.fire(case)
-                if CHECK_EACH:  # pinpoints the request that broke an invariant (slow)
-                    arena.sweep(label)
-                    arena.check(probe=False)
-            arena.sweep("generated batch")
-            arena.check()
-        except AssertionError as exc:
-            failures.append(f"after {label}: {exc}")
-
-    batch()
+    failures = run_generated(arena, BATCHES, PER_BATCH, check_each=CHECK_EACH)
     record_result("hostile_generated", {"fired": dict(arena.ledger.fired),
                                         "total": arena.ledger.total, "failures": failures})
     assert not failures, "\n".join(failures) + "\n" + arena.ledger.summary()

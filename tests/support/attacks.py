@@ -29,6 +29,7 @@ from hostile import (
     fresh_id,
     revoke_request,
 )
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from portagent.codec import timestamp
@@ -630,3 +631,43 @@ def _semantic_fields(draw: st.DrawFn, forge: Forge) -> dict[str, Any]:
     if "not_before" in fields:
         fields["expire_time"] = timestamp(now + 7300)
     return fields
+
+
+def run_generated(arena: Arena, batches: int, per_batch: int, *, check_each: bool = False
+                  ) -> list[str]:
+    """Fire `batches` x `per_batch` generated requests, the oracle after every batch;
+    returns the invariant failures (request-level ones go to the arena's ledger).
+
+    Hypothesis generates but never sees a failure: replaying or shrinking an example
+    against a live daemon whose state earlier examples changed is not reproducible
+    (FlakyStrategyDefinition), so failures are collected and asserted by the caller.
+    """
+    failures: list[str] = []
+
+    @settings(max_examples=batches, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def batch(data: st.DataObject) -> None:
+        agent = arena.lab.agent
+        if len(failures) >= 10 or agent is None or agent.poll() is not None:
+            return
+        forge = Forge(arena)
+        label = "generated batch"
+        try:
+            for _ in range(per_batch):
+                case = data.draw(hostile_case(forge))
+                label = f"{case.category}/{case.name}"
+                arena.fire(case)
+                if check_each:  # pinpoints the request that broke an invariant (slow)
+                    arena.sweep(label)
+                    arena.check(probe=False)
+            arena.sweep("generated batch")
+            arena.check()
+        except AssertionError as exc:
+            failures.append(f"after {label}: {exc}")
+
+    batch()
+    agent = arena.lab.agent
+    if agent is None or agent.poll() is not None:
+        failures.append(f"portagentd exited ({agent.returncode if agent else None})")
+    return failures
