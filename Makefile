@@ -26,7 +26,8 @@ STAMP_BENCH_APT := .cache/bench-apt.stamp
 PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto
 PB_OUT := src/portagent/v1/agent_pb2.py src/portagent/health/v1/health_pb2.py
 
-.PHONY: all deps venv proto test test-unit lint proto-lint demo deb test-packaging bench clean
+.PHONY: all deps venv proto test test-unit test-soak lint proto-lint demo deb test-packaging \
+	test-clean-root bench clean
 
 all: venv
 
@@ -86,6 +87,10 @@ test: venv lint
 test-unit: venv
 	$(PY) -m pytest tests/unit
 
+# Long fault/soak runs (marker `soak`), which `make test` skips (pyproject addopts).
+test-soak: venv
+	$(PY) -m pytest -m soak tests
+
 demo: venv
 	$(PY) scripts/demo.py
 
@@ -96,6 +101,12 @@ deb: $(STAMP_APT_PKG) $(STAMP_APT)
 # Build the .deb, install it into a cached bookworm rootfs, boot systemd there.
 test-packaging: venv $(STAMP_APT_PKG)
 	$(PY) -m pytest -m packaging tests/packaging
+
+# The README's quick start, verbatim, in a clean bookworm root (the packaging test's
+# cached rootfs under a throwaway overlay, `git archive HEAD` copied in): catches a
+# set-up step that only works because this machine has something installed by hand.
+test-clean-root: $(STAMP_APT_PKG)
+	bash scripts/clean-root-check.sh
 
 $(STAMP_BENCH_APT): | $(STAMP_APT)
 	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
