@@ -55,7 +55,10 @@ def test_unit_is_the_one_described() -> None:
     values = dict(pairs)
     assert values["Type"] == "notify"
     assert values["ExecStart"].startswith("/usr/sbin/portagentd --config /etc/portagent/")
-    assert values["ExecStartPre"].startswith("/usr/sbin/portagentd --check-config")
+    # The main process checks everything and exits 78: RestartPreventExitStatus= covers
+    # it, where an ExecStartPre= check would be retried until the start limit.
+    assert "ExecStartPre" not in values
+    assert values["RestartPreventExitStatus"] == "78"
     assert values["CapabilityBoundingSet"] == "CAP_NET_ADMIN"
     assert values["RestrictAddressFamilies"].split() == [
         "AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]
