@@ -316,10 +316,9 @@ def parse_grant(payload: bytes, key_id: str, host_id: str) -> Grant:
     issue_time = _time(msg, "issue_time", "INVALID_VALIDITY")
     if expire_time <= 0:
         raise InvalidGrant("expire_time: required", reason="INVALID_VALIDITY")
-    start = not_before or issue_time
-    if expire_time <= start:
+    if expire_time <= max(not_before, issue_time):
         raise InvalidGrant(
-            "expire_time: must be after not_before (TTL must be positive)",
+            "expire_time: must be after not_before and issue_time (TTL must be positive)",
             reason="INVALID_VALIDITY",
         )
     return Grant(
