@@ -14,6 +14,7 @@ path; `verify_grant` adds only the validity window and this agent's policy.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -108,6 +109,9 @@ def clip(value: object, limit: int = CLIP) -> str:
     return repr(value)
 
 
+# Pure and deterministic, so cached: a restart re-parses the same few client networks
+# in thousands of stored grants. Failures are not cached (they raise).
+@functools.lru_cache(maxsize=4096)
 def parse_network(text: str) -> IPNetwork:
     """The one parse of a source text into a network, for the agent and the broker.
 
