@@ -362,6 +362,17 @@ class Verifier:
     def _check_signature(
         self, payload: bytes, signature: bytes, key_id: str, what: str, limit: int
     ) -> None:
+        # Callers hand over store columns too: a wrong type is a refusal, not a TypeError.
+        if not isinstance(payload, bytes):
+            raise InvalidGrant(
+                f"{what}: {type(payload).__name__}, not bytes", reason=f"MALFORMED_{what.upper()}"
+            )
+        if not isinstance(key_id, str):
+            raise GrantDenied(f"key_id: {type(key_id).__name__}, not text", reason="UNKNOWN_KEY")
+        if not isinstance(signature, bytes):
+            raise GrantDenied(
+                f"signature: {type(signature).__name__}, not bytes", reason="BAD_SIGNATURE"
+            )
         if len(payload) > limit:
             raise InvalidGrant(
                 f"{what}: {len(payload)} bytes, at most {limit}",

@@ -414,6 +414,28 @@ def test_stored_grant_for_another_host_is_refused(signer: TestSigner) -> None:
     assert info.value.reason == "WRONG_HOST"
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "reason"),
+    [
+        ("payload", "text", "MALFORMED_GRANT"),
+        ("payload", None, "MALFORMED_GRANT"),
+        ("payload", 42, "MALFORMED_GRANT"),
+        ("signature", "text", "BAD_SIGNATURE"),
+        ("signature", None, "BAD_SIGNATURE"),
+        ("key_id", b"test-key", "UNKNOWN_KEY"),
+        ("key_id", None, "UNKNOWN_KEY"),
+    ],
+)
+def test_stored_columns_of_the_wrong_type_are_refusals(
+    signer: TestSigner, verifier: Verifier, column: str, value: object, reason: str
+) -> None:
+    row = dict(zip(("payload", "signature", "key_id"), _triple(signer.grant(NOW)), strict=True))
+    row[column] = value
+    with pytest.raises(PortagentError) as info:
+        verifier.verify_stored_grant(row["payload"], row["signature"], row["key_id"])  # type: ignore[arg-type]
+    assert info.value.reason == reason
+
+
 def test_both_entry_points_return_the_same_grant(signer: TestSigner, verifier: Verifier) -> None:
     signed = signer.grant(
         NOW,
