@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from ipaddress import ip_network
-
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from portagent.events import AgentEvent, EventKind
-from portagent.model import Flow, Grant, GrantRecord, GrantState, PortRange, Protocol
+from portagent.model import Flow, Grant, GrantRecord, GrantState, Protocol
 from portagent.usage import GrantUsage
 from portagent.v1 import agent_pb2 as pb
 
@@ -116,45 +114,3 @@ def event_to_pb(event: AgentEvent) -> pb.Event:
     return message
 
 
-def grant_from_pb(msg: pb.Grant) -> Grant:
-    """A Grant from a message that was verified when it was first accepted (store reload).
-
-    Policy checks live in `portagent.verify`; this only converts.
-    """
-    return Grant(
-        grant_id=msg.grant_id,
-        host_id=msg.host_id,
-        subject=msg.subject,
-        sources=tuple(ip_network(text) for text in msg.source_prefixes),
-        protocol=PROTOCOL_FROM_PB[msg.protocol],
-        ports=PortRange(msg.port_start, msg.port_end or msg.port_start),
-        not_before=seconds_of(msg.not_before),
-        expire_time=seconds_of(msg.expire_time),
-        issue_time=seconds_of(msg.issue_time),
-        key_id=msg.key_id,
-        reason=msg.reason,
-        keep_established=msg.options.keep_established,
-        max_connections=msg.options.max_connections,
-    )
-
-
-def describe_unverified(payload: bytes) -> dict[str, object]:
-    """Audit fields from grant bytes that failed verification (best effort, never trusted)."""
-    try:
-        msg = pb.Grant.FromString(payload)
-    except Exception:
-        return {}
-    fields: dict[str, object] = {
-        "GRANT_ID": msg.grant_id[:64] or None,
-        "SUBJECT": msg.subject[:256] or None,
-        "SOURCE": [s[:64] for s in msg.source_prefixes[:8]] or None,
-        "PORT": (
-            f"{msg.port_start}-{msg.port_end}"
-            if msg.port_end not in (0, msg.port_start)
-            else str(msg.port_start)
-        )
-        if msg.port_start
-        else None,
-        "PROTOCOL": {pb.PROTOCOL_TCP: "tcp", pb.PROTOCOL_UDP: "udp"}.get(msg.protocol),
-    }
-    return {k: v for k, v in fields.items() if v is not None}

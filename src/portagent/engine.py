@@ -55,7 +55,7 @@ from portagent.plan import (
 from portagent.render import KernelState, Layout
 from portagent.settings import Settings
 from portagent.store import BadRow, Store, StoredGrant, StoreError
-from portagent.verify import Revocation, Verifier
+from portagent.verify import Revocation, Verifier, audit_fields
 
 # Ended grants remembered for late connection events (a dict keeps insertion order).
 MAX_ENDED_REMEMBERED = 10_000
@@ -584,43 +584,11 @@ class Engine:
             grant = self._verifier.verify_grant(
                 signed.payload, signed.signature, signed.key_id, now
             )
-            if grant.grant_id in self._revoked:
-                raise GrantNotInWindow(
-                    f"grant_id: {grant.grant_id!r} was revoked; it never reopens",
-                    reason="GRANT_REVOKED",
-                )
-            known = staged.get(grant.grant_id) or self._table.get(grant.grant_id)
-            if known is not None:
-                if known.grant_bytes != signed.payload:
-                    raise GrantConflict(
-                        f"grant_id: {grant.grant_id!r} is already known with different content"
-                    )
-                if known.state is GrantState.REVOKED:
-                    raise GrantNotInWindow(
-                        f"grant_id: {grant.grant_id!r} was revoked; it never reopens",
-                        reason="GRANT_REVOKED",
-                    )
-                return known  # idempotent re-delivery
-            issued = grant.issue_time or grant.not_before
-            if issued < self._epoch:
-                # It may have been revoked in a state that was lost: only a grant issued
-                # after this state began can be told apart from a replay.
-                raise GrantNotInWindow(
-                    f"issue_time: grant was issued at {issued:.3f}, before this agent's state "
-                    f"began at {self._epoch:.3f}; the broker must issue it again",
-                    reason="GRANT_PREDATES_STATE",
-                )
-            record = GrantRecord(
-                grant=grant,
-                handle=0,
-                grant_bytes=signed.payload,
-                signature=signed.signature,
-                state=GrantState.ACTIVE,
-                apply_time=now,
-            )
-            staged[grant.grant_id] = record
-            pending.inserts.append(record)
-            return record
+            try:
+                return self._stage_apply(grant, signed, now, staged, pending)
+            except PortagentError as exc:
+                exc.verified_fields = audit_fields(grant)
+                raise
         if command.kind == "revoke":
             assert command.signed is not None
             signed = command.signed
@@ -633,6 +601,54 @@ class Engine:
         return self._stage_revoke(
             command.grant_id, now, staged, pending, None, command.actor, must_exist=True
         )
+
+    def _stage_apply(
+        self,
+        grant: Grant,
+        signed: SignedInput,
+        now: float,
+        staged: dict[str, GrantRecord],
+        pending: _Pending,
+    ) -> GrantRecord:
+        """A verified grant against what this agent knows: revoked ids, idempotent
+        re-delivery, the store epoch."""
+        if grant.grant_id in self._revoked:
+            raise GrantNotInWindow(
+                f"grant_id: {grant.grant_id!r} was revoked; it never reopens",
+                reason="GRANT_REVOKED",
+            )
+        known = staged.get(grant.grant_id) or self._table.get(grant.grant_id)
+        if known is not None:
+            if known.grant_bytes != signed.payload:
+                raise GrantConflict(
+                    f"grant_id: {grant.grant_id!r} is already known with different content"
+                )
+            if known.state is GrantState.REVOKED:
+                raise GrantNotInWindow(
+                    f"grant_id: {grant.grant_id!r} was revoked; it never reopens",
+                    reason="GRANT_REVOKED",
+                )
+            return known  # idempotent re-delivery
+        issued = grant.issue_time or grant.not_before
+        if issued < self._epoch:
+            # It may have been revoked in a state that was lost: only a grant issued
+            # after this state began can be told apart from a replay.
+            raise GrantNotInWindow(
+                f"issue_time: grant was issued at {issued:.3f}, before this agent's state "
+                f"began at {self._epoch:.3f}; the broker must issue it again",
+                reason="GRANT_PREDATES_STATE",
+            )
+        record = GrantRecord(
+            grant=grant,
+            handle=0,
+            grant_bytes=signed.payload,
+            signature=signed.signature,
+            state=GrantState.ACTIVE,
+            apply_time=now,
+        )
+        staged[grant.grant_id] = record
+        pending.inserts.append(record)
+        return record
 
     def _stage_revoke(
         self,
@@ -1095,11 +1111,7 @@ class Engine:
             action,
             f"{message}: {grant.grant_id} {grant.subject} -> {grant.ports}/{grant.protocol.value}",
             priority,
-            GRANT_ID=grant.grant_id,
-            SUBJECT=grant.subject,
-            SOURCE=[str(s) for s in grant.sources],
-            PORT=str(grant.ports),
-            PROTOCOL=grant.protocol.value,
+            **audit_fields(grant),
             EXPIRE_TIME=f"{grant.expire_time:.3f}",
             HANDLE=record.handle,
             **extra,

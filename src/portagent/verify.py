@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from portagent.codec import PROTOCOL_FROM_PB, seconds_of
-from portagent.errors import GrantDenied, GrantNotInWindow, InvalidGrant
+from portagent.errors import GrantDenied, GrantNotInWindow, InvalidGrant, PortagentError
 from portagent.model import Grant, GuardedPort, IPNetwork, PortRange, Protocol
 from portagent.settings import Policy, TrustedKey
 from portagent.v1 import agent_pb2 as pb
@@ -351,6 +351,17 @@ def parse_revocation(payload: bytes, key_id: str, host_id: str) -> Revocation:
     return Revocation(msg.grant_id, msg.host_id, issued, msg.key_id, msg.reason)
 
 
+def audit_fields(grant: Grant) -> dict[str, object]:
+    """What a log record says about a grant (journald field names)."""
+    return {
+        "GRANT_ID": grant.grant_id,
+        "SUBJECT": grant.subject,
+        "SOURCE": [str(s) for s in grant.sources],
+        "PORT": str(grant.ports),
+        "PROTOCOL": grant.protocol.value,
+    }
+
+
 class Verifier:
     """Checks signed grants and revocations against this host's trust and policy."""
 
@@ -406,8 +417,12 @@ class Verifier:
     def verify_grant(self, grant_bytes: bytes, signature: bytes, key_id: str, now: float) -> Grant:
         """A grant from the wire: `verify_stored_grant`, then policy, then the window."""
         grant = self.verify_stored_grant(grant_bytes, signature, key_id)
-        self._check_policy(grant)
-        self._check_window(grant, now)
+        try:
+            self._check_policy(grant)
+            self._check_window(grant, now)
+        except PortagentError as exc:
+            exc.verified_fields = audit_fields(grant)  # signed: fit for the audit record
+            raise
         return grant
 
     def _check_policy(self, grant: Grant) -> None:
