@@ -87,6 +87,10 @@ def test_soak_peak_memory_per_hostile_request(arena: Arena) -> None:
     raw = forge.legit_bytes()
     figures = {}
     requests = {
+        # The largest batch the agent accepts (10,000 entries), then one it must refuse.
+        "batch-10000-bad-signatures": (BATCH, pb.BatchApplyGrantsRequest(signed_grants=[
+            pb.SignedGrant(grant=raw, signature=bytes(64), key_id=arena.signer.key_id)
+        ] * 10_000).SerializeToString()),
         "batch-100000-bad-signatures": (BATCH, pb.BatchApplyGrantsRequest(signed_grants=[
             pb.SignedGrant(grant=raw, signature=bytes(64), key_id=arena.signer.key_id)
         ] * 100_000).SerializeToString()),

@@ -208,7 +208,8 @@ def semantic_cases(forge: Forge) -> list[Case]:
     add("not-yet-valid", allowed=frozenset({"FAILED_PRECONDITION"}),
         not_before=timestamp(now + 3600), expire_time=timestamp(now + 3900))
     add("expired", allowed=frozenset({"FAILED_PRECONDITION"}),
-        not_before=timestamp(now - 600), expire_time=timestamp(now - 300))
+        not_before=timestamp(now - 600), issue_time=timestamp(now - 600),
+        expire_time=timestamp(now - 300))
     add("no-expiry", allowed=INVALID, expire_time=None)
     for host in ("host-b", f"{HOST_ID} ", HOST_ID.upper(), f"{HOST_ID}\x00", "", "h" * 10_000):
         add(f"wrong-host-{host[:12]!r}", allowed=REFUSE_ARG_OR_DENY, host_id=host)
