@@ -18,7 +18,6 @@ import grp
 import json
 import os
 import pwd
-import re
 import socket
 import socketserver
 import struct
@@ -37,6 +36,7 @@ from portagent.errors import PortagentError
 from portagent.events import AgentEvent
 from portagent.model import Flow, GrantRecord
 from portagent.usage import GrantUsage, UsageReader
+from portagent.verify import GRANT_ID_PATTERN
 
 MAX_REQUEST = 64 * 1024
 # A client must send its request line within this; it also bounds each write of an
@@ -45,7 +45,6 @@ REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32
 MAX_INT_DIGITS = 20
 MAX_SEQUENCE = 2**63 - 1
-GRANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # op -> its fields besides "op" (required ones are checked in parse_request).
 OPS: dict[str, frozenset[str]] = {
     "list": frozenset(),
@@ -118,7 +117,7 @@ def parse_request(line: bytes) -> dict[str, Any]:
             raise BadRequest(f"{_clip(key)}: unknown field for op {op!r}")
     if "grant_id" in OPS[op]:
         grant_id = request.get("grant_id")
-        if not isinstance(grant_id, str) or not GRANT_ID.fullmatch(grant_id):
+        if not isinstance(grant_id, str) or not GRANT_ID_PATTERN.fullmatch(grant_id):
             raise BadRequest("grant_id: required, 1-64 characters of [A-Za-z0-9._-]")
     if op == "events":
         after = request.setdefault("after", 0)

@@ -22,7 +22,6 @@ Resource limits (every one refuses at once with a specific status, never queues)
 from __future__ import annotations
 
 import base64
-import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -40,6 +39,7 @@ from portagent.settings import ApiSettings
 from portagent.usage import GrantUsage, UsageReader
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import agent_pb2_grpc
+from portagent.verify import GRANT_ID_PATTERN
 
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 100
@@ -66,7 +66,6 @@ MAX_UNARY = 64
 SPARE_WORKERS = 8
 MAX_DETAIL_CHARS = 1024
 MAX_ECHO_CHARS = 128
-_GRANT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
@@ -357,7 +356,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         request: pb.GetGrantRequest,
         context: grpc.ServicerContext,
     ) -> pb.GrantStatus:
-        if not _GRANT_ID.fullmatch(request.grant_id):
+        if not GRANT_ID_PATTERN.fullmatch(request.grant_id):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"INVALID_GRANT_ID: grant_id: {clip(request.grant_id)!r} "
@@ -380,8 +379,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         after = ""
         if request.page_token:
             try:
-                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
+                # validate=True: urlsafe_b64decode would silently drop foreign characters.
+                after = base64.b64decode(
+                    request.page_token.encode(), altchars=b"-_", validate=True
+                ).decode()
             except (ValueError, UnicodeDecodeError):
+                after = ""
+            if not GRANT_ID_PATTERN.fullmatch(after):
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "INVALID_PAGE_TOKEN: page_token is not one this agent issued",
