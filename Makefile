@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 STAMP_APT := .cache/apt.stamp
 STAMP_VENV := $(VENV)/.installed
 
-# Debian packages the agent, the tests and the demo need at run time.
+# Debian packages the agent, the tests and the demo need at run time. netbase: its
+# /etc/protocols lets nft print "tcp"/"udp" (numbers without it), which tests compare.
 APT_PACKAGES := nftables libnftables1 conntrack iproute2 protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
-	libsystemd-dev pkg-config python3-venv python3-dev gcc systemd procps
+	libsystemd-dev pkg-config python3-venv python3-dev gcc systemd procps netbase
 
 # Debian packages to build the .deb and run the packaging test (make test needs none of them).
 APT_PACKAGING := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all \
@@ -31,7 +32,9 @@ PB_OUT := src/portagent/v1/agent_pb2.py src/portagent/health/v1/health_pb2.py
 
 all: venv
 
-$(STAMP_APT):
+# Each stamp depends on this Makefile: a package added to a list gets installed on
+# machines set up before (the recipe only installs what is missing).
+$(STAMP_APT): Makefile
 	@mkdir -p .cache
 	@if [ "$$(id -u)" != 0 ]; then echo "make: run as root (apt packages, network namespaces)"; exit 1; fi
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -43,7 +46,7 @@ $(STAMP_APT):
 
 deps: $(STAMP_APT)
 
-$(STAMP_APT_PKG): | $(STAMP_APT)
+$(STAMP_APT_PKG): Makefile | $(STAMP_APT)
 	@missing=$$(for p in $(APT_PACKAGING); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
@@ -108,7 +111,7 @@ test-packaging: venv $(STAMP_APT_PKG)
 test-clean-root: $(STAMP_APT_PKG)
 	bash scripts/clean-root-check.sh
 
-$(STAMP_BENCH_APT): | $(STAMP_APT)
+$(STAMP_BENCH_APT): Makefile | $(STAMP_APT)
 	@missing=$$(for p in $(BENCH_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing (services kept off): $$missing"; guard=; \

@@ -198,8 +198,10 @@ if command -v npm >/dev/null; then
 	fi
 fi
 # apt: the host's proxy settings, if any.
-if proxies=$(apt-config dump 2>/dev/null | grep -E '^Acquire::[a-z]+::Proxy ' || true) && [[ -n $proxies ]]; then
-	sed 's/$/;/' <<<"$proxies" >"$merged/etc/apt/apt.conf.d/99host-proxy"
+# (apt-config dump prints them as configuration lines: `Acquire::http::Proxy "...";`)
+proxies=$(apt-config dump 2>/dev/null | grep -E '^Acquire::[a-z]+::Proxy( |::)' || true)
+if [[ -n $proxies ]]; then
+	printf '%s\n' "$proxies" >"$merged/etc/apt/apt.conf.d/99host-proxy"
 fi
 
 # ---- run ---------------------------------------------------------------------------
@@ -213,10 +215,14 @@ exec 7> >(grep --line-buffered -v '^Attempted to remove disk file system under "
 tee_pid=$!
 set +e
 # /proc/sys/net writable: the daemon turns on conntrack accounting in its namespaces.
+# setpriv: nspawn hands its processes every capability as *inheritable* too, which a
+# root shell on a real host does not have; with it, dropping a capability from the
+# bounding set (as tests do to act like the systemd service) would not drop it.
 # In the background, so that the traps run while it lasts.
 SYSTEMD_NSPAWN_API_VFS_WRITABLE=network \
 	timeout --kill-after=30 "$CLEAN_ROOT_TIMEOUT" \
-	systemd-nspawn "${args[@]}" /bin/bash /run/clean-root/check.sh </dev/null >&7 2>&1 &
+	systemd-nspawn "${args[@]}" \
+	setpriv --inh-caps=-all /bin/bash /run/clean-root/check.sh </dev/null >&7 2>&1 &
 nspawn_pid=$!
 wait "$nspawn_pid"
 rc=$?
