@@ -27,7 +27,13 @@ pytestmark = pytest.mark.root
 BIN = Path(sys.executable).parent
 EX_CONFIG = 78
 # Like the service: root without CAP_DAC_OVERRIDE, so file modes bind root too.
-NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+# Inheritable too: in a container where every capability is inheritable (nspawn), the
+# bounding set alone would not keep root from overriding file modes.
+NO_DAC = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+]
 ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 EVENTS = "/proc/sys/net/netfilter/nf_conntrack_events"
 

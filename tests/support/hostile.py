@@ -392,7 +392,9 @@ class Arena:
                 val = key["elem"]["val"] if "elem" in key else key
                 parts = val.get("concat", []) if isinstance(val, dict) else []
                 if len(parts) == 3 and isinstance(parts[0], str):
-                    found.add((parts[0], str(parts[1]), int(parts[2]), int(value)))
+                    # nft prints numbers where /etc/protocols (netbase) is missing.
+                    proto = {6: "tcp", 17: "udp"}.get(parts[1], str(parts[1]))
+                    found.add((parts[0], proto, int(parts[2]), int(value)))
                 else:
                     found.add((json.dumps(val), "?", -1, int(value)))
         return found
