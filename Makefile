@@ -25,7 +25,10 @@ BENCH_APT_PACKAGES := fwknop-server fwknop-client fail2ban firewalld iptables db
 STAMP_BENCH_APT := .cache/bench-apt.stamp
 
 PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto
-PB_OUT := src/portagent/v1/agent_pb2.py src/portagent/health/v1/health_pb2.py
+# Generated code belongs to the wire distribution (same import path: portagent.v1).
+PB_OUT := wire/src/portagent/v1/agent_pb2.py wire/src/portagent/health/v1/health_pb2.py
+# The four distributions of the PEP 420 namespace `portagent`, installed editable.
+DISTS := wire agent broker testing
 
 .PHONY: all deps venv proto test test-unit test-soak lint proto-lint demo deb test-packaging \
 	test-clean-root bench clean
@@ -57,21 +60,24 @@ $(STAMP_APT_PKG): Makefile | $(STAMP_APT)
 # Debian's protoc + grpc plugin: their output imports on Debian's grpcio 1.51 /
 # protobuf 3.21 and on current PyPI releases alike (docs/adr/0002-protobuf-codegen.md).
 $(PB_OUT) &: $(PROTOS) | $(STAMP_APT)
-	cd proto && protoc -I. --python_out=../src --grpc_python_out=../src \
+	cd proto && protoc -I. --python_out=../wire/src --grpc_python_out=../wire/src \
 		--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin $(patsubst proto/%,%,$(PROTOS))
 
 proto: $(PB_OUT)
 
-$(STAMP_VENV): pyproject.toml | $(STAMP_APT)
+# One pip call resolves the four local distributions against each other (agent needs
+# portagent-wire==VERSION, which is on no index). Each editable install puts its src/
+# on sys.path; with no portagent/__init__.py anywhere, the namespace spans all four.
+$(STAMP_VENV): pyproject.toml $(DISTS:%=%/pyproject.toml) | $(STAMP_APT)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q $(DISTS:%=-e ./%) -e '.[dev]'
 	@touch $@
 
 venv: $(STAMP_VENV) $(PB_OUT)
 
 lint: venv
-	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/ruff check $(DISTS) tests bench scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -130,4 +136,4 @@ bench: venv $(STAMP_BENCH_APT)
 	$(PY) -m bench.run --out docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .cache build dist src/*.egg-info $(PB_OUT) $(PB_OUT:_pb2.py=_pb2_grpc.py)
+	rm -rf $(VENV) .cache build dist *.egg-info $(DISTS:%=%/src/*.egg-info) $(DISTS:%=%/build) $(PB_OUT) $(PB_OUT:_pb2.py=_pb2_grpc.py)

@@ -54,21 +54,32 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(path), **(extra or {}))
 
 
+# The distributions whose src/ a snapshot exports (the PEP 420 namespace `portagent`).
+DISTS = ("wire", "agent", "broker", "testing")
+
+
 def snapshot_revision(rev: str) -> str:
-    """Export `rev`'s src/ and proto/ to a temp dir, generate its protobuf modules, and
-    make every process started from now on run that agent. Returns the full commit id."""
+    """Export `rev`'s wire/, agent/, broker/, testing/ sources and proto/ to a temp dir,
+    generate its protobuf modules, and make every process started from now on run that
+    agent. Returns the full commit id."""
     commit = run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"]
                  ).stdout.strip()
+    top = run(["git", "-C", str(REPO), "ls-tree", "--name-only", commit]).stdout.split()
+    if not all(d in top for d in DISTS):
+        # Its src/portagent/__init__.py would hide this bench's own portagent.agent imports.
+        raise SystemExit(f"--rev {rev}: predates the wire/agent/broker layout; run the bench "
+                         "from a worktree of that commit instead")
     target = tempdir("src", whole_run=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src", "proto"],
+    roots = [f"{d}/src" for d in DISTS]
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, *roots, "proto"],
                              check=True, capture_output=True, timeout=60).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True, timeout=60)
     protos = [str(p.relative_to(target / "proto")) for p in (target / "proto").rglob("*.proto")]
-    subprocess.run(["protoc", "-I.", "--python_out=../src", "--grpc_python_out=../src",
+    subprocess.run(["protoc", "-I.", "--python_out=../wire/src", "--grpc_python_out=../wire/src",
                     "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", *protos],
                    cwd=target / "proto", check=True, capture_output=True, timeout=120)
-    AGENT_SRC[:] = [str(target / "src")]
-    sys.path.insert(0, str(target / "src"))
+    AGENT_SRC[:] = [str(target / r) for r in roots]
+    sys.path[:0] = AGENT_SRC
     return commit
 
 

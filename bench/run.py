@@ -89,10 +89,10 @@ def machine() -> list[str]:
 
 def git_revision() -> str:
     out = env.run(["git", "-C", str(env.REPO), "rev-parse", "--short", "HEAD"], check=False)
-    dirty = env.run(["git", "-C", str(env.REPO), "status", "--porcelain", "--", "src"],
+    dirty = env.run(["git", "-C", str(env.REPO), "status", "--porcelain", "--", *env.DISTS],
                     check=False).stdout.strip()
     rev = out.stdout.strip() or "no commit"
-    return rev + (" + uncommitted changes in src/" if dirty else "")
+    return rev + (" + uncommitted changes in " + ", ".join(env.DISTS) if dirty else "")
 
 
 def write_markdown(path: Path, ctx: Context, scenarios: list[str], argv: list[str],
@@ -149,7 +149,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--peers", default=",".join(PEERS),
                         help=f"systems for scenario 1 (default {','.join(PEERS)})")
     parser.add_argument("--rev", help="run the agent from this git revision (a snapshot of "
-                        "its src/ and proto/), not from the work tree")
+                        "its wire/, agent/, broker/, testing/ and proto/), not from the work tree")
     parser.add_argument("--seed", type=int, default=None, help="seed for the random pauses")
     return parser.parse_args(argv)
 

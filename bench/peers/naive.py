@@ -17,9 +17,10 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
-from portagent.model import Element, ElementKey, GuardedPort, PortRange, Protocol
-from portagent.plan import Plan
-from portagent.render import Layout, render_plan
+from portagent.agent.model import Element, ElementKey
+from portagent.agent.plan import Plan
+from portagent.agent.render import Layout, render_plan
+from portagent.wire.ports import GuardedPort, PortRange, Protocol
 
 TCP_PORT = 5022
 UDP_PORT = 5023

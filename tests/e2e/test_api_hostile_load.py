@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from portagent.api.grpc_server import MAX_STREAMS_PER_PEER
+from portagent.agent.api.grpc_server import MAX_STREAMS_PER_PEER
 from portagent.testing.lab import API_PORT, Lab
 
 pytestmark = pytest.mark.root

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from portagent.broker.pki import init_dev_setup
-from portagent.model import parse_port_spec
 from portagent.testing.lab import Lab
 from portagent.testing.netns import NetnsPair, run, wait_until
+from portagent.wire.ports import parse_port_spec
 
 pytestmark = pytest.mark.root
 

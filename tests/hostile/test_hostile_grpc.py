@@ -31,8 +31,8 @@ from hostile import (
 )
 
 from portagent.broker.pki import init_dev_setup
-from portagent.model import parse_port_spec
 from portagent.v1 import agent_pb2 as pb
+from portagent.wire.ports import parse_port_spec
 
 pytestmark = pytest.mark.root
 

@@ -20,6 +20,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from portagent.agent.settings import load_settings_file
+from portagent.agent.verify import Verifier
 from portagent.broker import cli, pki
 from portagent.broker.client import (
     AgentClient,
@@ -28,12 +30,10 @@ from portagent.broker.client import (
     TlsFiles,
 )
 from portagent.broker.signing import Signer, grant_request
-from portagent.errors import PortagentError
-from portagent.model import parse_port_spec
-from portagent.settings import load_settings_file
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import agent_pb2_grpc
-from portagent.verify import Verifier
+from portagent.wire.errors import PortagentError
+from portagent.wire.ports import parse_port_spec
 
 HOST = "web1"
 

@@ -31,7 +31,7 @@ from typing import TypeVar
 
 import pytest
 
-from portagent.adapters.conntrack import (
+from portagent.agent.adapters.conntrack import (
     ACCT_SYSCTL,
     EVENTS_SYSCTL,
     Conntrack,
@@ -39,8 +39,8 @@ from portagent.adapters.conntrack import (
     EventKind,
     Flow,
 )
-from portagent.errors import EnforcementError
 from portagent.testing.netns import NetnsPair
+from portagent.wire.errors import EnforcementError
 
 pytestmark = [
     pytest.mark.root,
@@ -187,7 +187,7 @@ def _read_sysctls() -> list[str | None]:
 
 def _server_call(pair: NetnsPair, function: str) -> str:
     """Call a no-argument function of the adapter in a process inside the server namespace."""
-    code = f"from portagent.adapters import conntrack; print(conntrack.{function}())"
+    code = f"from portagent.agent.adapters import conntrack; print(conntrack.{function}())"
     return pair.exec_server([sys.executable, "-c", code]).stdout.strip()
 
 

@@ -46,9 +46,14 @@ def test_package_contents(lab: PackagingLab) -> None:
     assert lab.container.exec(["getent", "group", "portagent"]).stdout.startswith("portagent:")
     # Debian's own runtime, not a vendored one: the modules come from dist-packages.
     where = lab.container.exec(["python3", "-c", "import grpc, google.protobuf, nftables, "
-                                "pyroute2, portagent; print(grpc.__file__, nftables.__file__, "
-                                "portagent.__file__)"]).stdout
-    assert where.count("/usr/lib/python3/dist-packages/") == 3, where
+                                "pyroute2, portagent.agent, portagent.wire; print(grpc.__file__, "
+                                "nftables.__file__, portagent.agent.__file__, "
+                                "portagent.wire.__file__)"]).stdout
+    assert where.count("/usr/lib/python3/dist-packages/") == 4, where
+    # The host gets the agent and the shared wire code only: no CA, no test lab.
+    shipped = [f for f in files if "/dist-packages/portagent/" in f]
+    foreign = [f for f in shipped if "/portagent/broker" in f or "/portagent/testing" in f]
+    assert shipped and not foreign, foreign
 
 
 def test_service_reaches_active(lab: PackagingLab) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from portagent import cli, daemon
-from portagent.errors import ConfigError
-from portagent.settings import Settings, load_settings
+from portagent.agent import cli, daemon
+from portagent.agent.settings import Settings, load_settings
+from portagent.wire.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT_TOML = REPO / "packaging" / "agent.toml"

@@ -32,10 +32,10 @@ from hostile import (
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from portagent.codec import timestamp
 from portagent.testing.grants import TestSigner
 from portagent.testing.lab import HOST_ID
 from portagent.v1 import agent_pb2 as pb
+from portagent.wire.timestamps import timestamp
 
 # ---- protobuf wire format by hand (for encodings the library never produces) ------------
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from hostile import APPLY, EXPIRY_BOUND, TCP_PORT, Arena, Worker, apply_request, envelope
 
-from portagent import admin
+from portagent.agent import admin
 from portagent.v1 import agent_pb2 as pb
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from portagent import admin
+from portagent.agent import admin
 from portagent.testing.grants import TestSigner
 from portagent.testing.lab import API_PORT, HOST_ID, Lab
 from portagent.v1 import agent_pb2 as pb

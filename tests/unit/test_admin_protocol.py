@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from portagent.admin import MAX_REQUEST, AdminServer, BadRequest, call, parse_request
-from portagent.engine import Engine
-from portagent.model import parse_port_spec
-from portagent.settings import ApiSettings, Policy, Settings
-from portagent.store import Store
+from portagent.agent.admin import MAX_REQUEST, AdminServer, BadRequest, call, parse_request
+from portagent.agent.engine import Engine
+from portagent.agent.settings import ApiSettings, Policy, Settings
+from portagent.agent.store import Store
 from portagent.testing.fakes import FakeClock, FakeFirewall, memory_log
 from portagent.testing.grants import TestSigner
+from portagent.wire.ports import parse_port_spec
 
 
 class Agent:

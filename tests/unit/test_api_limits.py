@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portagent.api.grpc_server import (
+from portagent.agent.api.grpc_server import (
     _BATCH,
     _ONE_SIGNED,
     MAX_BATCH_SIZE,
@@ -26,15 +26,15 @@ from portagent.api.grpc_server import (
     add_services,
     scan,
 )
-from portagent.engine import Engine
+from portagent.agent.engine import Engine
+from portagent.agent.settings import ApiSettings, Policy, Settings
+from portagent.agent.store import Store
 from portagent.health.v1 import health_pb2, health_pb2_grpc
-from portagent.model import parse_port_spec
-from portagent.settings import ApiSettings, Policy, Settings
-from portagent.store import Store
 from portagent.testing.fakes import FakeClock, FakeFirewall, memory_log
 from portagent.testing.grants import TestSigner
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import agent_pb2_grpc
+from portagent.wire.ports import parse_port_spec
 
 STREAMS = 2
 

@@ -9,12 +9,12 @@ from typing import Any, ClassVar
 
 import pytest
 
+from portagent.agent.settings import load_settings, load_settings_file
+from portagent.agent.verify import Verifier
 from portagent.broker import cli, pki
 from portagent.broker.client import AgentRefusedError, AgentUnreachableError, TlsFiles
-from portagent.model import parse_port_spec
-from portagent.settings import load_settings, load_settings_file
 from portagent.v1 import agent_pb2 as pb
-from portagent.verify import Verifier
+from portagent.wire.ports import parse_port_spec
 
 
 class FakeClient:

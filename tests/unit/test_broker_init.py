@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from portagent.agent.settings import load_settings_file
 from portagent.broker import pki
 from portagent.broker.settings import load_broker_settings_file
 from portagent.broker.signing import Signer
-from portagent.model import parse_port_spec
-from portagent.settings import load_settings_file
+from portagent.wire.ports import parse_port_spec
 
 GUARDS = [parse_port_spec("22/tcp"), parse_port_spec("8000-8010/tcp")]
 KEYS = ["ca.key", "agent.key", "broker.key", "signing.key"]

@@ -13,7 +13,7 @@ from portagent.broker.settings import (
     render_broker_toml,
     toml_string,
 )
-from portagent.errors import ConfigError
+from portagent.wire.errors import ConfigError
 
 MINIMAL = """
 [tls]

@@ -11,13 +11,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from portagent.agent.settings import Settings, TrustedKey, load_settings_file
+from portagent.agent.verify import Verifier
 from portagent.broker import pki
 from portagent.broker.signing import GrantRequest, InputError, Signer, grant_request
-from portagent.errors import GrantDenied
-from portagent.model import PortRange, Protocol, parse_port_spec
-from portagent.settings import Settings, TrustedKey, load_settings_file
 from portagent.v1 import agent_pb2 as pb
-from portagent.verify import GRANT_ID_PATTERN, Verifier
+from portagent.wire.envelope import GRANT_ID_PATTERN
+from portagent.wire.errors import GrantDenied
+from portagent.wire.ports import PortRange, Protocol, parse_port_spec
 
 NOW = 1_700_000_000.0
 

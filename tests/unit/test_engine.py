@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from portagent.engine import Engine
-from portagent.errors import EnforcementError, GrantConflict, GrantNotFound, GrantNotInWindow
-from portagent.model import GrantState, parse_port_spec
-from portagent.settings import ApiSettings, Policy, Settings
-from portagent.store import Store, StoreError
+from portagent.agent.engine import Engine
+from portagent.agent.model import GrantState
+from portagent.agent.settings import ApiSettings, Policy, Settings
+from portagent.agent.store import Store, StoreError
 from portagent.testing.fakes import FakeClock, FakeFirewall, memory_log
 from portagent.testing.grants import TestSigner
+from portagent.wire.errors import EnforcementError, GrantConflict, GrantNotFound, GrantNotInWindow
+from portagent.wire.ports import parse_port_spec
 
 
 @pytest.fixture

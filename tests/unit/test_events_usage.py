@@ -5,12 +5,13 @@ from __future__ import annotations
 import ipaddress
 import threading
 
-from portagent.cli import ago, human_bytes
-from portagent.events import EventHub, EventKind
-from portagent.model import Element, ElementKey, Flow, Protocol
-from portagent.render import KernelState
+from portagent.agent.cli import ago, human_bytes
+from portagent.agent.events import EventHub, EventKind
+from portagent.agent.model import Element, ElementKey, Flow
+from portagent.agent.render import KernelState
+from portagent.agent.usage import UsageReader
 from portagent.testing.fakes import FakeClock
-from portagent.usage import UsageReader
+from portagent.wire.ports import Protocol
 
 
 def test_sequences_increase_and_resume_after_a_given_one() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from portagent.grant_table import GrantTable, due_time, element_keys
-from portagent.model import GrantRecord, GrantState
-from portagent.plan import desired_elements
+from portagent.agent.grant_table import GrantTable, due_time, element_keys
+from portagent.agent.model import GrantRecord, GrantState
+from portagent.agent.plan import desired_elements
 from portagent.testing.grants import grant_record
 
 NOW = 1_800_000_000.0

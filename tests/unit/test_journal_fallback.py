@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portagent.adapters.journal import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS, EventLog, escape
+from portagent.agent.adapters.journal import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS, EventLog, escape
 
 HOSTILE = st.text(
     alphabet=st.sampled_from(

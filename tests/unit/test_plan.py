@@ -5,16 +5,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import replace
 
-from portagent.model import (
-    Element,
-    ElementKey,
-    GrantRecord,
-    GrantState,
-    MarkElement,
-    Protocol,
-)
-from portagent.plan import apply_plan, desired_elements, desired_marks, plan_changes
+from portagent.agent.model import Element, ElementKey, GrantRecord, GrantState, MarkElement
+from portagent.agent.plan import apply_plan, desired_elements, desired_marks, plan_changes
 from portagent.testing.grants import grant_record
+from portagent.wire.ports import Protocol
 
 NOW = 1_800_000_000.0
 

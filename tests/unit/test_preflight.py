@@ -11,10 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 
-from portagent import daemon
-from portagent.broker.pki import init_dev_setup
-from portagent.model import parse_port_spec
-from portagent.preflight import (
+from portagent.agent import daemon
+from portagent.agent.preflight import (
     AgentRunning,
     Finding,
     NamespaceLock,
@@ -22,7 +20,9 @@ from portagent.preflight import (
     problems_of,
     running_agent,
 )
-from portagent.settings import Settings, load_settings_file
+from portagent.agent.settings import Settings, load_settings_file
+from portagent.broker.pki import init_dev_setup
+from portagent.wire.ports import parse_port_spec
 
 
 @pytest.fixture

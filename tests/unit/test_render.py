@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from portagent.model import Element, ElementKey, MarkElement, Protocol, parse_port_spec
-from portagent.plan import Plan
-from portagent.render import Layout, parse_listing, render_layout, render_plan
+from portagent.agent.model import Element, ElementKey, MarkElement
+from portagent.agent.plan import Plan
+from portagent.agent.render import Layout, parse_listing, render_layout, render_plan
+from portagent.wire.ports import Protocol, parse_port_spec
 
 NOW = 1_800_000_000.0
 

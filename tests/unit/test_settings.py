@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from portagent.durations import format_duration, parse_duration
-from portagent.errors import ConfigError
-from portagent.model import Protocol
-from portagent.settings import MAX_CONFIG_BYTES, load_settings, load_settings_file, parse_listen
+from portagent.agent.settings import load_settings, load_settings_file, parse_listen
 from portagent.testing.grants import TestSigner
+from portagent.wire.config import MAX_CONFIG_BYTES
+from portagent.wire.durations import format_duration, parse_duration
+from portagent.wire.errors import ConfigError
+from portagent.wire.ports import Protocol
 
 VALID = """
 host_id = "host-a"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import ipaddress
 import math
 
-from portagent.adapters.nft_snapshot import parse_snapshot
-from portagent.model import Element, ElementKey, MarkElement, Protocol
+from portagent.agent.adapters.nft_snapshot import parse_snapshot
+from portagent.agent.model import Element, ElementKey, MarkElement
+from portagent.wire.ports import Protocol
 
 NOW = 1_800_000_000.0
 

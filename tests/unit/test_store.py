@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from portagent.store import SCHEMA_VERSION, BadRow, Store, StoredGrant, StoreError
+from portagent.agent.store import SCHEMA_VERSION, BadRow, Store, StoredGrant, StoreError
 
 V1_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

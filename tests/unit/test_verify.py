@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from portagent.errors import GrantDenied, GrantNotInWindow, InvalidGrant, PortagentError, Status
-from portagent.model import PortRange, Protocol, parse_port_spec
-from portagent.settings import Policy
+from portagent.agent.settings import Policy
+from portagent.agent.verify import Verifier, is_guarded
 from portagent.testing.grants import TestSigner
 from portagent.v1 import agent_pb2 as pb
-from portagent.verify import Verifier, is_guarded
+from portagent.wire.errors import (
+    GrantDenied,
+    GrantNotInWindow,
+    InvalidGrant,
+    PortagentError,
+    Status,
+)
+from portagent.wire.ports import PortRange, Protocol, parse_port_spec
 
 NOW = 1_800_000_000.0
 POLICY = Policy(

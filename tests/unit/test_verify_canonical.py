@@ -12,22 +12,18 @@ from collections.abc import Callable
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from portagent.agent.engine import SignedInput
+from portagent.agent.settings import Policy
+from portagent.agent.verify import Verifier, parse_source
 from portagent.broker.signing import InputError, parse_sources
-from portagent.codec import canonical_bytes, timestamp
-from portagent.engine import SignedInput
-from portagent.errors import GrantDenied, InvalidGrant, PortagentError, Status
-from portagent.model import parse_port_spec
-from portagent.settings import Policy
 from portagent.testing.grants import TestSigner
 from portagent.testing.wire import LEN, VARINT, Field, join, split, tag, varint
 from portagent.v1 import agent_pb2 as pb
-from portagent.verify import (
-    MAX_GRANT_BYTES,
-    Verifier,
-    parse_network,
-    parse_source,
-    special_source,
-)
+from portagent.wire.envelope import MAX_GRANT_BYTES
+from portagent.wire.errors import GrantDenied, InvalidGrant, PortagentError, Status
+from portagent.wire.ports import parse_port_spec
+from portagent.wire.sources import parse_network, special_source
+from portagent.wire.timestamps import canonical_bytes, timestamp
 
 NOW = 1_800_000_000.0
 POLICY = Policy(

@@ -16,25 +16,23 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from portagent.codec import canonical_bytes, timestamp
-from portagent.errors import GrantDenied, GrantNotInWindow, InvalidGrant, PortagentError
-from portagent.model import Grant, Protocol, parse_port_spec
-from portagent.settings import Policy
+from portagent.agent.model import Grant
+from portagent.agent.settings import Policy
+from portagent.agent.verify import MAX_ELEMENTS_PER_GRANT, MAX_TIMESTAMP_SECONDS, Verifier
 from portagent.testing.grants import TestSigner
 from portagent.testing.wire import I32, I64, LEN, VARINT, Field, join, split, varint
 from portagent.v1 import agent_pb2 as pb
-from portagent.verify import (
+from portagent.wire.envelope import (
     GRANT_ID_PATTERN,
     MAX_CONNECTIONS_LIMIT,
-    MAX_ELEMENTS_PER_GRANT,
     MAX_REASON_LENGTH,
     MAX_SOURCES,
     MAX_SUBJECT_LENGTH,
-    MAX_TIMESTAMP_SECONDS,
-    Verifier,
-    parse_network,
-    special_source,
 )
+from portagent.wire.errors import GrantDenied, GrantNotInWindow, InvalidGrant, PortagentError
+from portagent.wire.ports import Protocol, parse_port_spec
+from portagent.wire.sources import parse_network, special_source
+from portagent.wire.timestamps import canonical_bytes, timestamp
 
 NOW = 1_800_000_000.0
 SIGNER = TestSigner()

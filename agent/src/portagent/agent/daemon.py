@@ -1,0 +1,450 @@
+"""portagentd: the agent daemon.
+
+Start-up order is what makes READY=1 mean something, and what makes a failed start
+change nothing: parse the config, run the pre-flight (every file it needs), take this
+network namespace's lock, open the store, check the API address can be bound, and
+only then touch the kernel: converge it (adopting what is already there: no flush, no
+gap), turn on the conntrack sysctls, bind the admin socket and the mTLS API, notify
+systemd.
+
+Exit status: 78 (EX_CONFIG) for anything the operator must fix (config, files, state,
+a second agent in this namespace); systemd does not restart on it
+(RestartPreventExitStatus=78). 1 for what may pass by itself (the API address is in
+use or not configured yet, the kernel refused): systemd retries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from portagent.agent import __version__
+from portagent.agent.adapters.journal import EventLog, Priority
+from portagent.agent.preflight import (
+    AgentRunning,
+    Finding,
+    NamespaceLock,
+    check_runtime,
+    problems_of,
+    running_agent,
+)
+from portagent.agent.settings import (
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    load_settings_file,
+    parse_listen,
+)
+from portagent.wire.errors import ConfigError, PortagentError
+
+if TYPE_CHECKING:
+    from portagent.agent.store import Store
+
+EX_CONFIG = 78  # sysexits.h: systemd does not restart-loop on a bad config with this
+EX_FAILURE = 1
+TABLE = "table inet portagent"
+
+
+def _notify(message: str) -> None:
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from systemd import daemon
+    except ImportError:
+        return
+    daemon.notify(message)
+
+
+def _watchdog_pinger() -> tuple[float | None, object]:
+    usec = os.environ.get("WATCHDOG_USEC")
+    if not usec or not os.environ.get("NOTIFY_SOCKET"):
+        return None, None
+    return int(usec) / 1e6, lambda: _notify("WATCHDOG=1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="portagentd",
+        description="portagent agent daemon: verifies signed grants from the broker and "
+        "enforces them in the nftables table 'inet portagent' of this host's "
+        "network namespace. Runs in the foreground.",
+        epilog="Signals: SIGHUP re-reads the config and trusted keys (active grants stay); "
+        "SIGTERM stops the daemon and leaves active grants to expire in the kernel.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help=f"agent config file (default {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the config and every file, directory and key it names, as a start "
+        "would; print every problem; exit 0 if it can start, 78 if not",
+    )
+    parser.add_argument(
+        "--delete-table",
+        action="store_true",
+        help="delete the 'inet portagent' table (closes every grant) and exit; refused "
+        "while an agent runs in this network namespace",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --delete-table: delete even while an agent runs here (it rebuilds "
+        "the table from its state at once)",
+    )
+    parser.add_argument("--version", action="version", version=f"portagentd {__version__}")
+    return parser
+
+
+def _stderr_is_journal() -> bool:
+    """True when systemd connected our stderr to the journal (JOURNAL_STREAM=dev:ino)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(part) for part in stream.split(":"))
+        info = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (info.st_dev, info.st_ino) == (dev, ino)
+
+
+def report(lines: list[str], priority: Priority = Priority.ERR) -> None:
+    """Start-up problems: one line each on stderr.
+
+    Under systemd stderr is a journal stream: a "<N>" prefix gives each line its
+    priority (SyslogLevelPrefix=), and the stream carries the unit, so the line is
+    found by `journalctl -u portagent` even though the process exits at once (a
+    native journal record from a process that is gone may lose its unit).
+    """
+    prefix = f"<{int(priority)}>" if _stderr_is_journal() else ""
+    for line in lines:
+        print(prefix + line, file=sys.stderr, flush=True)
+
+
+def fail(lines: list[str], status: int) -> int:
+    report(lines)
+    return status
+
+
+def _config_lines(config: Path, exc: ConfigError) -> list[str]:
+    fix = "fix it, then run portagentd --check-config"
+    prefix = f"{config}: "
+    return [f"portagentd: {p if p.startswith(prefix) else prefix + p}; {fix}" for p in exc.problems]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.force and not args.delete_table:
+        print("portagentd: --force only goes with --delete-table", file=sys.stderr)
+        return 2
+    if args.delete_table:
+        return delete_table(force=args.force)
+    try:
+        settings = load_settings_file(args.config)
+    except ConfigError as exc:
+        return fail(_config_lines(args.config, exc), EX_CONFIG)
+    if args.check_config:
+        return check_config(settings, args.config)
+    return start(settings, args.config)
+
+
+def check_config(settings: Settings, config: Path) -> int:
+    """Everything a start checks, without the kernel: every problem, then exit 0 or 78."""
+    findings = check_runtime(settings)
+    for finding in findings:
+        print(finding.line(), file=sys.stderr)
+    problems = problems_of(findings)
+    if problems:
+        print(
+            f"portagentd: {config}: {len(problems)} problem(s); the agent would not start",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    print(
+        f"{config}: ok (host {settings.host_id}, api {settings.api.listen}, "
+        f"{len(settings.policy.guarded)} guarded port ranges, {len(settings.trusted_keys)} "
+        f"trusted keys, state {settings.state_dir}, admin socket {settings.admin_socket})"
+    )
+    return 0
+
+
+def delete_table(*, force: bool) -> int:
+    holder = running_agent()
+    if holder is not None and not force:
+        who = f"pid {holder}" if holder > 0 else "pid unknown"
+        print(
+            f"portagentd: {TABLE}: a running agent ({who}) owns it in this network "
+            "namespace, and would treat the deletion as tampering and rebuild it; stop it "
+            "first (systemctl stop portagent), or pass --force",
+            file=sys.stderr,
+        )
+        return EX_FAILURE
+    from portagent.agent.adapters.nftables import NftablesFirewall
+
+    deleted = NftablesFirewall().delete_table()
+    print("deleted table inet portagent" if deleted else "no table inet portagent")
+    return 0
+
+
+def _probe_listen(listen: str) -> str | None:
+    """Why the API address cannot be bound now, or None (a host name: gRPC resolves it).
+
+    A probe before the kernel is touched; gRPC binds for real later (a race there
+    still ends the start with status 1).
+    """
+    host, port = parse_listen(listen)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        # As gRPC binds: SO_REUSEADDR, so a port in TIME_WAIT is not "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def start(settings: Settings, config: Path) -> int:
+    """Everything that can fail for a reason the operator must fix, before the kernel."""
+    findings: list[Finding] = []
+    lock = NamespaceLock()
+    try:
+        lock.acquire()
+        locked = True
+    except AgentRunning as exc:
+        locked = False
+        findings.append(
+            Finding(
+                TABLE,
+                f"{exc} in this network namespace",
+                "run one agent per network namespace: stop the other one, or start this "
+                "one in its own namespace",
+            )
+        )
+    findings += check_runtime(settings, starting=locked)
+    problems = problems_of(findings)
+    if problems:
+        return fail([f.line() for f in problems], EX_CONFIG)
+    if findings:
+        report([f.line() for f in findings], Priority.WARNING)
+    from portagent.agent.store import Store, StoreError
+
+    try:
+        store = Store(settings.store_path)
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        return fail([_store_line(settings.store_path, exc)], EX_CONFIG)
+    try:
+        unbindable = _probe_listen(settings.api.listen)
+        if unbindable is not None:
+            return fail(
+                [
+                    f"portagentd: {config}: api.listen: cannot bind {settings.api.listen} "
+                    f"({unbindable}); stop what listens there, or wait until this host has "
+                    "the address, or correct api.listen"
+                ],
+                EX_FAILURE,
+            )
+        return run(settings, config, store)
+    finally:
+        store.close()
+        lock.release()
+
+
+def _store_line(path: Path, exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    if not text.startswith(str(path)):
+        text = f"{path}: {text}"
+    if ";" not in text:
+        text += (
+            "; restore it from a backup, or move it away to start with no grants (the broker "
+            "must send them again)"
+        )
+    return f"portagentd: {text}"
+
+
+def run(settings: Settings, config_path: Path, store: Store) -> int:
+    """Enforce: from here on the kernel is touched. The caller holds the lock and the store."""
+    # Imported here so --check-config and --help work without root or libnftables.
+    from portagent.agent.adapters.conntrack import (
+        Conntrack,
+        ConntrackEvents,
+        enable_accounting,
+        enable_events,
+    )
+    from portagent.agent.adapters.nftables import NftablesFirewall
+    from portagent.agent.adapters.ruleset_watch import RulesetWatcher
+    from portagent.agent.adapters.services import ServiceFinder
+    from portagent.agent.admin import AdminServer
+    from portagent.agent.api.grpc_server import start_server
+    from portagent.agent.engine import Engine
+    from portagent.agent.store import StoreError
+    from portagent.agent.usage import UsageReader
+
+    events = EventLog()
+    started = time.time()
+    watchdog_interval, ping = _watchdog_pinger()
+    try:
+        engine_conntrack: Conntrack | None = Conntrack()
+        usage_conntrack: Conntrack | None = Conntrack()
+    except PortagentError as exc:
+        events.emit("error", f"conntrack unavailable: {exc.message}", Priority.WARNING)
+        engine_conntrack = usage_conntrack = None
+    engine = Engine(
+        settings,
+        NftablesFirewall(list_in_child=True),
+        store,
+        events,
+        watchdog=ping if callable(ping) else None,
+        connections=engine_conntrack,
+    )
+    stall_file = os.environ.get("PORTAGENT_TEST_STALL_FILE")
+    if stall_file:
+        # Test hook for the systemd watchdog test: stop pinging while this file exists.
+        engine.stall_check = lambda: Path(stall_file).exists()
+    watcher = None
+    try:
+        # Subscribed before the first commit, so every NEWGEN of ours is counted out.
+        watcher = RulesetWatcher(engine.on_ruleset_commit, engine.on_events_lost)
+        watcher.start()
+        engine.tamper_watch_active = True
+    except (OSError, ImportError) as exc:
+        events.emit(
+            "error",
+            f"tamper detection off ({exc}); relying on the "
+            f"{settings.reconcile_interval:.0f}s reconcile timer",
+            Priority.WARNING,
+        )
+    try:
+        # Reads the whole store before its first kernel transaction: a store that
+        # does not load fails here with the kernel untouched.
+        engine.start()
+    except (StoreError, sqlite3.Error) as exc:
+        if watcher is not None:
+            watcher.stop()
+        return fail([_store_line(settings.store_path, exc)], EX_CONFIG)
+    except PortagentError as exc:
+        if watcher is not None:
+            watcher.stop()
+        events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON=exc.reason)
+        return EX_FAILURE
+    # Per-flow byte counters and DESTROY events for every entry are per-namespace
+    # sysctls; both only affect connections created from now on. After the first
+    # reconcile, so that a start that fails earlier leaves them as they were.
+    if not (enable_accounting() and enable_events()):
+        events.emit(
+            "error",
+            "could not enable nf_conntrack_acct/nf_conntrack_events; "
+            "connection counters may be missing",
+            Priority.WARNING,
+        )
+    connection_events = None
+    try:
+        connection_events = ConntrackEvents()
+        listener = connection_events
+        engine.connection_events_complete = lambda: listener.overruns == 0
+        threading.Thread(
+            target=connection_events.run,
+            args=(engine.on_connection_event,),
+            name="conntrack-events",
+            daemon=True,
+        ).start()
+    except PortagentError as exc:
+        events.emit("error", f"connection events off: {exc.message}", Priority.WARNING)
+    usage = UsageReader(NftablesFirewall(list_in_child=True), usage_conntrack, engine.seen)
+    usage.expected_elements = engine.kernel_element_count
+
+    def healthy() -> bool:
+        limit = max(3 * settings.reconcile_interval, 10.0)
+        return time.time() - engine.last_reconcile < limit
+
+    try:
+        admin = AdminServer(
+            engine,
+            settings.admin_socket,
+            settings.admin_group,
+            events,
+            started,
+            usage=usage,
+            services=ServiceFinder(),
+        )
+        server = start_server(engine, settings.api, healthy, usage)
+    except (OSError, RuntimeError) as exc:
+        events.emit("error", f"cannot start: {exc}", Priority.ERR)
+        engine.stop()
+        return EX_FAILURE
+    admin.start()
+
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def on_hup(*_: object) -> None:
+        reload_requested.set()
+        stop.set()
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+    active = sum(1 for r in engine.list_grants() if r.state.value == "active")
+    events.emit(
+        "start",
+        f"portagentd {__version__} ready: host {settings.host_id}, api "
+        f"{settings.api.listen}, {active} active grants adopted",
+        Priority.NOTICE,
+        HOST_ID=settings.host_id,
+        WATCHDOG_SECONDS=watchdog_interval,
+    )
+    _notify("READY=1")
+    while True:
+        stop.wait()
+        if reload_requested.is_set():
+            reload_requested.clear()
+            stop.clear()
+            _notify("RELOADING=1")
+            try:
+                new = load_settings_file(config_path)
+                engine.update_settings(new)
+                events.emit("reload", "configuration reloaded", Priority.NOTICE)
+            except ConfigError as exc:
+                events.emit(
+                    "reload",
+                    "reload refused, keeping the running configuration: " + "; ".join(exc.problems),
+                    Priority.ERR,
+                )
+            _notify("READY=1")
+            continue
+        break
+    _notify("STOPPING=1")
+    events.emit(
+        "stop",
+        "portagentd stopping; active grants stay until they expire in the kernel",
+        Priority.NOTICE,
+    )
+    server.stop(grace=2).wait(3)
+    admin.stop()
+    if watcher is not None:
+        watcher.stop()
+    if connection_events is not None:
+        connection_events.stop()
+    engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The engine's in-memory table of grants, indexed for incremental planning.
+
+Pure data structure (no I/O, no locking: the engine guards it). Besides records by
+grant id and by handle it keeps, for every kernel element key, the handles of the
+grants that cover it, so a change to one grant re-plans only that grant's keys;
+and a heap of due times, so expiry costs nothing until something is due.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Iterator, Mapping
+
+from portagent.agent.model import (
+    KEEP_SET,
+    Element,
+    ElementKey,
+    GrantRecord,
+    GrantState,
+    limit_set,
+)
+from portagent.agent.plan import MarkKey
+
+
+def element_keys(record: GrantRecord) -> Iterator[ElementKey]:
+    grant = record.grant
+    for network in grant.sources:
+        for port in grant.ports.ports():
+            yield ElementKey(network, grant.protocol, port)
+
+
+def mark_keys(record: GrantRecord) -> list[MarkKey]:
+    keys: list[MarkKey] = [(KEEP_SET, record.handle)]
+    if record.grant.max_connections:
+        keys.append((limit_set(record.grant.max_connections), record.handle))
+    return keys
+
+
+def due_time(record: GrantRecord, keep_max: float, skew: float) -> float:
+    """When the engine must next look at this grant."""
+    expire = record.grant.expire_time
+    if record.state is GrantState.ACTIVE:
+        return expire
+    if record.state is GrantState.EXPIRED:
+        return expire + keep_max  # a kept grant: forget after its keep window
+    return expire + skew  # revoked: remembered until replay is refused anyway
+
+
+class GrantTable:
+    def __init__(self) -> None:
+        self.by_id: dict[str, GrantRecord] = {}
+        self.by_handle: dict[int, GrantRecord] = {}
+        self._covering: dict[ElementKey, list[int]] = {}
+        self._due: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def get(self, grant_id: str) -> GrantRecord | None:
+        return self.by_id.get(grant_id)
+
+    def put(self, record: GrantRecord, due: float) -> None:
+        """Add a grant or replace one (same id, same handle: a state change)."""
+        previous = self.by_id.get(record.grant.grant_id)
+        self.by_id[record.grant.grant_id] = record
+        self.by_handle[record.handle] = record
+        if previous is None:
+            for key in element_keys(record):
+                self._covering.setdefault(key, []).append(record.handle)
+        heapq.heappush(self._due, (due, record.grant.grant_id))
+
+    def remove(self, grant_id: str) -> GrantRecord | None:
+        record = self.by_id.pop(grant_id, None)
+        if record is None:
+            return None
+        self.by_handle.pop(record.handle, None)
+        for key in element_keys(record):
+            handles = self._covering.get(key)
+            if handles is not None:
+                handles.remove(record.handle)
+                if not handles:
+                    del self._covering[key]
+        return record
+
+    def pop_due(self, now: float) -> list[GrantRecord]:
+        """Grants with a due time at or before `now` (each once; stale entries dropped)."""
+        found: dict[str, GrantRecord] = {}
+        while self._due and self._due[0][0] <= now:
+            _, grant_id = heapq.heappop(self._due)
+            record = self.by_id.get(grant_id)
+            if record is not None:
+                found[grant_id] = record
+        return list(found.values())
+
+    def next_due(self) -> float | None:
+        return self._due[0][0] if self._due else None
+
+    def desired_for(
+        self, keys: Iterable[ElementKey], now: float, overlay: Mapping[int, GrantRecord]
+    ) -> dict[ElementKey, Element]:
+        """The element each key should hold, from every grant covering it, with `overlay`
+        (handle -> record) standing in for grants a batch adds or changes."""
+        extra: dict[ElementKey, list[int]] = {}
+        for handle, record in overlay.items():
+            if handle not in self.by_handle:
+                for key in element_keys(record):
+                    extra.setdefault(key, []).append(handle)
+        wanted: dict[ElementKey, Element] = {}
+        for key in keys:
+            best: Element | None = None
+            for handle in (*self._covering.get(key, ()), *extra.get(key, ())):
+                record = overlay.get(handle) or self.by_handle[handle]
+                grant = record.grant
+                if record.state is not GrantState.ACTIVE or grant.expire_time <= now:
+                    continue
+                if best is None or (grant.expire_time, -handle) > (best.expire_time, -best.handle):
+                    best = Element(key, handle, grant.expire_time)
+            if best is not None:
+                wanted[key] = best
+        return wanted

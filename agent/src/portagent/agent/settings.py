@@ -1,0 +1,266 @@
+"""Agent configuration: a pure parse of TOML text into frozen settings.
+
+`load_settings` reports every problem at once (ConfigError.problems), so
+`portagent check-config` and `ExecStartPre=` show the whole list.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from portagent.wire.config import MAX_CONFIG_BYTES, TOO_BIG, Reader, read_config_text
+from portagent.wire.errors import ConfigError
+from portagent.wire.ports import GuardedPort, parse_port_spec
+
+DEFAULT_CONFIG_PATH = Path("/etc/portagent/agent.toml")
+# What the broker accepts for a host id (broker.settings.HOST_ID_PATTERN): a host id
+# no broker can issue grants for is a configuration error, not a silent lock-out.
+HOST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+KEY_ID_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no blanks
+_HOSTNAME_PATTERN = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A broker's Ed25519 public key that may sign grants and revocations."""
+
+    key_id: str
+    public_key: bytes  # raw 32 bytes
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The agent's own limits; a grant that exceeds any of them is refused."""
+
+    guarded: tuple[GuardedPort, ...]
+    max_ttl: float = 8 * 3600.0
+    clock_skew: float = 30.0
+    min_prefix_v4: int = 16
+    min_prefix_v6: int = 48
+    allow_any_source: bool = False
+    # How long a keep_established grant's connections may outlive it.
+    keep_established_max: float = 12 * 3600.0
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """The broker-facing gRPC listener (mutual TLS)."""
+
+    listen: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    host_id: str
+    api: ApiSettings
+    trusted_keys: tuple[TrustedKey, ...]
+    policy: Policy
+    state_dir: Path = Path("/var/lib/portagent")
+    admin_socket: Path = Path("/run/portagent/admin.sock")
+    admin_group: str = "portagent"
+    # What a packet to a guarded port from an ungranted source gets: "drop" (silent,
+    # like fwknop) or "reject" (TCP reset / ICMP unreachable).
+    refuse_action: str = "drop"
+    # Slow safety-net reconcile period; changes and tampering trigger one at once.
+    reconcile_interval: float = 30.0
+    source_path: Path | None = field(default=None, compare=False)
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """api.listen as (host, port): "10.0.0.5:7443", "[fd00::1]:7443", "0.0.0.0:7443",
+    "[::]:7443" or "name:7443". ValueError names what is wrong."""
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"expected [IPv6]:PORT, got {text!r}")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected ADDRESS:PORT, got {text!r}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address needs brackets: [{host}]:{port_text}")
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if host[0].isdigit() and host.replace(".", "").isdigit():
+                raise ValueError(f"{host!r} is not an IPv4 address") from None
+            if not _HOSTNAME_PATTERN.fullmatch(host):
+                raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+    # One spelling per port: no sign, no leading zero, ASCII digits only.
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port_text!r}")
+    if port_text != str(int(port_text)):
+        raise ValueError(f"port must be written without leading zeros, got {port_text!r}")
+    return host, int(port_text)
+
+
+def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None = None) -> Settings:
+    """Parse agent.toml text. Relative paths resolve against `base_dir`."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([TOO_BIG])
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"]) from None
+    except RecursionError:
+        # tomllib recurses per nesting level; thousands of "[[[" exhaust the stack.
+        raise ConfigError(["not valid TOML: nested too deeply"]) from None
+    problems: list[str] = []
+    read = Reader(problems)
+    known_top = {"host_id", "api", "admin", "state", "trusted_keys", "policy", "nftables", "agent"}
+    read.unknown(doc, known_top, "")
+
+    host_id = read.get(doc, "host_id", str, "", required=True) or ""
+    if (
+        "host_id" in doc
+        and isinstance(doc["host_id"], str)
+        and not HOST_ID_PATTERN.fullmatch(host_id)
+    ):
+        problems.append(f"host_id: {host_id!r} is not 1-253 of [A-Za-z0-9._-]")
+
+    api_t = read.get(doc, "api", dict, "", default={}, required=True)
+    read.unknown(api_t, {"listen", "ca_file", "cert_file", "key_file"}, "api.")
+    listen = read.get(api_t, "listen", str, "api.", required=True) or ""
+    if "listen" in api_t and isinstance(api_t["listen"], str):
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            problems.append(f"api.listen: {exc}")
+    api = ApiSettings(
+        listen=listen,
+        ca_file=read.path(api_t, "ca_file", "api.", base_dir),
+        cert_file=read.path(api_t, "cert_file", "api.", base_dir),
+        key_file=read.path(api_t, "key_file", "api.", base_dir),
+    )
+
+    keys: list[TrustedKey] = []
+    for index, entry in enumerate(read.get(doc, "trusted_keys", list, "", [], required=True)):
+        where = f"trusted_keys[{index}]."
+        if not isinstance(entry, dict):
+            problems.append(f"trusted_keys[{index}]: expected a table")
+            continue
+        read.unknown(entry, {"key_id", "public_key"}, where)
+        key_id = read.get(entry, "key_id", str, where, "", required=True)
+        encoded = read.get(entry, "public_key", str, where, "", required=True)
+        if "key_id" in entry and isinstance(key_id, str) and not KEY_ID_PATTERN.fullmatch(key_id):
+            problems.append(f"{where}key_id: must be 1-128 printable characters without blanks")
+            continue
+        try:
+            raw = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if encoded and len(raw) != 32:
+            problems.append(f"{where}public_key: expected base64 of a raw 32-byte Ed25519 key")
+            continue
+        if key_id and any(k.key_id == key_id for k in keys):
+            problems.append(f"{where}key_id: duplicate {key_id!r}")
+            continue
+        keys.append(TrustedKey(key_id, raw))
+    if (
+        "trusted_keys" in doc
+        and not keys
+        and not any(p.startswith("trusted_keys") for p in problems)
+    ):
+        problems.append("trusted_keys: at least one key is required")
+
+    pol = read.get(doc, "policy", dict, "", default={}, required=True)
+    read.unknown(
+        pol,
+        {
+            "guarded",
+            "max_ttl",
+            "clock_skew",
+            "min_prefix_v4",
+            "min_prefix_v6",
+            "allow_any_source",
+            "keep_established_max",
+        },
+        "policy.",
+    )
+    guarded: list[GuardedPort] = []
+    for spec in read.get(pol, "guarded", list, "policy.", [], required=True):
+        try:
+            guarded.append(parse_port_spec(str(spec)))
+        except ValueError as exc:
+            problems.append(f"policy.guarded: {exc}")
+    if (
+        "guarded" in pol
+        and not guarded
+        and not any(p.startswith("policy.guarded") for p in problems)
+    ):
+        problems.append("policy.guarded: at least one port is required")
+    min4 = read.get(pol, "min_prefix_v4", int, "policy.", 16)
+    min6 = read.get(pol, "min_prefix_v6", int, "policy.", 48)
+    if not 0 <= min4 <= 32:
+        problems.append(f"policy.min_prefix_v4: must be 0..32, got {min4}")
+    if not 0 <= min6 <= 128:
+        problems.append(f"policy.min_prefix_v6: must be 0..128, got {min6}")
+    max_ttl = read.duration(pol, "max_ttl", "policy.", 8 * 3600.0, low=1.0)
+    policy = Policy(
+        guarded=tuple(sorted(set(guarded), key=lambda g: (g.protocol.value, g.ports))),
+        max_ttl=max_ttl,
+        clock_skew=read.duration(pol, "clock_skew", "policy.", 30.0, high=86400.0),
+        min_prefix_v4=min4,
+        min_prefix_v6=min6,
+        allow_any_source=read.get(pol, "allow_any_source", bool, "policy.", False),
+        keep_established_max=read.duration(
+            pol, "keep_established_max", "policy.", 12 * 3600.0, low=1.0
+        ),
+    )
+
+    state_t = read.get(doc, "state", dict, "", default={})
+    admin_t = read.get(doc, "admin", dict, "", default={})
+    nft_t = read.get(doc, "nftables", dict, "", default={})
+    agent_t = read.get(doc, "agent", dict, "", default={})
+    read.unknown(state_t, {"dir"}, "state.")
+    read.unknown(admin_t, {"socket", "group"}, "admin.")
+    read.unknown(nft_t, {"refuse"}, "nftables.")
+    read.unknown(agent_t, {"reconcile_interval"}, "agent.")
+    refuse = read.get(nft_t, "refuse", str, "nftables.", "drop")
+    if refuse not in ("drop", "reject"):
+        problems.append(f'nftables.refuse: expected "drop" or "reject", got {refuse!r}')
+    interval = read.duration(agent_t, "reconcile_interval", "agent.", 30.0, low=1.0, high=86400.0)
+    state_dir = read.path(state_t, "dir", "state.", base_dir, "/var/lib/portagent")
+    admin_socket = read.path(admin_t, "socket", "admin.", base_dir, "/run/portagent/admin.sock")
+    admin_group = read.get(admin_t, "group", str, "admin.", "portagent")
+    if not admin_group.strip() or "\0" in admin_group:
+        problems.append(f"admin.group: not a group name: {admin_group!r}")
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        host_id=host_id,
+        api=api,
+        trusted_keys=tuple(keys),
+        policy=policy,
+        state_dir=state_dir,
+        admin_socket=admin_socket,
+        admin_group=admin_group,
+        refuse_action=refuse,
+        reconcile_interval=interval,
+        source_path=source,
+    )
+
+
+def load_settings_file(path: Path) -> Settings:
+    """Read and parse a config file; relative paths in it resolve against its folder."""
+    return load_settings(read_config_text(path), base_dir=path.resolve().parent, source=path)
