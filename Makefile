@@ -66,11 +66,14 @@ $(PB_OUT) &: $(PROTOS) | $(STAMP_APT)
 proto: $(PB_OUT)
 
 # One pip call resolves the four local distributions against each other (agent needs
-# portagent-wire==VERSION, which is on no index). Each editable install puts its src/
-# on sys.path; with no portagent/__init__.py anywhere, the namespace spans all four.
+# portagent-wire==VERSION, which is on no index). Each editable install maps its
+# packages into the venv; with no portagent/__init__.py anywhere, the namespace spans
+# all four. A venv made before the split holds the old single `portagent`
+# distribution (a regular package in src/, its own console scripts): removed first.
 $(STAMP_VENV): pyproject.toml $(DISTS:%=%/pyproject.toml) | $(STAMP_APT)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip uninstall -q -y portagent
 	$(PY) -m pip install -q $(DISTS:%=-e ./%) -e '.[dev]'
 	@touch $@
 
