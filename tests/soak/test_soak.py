@@ -35,7 +35,8 @@ from portagent.testing.lab import Lab
 from portagent.testing.netns import wait_until
 from portagent.v1 import agent_pb2 as pb
 
-pytestmark = [pytest.mark.root, pytest.mark.soak]
+# Long runs by design: the suite-wide 120 s timeout is for the fast tests.
+pytestmark = [pytest.mark.root, pytest.mark.soak, pytest.mark.timeout(3600)]
 
 REQUESTS = int(os.environ.get("PORTAGENT_SOAK_REQUESTS", "12000"))
 KILL_ROUNDS = int(os.environ.get("PORTAGENT_SOAK_KILL_ROUNDS", "30"))
