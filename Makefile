@@ -90,8 +90,16 @@ $(BUF): | $(STAMP_APT)
 	@command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm)
 	mkdir -p .cache/buf && npm install --silent --no-audit --no-fund --prefix .cache/buf @bufbuild/buf@1.75.0
 
+# `buf breaking` compares proto/ with the last release, v0.1.0 (git tag v0.1.0), named by
+# its commit: a fresh CI clone may carry no tags, and a shallow one not even the commit
+# (then it is fetched from origin, that one commit only).
+PROTO_BASELINE := bdca7dddad73b6877e4f83bd8c6325a0db6be040
+
 proto-lint: $(BUF)
 	$(BUF) lint
+	@git cat-file -e '$(PROTO_BASELINE)^{commit}' 2>/dev/null || \
+		git fetch -q --no-tags --depth=1 origin $(PROTO_BASELINE)
+	$(BUF) breaking --against '.git#ref=$(PROTO_BASELINE)'
 
 test: venv lint
 	$(PY) -m pytest
@@ -106,11 +114,13 @@ test-soak: venv
 demo: venv
 	$(PY) scripts/demo.py
 
-# The Debian package (dist/portagent_*_all.deb), lintian-clean.
+# The Debian source package and its three binary packages in dist/: portagent (agent),
+# portagent-broker and python3-portagent-wire (the code both share), lintian-clean.
 deb: $(STAMP_APT_PKG) $(STAMP_APT)
 	bash packaging/build-deb.sh dist
 
-# Build the .deb, install it into a cached bookworm rootfs, boot systemd there.
+# Build the .debs; install each into a cached bookworm rootfs (the agent and wire: boot
+# systemd there; the broker and wire alone: run it), purge each, nothing left behind.
 test-packaging: venv $(STAMP_APT_PKG)
 	$(PY) -m pytest -m packaging tests/packaging
 
