@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from portagent.agent.engine import Engine
-from portagent.agent.model import GrantState
+from portagent.agent.engine import Engine, default_verifier
+from portagent.agent.model import Grant, GrantState
 from portagent.agent.settings import ApiSettings, Policy, Settings
 from portagent.agent.store import Store, StoreError
-from portagent.testing.fakes import FakeClock, FakeFirewall, memory_log
+from portagent.agent.verify import Verifier
+from portagent.testing.fakes import FakeClock, FakeConnections, FakeFirewall, memory_log
 from portagent.testing.grants import TestSigner
 from portagent.wire.errors import EnforcementError, GrantConflict, GrantNotFound, GrantNotInWindow
 from portagent.wire.ports import parse_port_spec
@@ -50,22 +52,39 @@ def make_settings(signer: TestSigner, state_dir: Path) -> Settings:
 
 class Harness:
     def __init__(
-        self, signer: TestSigner, clock: FakeClock, firewall: FakeFirewall, state_dir: Path
+        self,
+        signer: TestSigner,
+        clock: FakeClock,
+        firewall: FakeFirewall,
+        state_dir: Path,
+        verifier_for: Callable[[Settings], Verifier] = default_verifier,
     ) -> None:
         self.signer, self.clock, self.firewall = signer, clock, firewall
         self.settings = make_settings(signer, state_dir)
-        self.log, events = memory_log()
+        self.verifier_for = verifier_for
+        self.connections = FakeConnections()
         self.store = Store(self.settings.store_path, now=self.clock())
-        self.engine = Engine(self.settings, firewall, self.store, events, clock=clock)
+        self.engine = self._engine()
         self.engine.start()
         firewall.batches.clear()  # start-up lays out the table; tests count what follows
+
+    def _engine(self) -> Engine:
+        self.log, events = memory_log()
+        return Engine(
+            self.settings,
+            self.firewall,
+            self.store,
+            events,
+            clock=self.clock,
+            verifier_for=self.verifier_for,
+            connections=self.connections,
+        )
 
     def restart(self) -> None:
         self.engine.stop()
         self.store.close()
         self.store = Store(self.settings.store_path, now=self.clock())
-        self.log, events = memory_log()
-        self.engine = Engine(self.settings, self.firewall, self.store, events, clock=self.clock)
+        self.engine = self._engine()
         self.engine.start()
 
     def kernel_handles(self) -> set[int]:
@@ -229,7 +248,7 @@ def test_a_refused_batch_is_not_counted_as_an_own_commit(harness: Harness) -> No
     harness.firewall.fail_next = True
     with pytest.raises(EnforcementError):
         harness.engine.apply_grant(harness.signer.grant(harness.clock.now))
-    harness.engine._own_commits_pending = 0  # forget the start-up commit
+    harness.engine._own_commits.reset()  # forget the start-up commit
     harness.engine.on_ruleset_commit(4242, "nft")
     assert "ACTION=tamper" in harness.log.getvalue()
 
@@ -237,14 +256,19 @@ def test_a_refused_batch_is_not_counted_as_an_own_commit(harness: Harness) -> No
 def test_timeouts_are_computed_when_applied_not_when_the_batch_started(
     signer: TestSigner, clock: FakeClock, firewall: FakeFirewall, tmp_path: Path
 ) -> None:
-    h = Harness(signer, clock, firewall, tmp_path)  # the fake refuses a stale clock
-    verify = h.engine._verifier.verify_grant
+    class SlowVerifier(Verifier):
+        def verify_grant(self, *args: Any) -> Grant:
+            clock.advance(1.0)  # a batch that takes long to verify
+            return super().verify_grant(*args)
 
-    def slow_verify(*args: object) -> object:
-        clock.advance(1.0)  # a batch that takes long to verify
-        return verify(*args)  # type: ignore[arg-type]
-
-    h.engine._verifier.verify_grant = slow_verify  # type: ignore[method-assign]
+    # The fake refuses a stale clock.
+    h = Harness(
+        signer,
+        clock,
+        firewall,
+        tmp_path,
+        verifier_for=lambda s: SlowVerifier(s.host_id, s.trusted_keys, s.policy),
+    )
     try:
         batch = [
             h.signer.grant(clock.now, ttl=600, source_prefixes=[f"10.3.0.{i}"])

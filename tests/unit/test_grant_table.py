@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from portagent.agent.grant_table import GrantTable, due_time, element_keys
+from portagent.agent.grant_table import GrantTable, element_keys
+from portagent.agent.lifecycle import due_time
 from portagent.agent.model import GrantRecord, GrantState
 from portagent.agent.plan import desired_elements
 from portagent.testing.grants import grant_record

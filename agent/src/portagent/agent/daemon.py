@@ -292,7 +292,7 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     from portagent.agent.adapters.services import ServiceFinder
     from portagent.agent.admin import AdminServer
     from portagent.agent.api.grpc_server import start_server
-    from portagent.agent.engine import Engine
+    from portagent.agent.engine import Engine, Observers
     from portagent.agent.store import StoreError
     from portagent.agent.usage import UsageReader
 
@@ -305,24 +305,14 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     except PortagentError as exc:
         events.emit("error", f"conntrack unavailable: {exc.message}", Priority.WARNING)
         engine_conntrack = usage_conntrack = None
-    engine = Engine(
-        settings,
-        NftablesFirewall(list_in_child=True),
-        store,
-        events,
-        watchdog=ping if callable(ping) else None,
-        connections=engine_conntrack,
-    )
-    stall_file = os.environ.get("PORTAGENT_TEST_STALL_FILE")
-    if stall_file:
-        # Test hook for the systemd watchdog test: stop pinging while this file exists.
-        engine.stall_check = lambda: Path(stall_file).exists()
-    watcher = None
+    watcher: RulesetWatcher | None = None
     try:
-        # Subscribed before the first commit, so every NEWGEN of ours is counted out.
-        watcher = RulesetWatcher(engine.on_ruleset_commit, engine.on_events_lost)
-        watcher.start()
-        engine.tamper_watch_active = True
+        # Subscribed before the first commit, so every NEWGEN of ours is counted out. Its
+        # thread starts once the engine it reports to exists.
+        watcher = RulesetWatcher(
+            lambda pid, process: engine.on_ruleset_commit(pid, process),
+            lambda: engine.on_events_lost(),
+        )
     except (OSError, ImportError) as exc:
         events.emit(
             "error",
@@ -330,6 +320,28 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             f"{settings.reconcile_interval:.0f}s reconcile timer",
             Priority.WARNING,
         )
+    # The conntrack event listener starts after the first reconcile (below); until it
+    # runs, the engine treats the grants that had connections as unknown.
+    connection_events: ConntrackEvents | None = None
+
+    def connection_events_complete() -> bool:
+        return connection_events is not None and connection_events.overruns == 0
+
+    engine = Engine(
+        settings,
+        NftablesFirewall(list_in_child=True),
+        store,
+        events,
+        watchdog=ping if callable(ping) else None,
+        connections=engine_conntrack,
+        observers=Observers(
+            tamper_watch_active=watcher is not None,
+            connection_events_complete=connection_events_complete,
+        ),
+    )
+    if watcher is not None:
+        watcher.start()
+
     try:
         # Reads the whole store before its first kernel transaction: a store that
         # does not load fails here with the kernel untouched.
@@ -353,19 +365,17 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             "connection counters may be missing",
             Priority.WARNING,
         )
-    connection_events = None
     try:
         connection_events = ConntrackEvents()
-        listener = connection_events
-        engine.connection_events_complete = lambda: listener.overruns == 0
+    except PortagentError as exc:
+        events.emit("error", f"connection events off: {exc.message}", Priority.WARNING)
+    if connection_events is not None:
         threading.Thread(
             target=connection_events.run,
             args=(engine.on_connection_event,),
             name="conntrack-events",
             daemon=True,
         ).start()
-    except PortagentError as exc:
-        events.emit("error", f"connection events off: {exc.message}", Priority.WARNING)
     usage = UsageReader(NftablesFirewall(list_in_child=True), usage_conntrack, engine.seen)
     usage.expected_elements = engine.kernel_element_count
 

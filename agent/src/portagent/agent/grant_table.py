@@ -1,9 +1,10 @@
 """The engine's in-memory table of grants, indexed for incremental planning.
 
-Pure data structure (no I/O, no locking: the engine guards it). Besides records by
-grant id and by handle it keeps, for every kernel element key, the handles of the
-grants that cover it, so a change to one grant re-plans only that grant's keys;
-and a heap of due times, so expiry costs nothing until something is due.
+Pure data structures (no I/O, no locking: the engine guards them). Besides records by
+grant id and by handle the table keeps, for every kernel element key, the handles of
+the grants that cover it, so a change to one grant re-plans only that grant's keys;
+and a heap of due times (lifecycle.due_time), so expiry costs nothing until something
+is due. `RevokedIds` is the replay memory: revoked ids until they may be forgotten.
 """
 
 from __future__ import annotations
@@ -34,16 +35,6 @@ def mark_keys(record: GrantRecord) -> list[MarkKey]:
     if record.grant.max_connections:
         keys.append((limit_set(record.grant.max_connections), record.handle))
     return keys
-
-
-def due_time(record: GrantRecord, keep_max: float, skew: float) -> float:
-    """When the engine must next look at this grant."""
-    expire = record.grant.expire_time
-    if record.state is GrantState.ACTIVE:
-        return expire
-    if record.state is GrantState.EXPIRED:
-        return expire + keep_max  # a kept grant: forget after its keep window
-    return expire + skew  # revoked: remembered until replay is refused anyway
 
 
 class GrantTable:
@@ -118,3 +109,34 @@ class GrantTable:
             if best is not None:
                 wanted[key] = best
         return wanted
+
+
+class RevokedIds:
+    """Revoked grant ids, each until the time after which the validity window refuses a
+    replay anyway; a heap of those times, so expiry finds the stale ones without a scan."""
+
+    def __init__(self, remembered: Mapping[str, float] | None = None) -> None:
+        self._until: dict[str, float] = dict(remembered or {})
+        self._due: list[tuple[float, str]] = [(t, g) for g, t in self._until.items()]
+        heapq.heapify(self._due)
+
+    def __contains__(self, grant_id: object) -> bool:
+        return grant_id in self._until
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def remember(self, grant_id: str, until: float) -> None:
+        self._until[grant_id] = until
+        heapq.heappush(self._due, (until, grant_id))
+
+    def pop_due(self, now: float) -> list[str]:
+        """Ids remembered until before `now` (each once; those remembered again for
+        longer stay)."""
+        stale = []
+        while self._due and self._due[0][0] < now:
+            _, grant_id = heapq.heappop(self._due)
+            if self._until.get(grant_id, now) < now:
+                stale.append(grant_id)
+                del self._until[grant_id]
+        return stale

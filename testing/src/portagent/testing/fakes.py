@@ -1,5 +1,5 @@
-"""Fakes that ship with the package: unit tests use them in place of the kernel and
-the clock. Real-kernel tests (tests/integration, tests/e2e) prove the behaviour."""
+"""Fakes for the engine's collaborators (firewall, conntrack, clock, audit sink): unit
+tests pass them to the constructor in place of the kernel and the clock. Real-kernel tests (tests/integration, tests/e2e) prove the behaviour."""
 
 from __future__ import annotations
 
@@ -79,6 +79,23 @@ class FakeFirewall:
         """What `nft flush ruleset` does to us."""
         self.state = KernelState()
         self.layout = None
+
+
+class FakeConnections:
+    """Conntrack as the engine sees it: live connection counts per grant handle (ct
+    mark), and the flushes the engine asked for."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, int] = {}
+        self.flushed: list[int] = []
+
+    def count_by_mark(self) -> dict[int, int]:
+        return {mark: n for mark, n in self.live.items() if n}
+
+    def flush_mark(self, mark: int, *, count: bool = True) -> int:
+        self.flushed.append(mark)
+        cut = self.live.pop(mark, 0)
+        return cut if count else 0
 
 
 def memory_log() -> tuple[io.StringIO, EventLog]:
