@@ -461,3 +461,59 @@ def test_after_two_stalls_expiry_deletes_the_element_explicitly(harness: Harness
     harness.clock.now = record.grant.expire_time
     harness.engine._expire()
     assert harness.firewall.state.elements == {}
+
+
+# ---- decisions done: cuts, one batch that applies and revokes -----------------------------
+
+
+def test_expiry_cuts_connections_once_and_a_revocation_cuts_at_once(harness: Harness) -> None:
+    now = harness.clock.now
+    ends = harness.engine.apply_grant(harness.signer.grant(now, grant_id="ends", ttl=5))
+    revoked = harness.engine.apply_grant(
+        harness.signer.grant(now, grant_id="revoked", ttl=5, source_prefixes=["10.5.0.3"])
+    )
+    harness.connections.live = {ends.handle: 1, revoked.handle: 1}
+    harness.engine.revoke_local("revoked", actor="root")
+    assert harness.connections.flushed == [revoked.handle]
+    harness.clock.advance(6)
+    harness.engine._expire()
+    assert harness.connections.flushed == [revoked.handle, ends.handle]
+    harness.clock.advance(harness.settings.policy.clock_skew)
+    harness.engine._expire()  # the revoked grant is forgotten now: no second cut
+    assert harness.connections.flushed == [revoked.handle, ends.handle]
+    assert harness.engine.list_grants() == [] and harness.store.load() == []
+
+
+def test_a_batch_that_applies_and_revokes_one_grant_leaves_it_revoked_everywhere(
+    harness: Harness,
+) -> None:
+    now = harness.clock.now
+    signed = harness.signer.grant(now, grant_id="g-1")
+    revocation = harness.signer.revocation(now, "g-1")
+    engine = harness.engine
+    applied: list[object] = []
+    with engine._writer._lock:  # hold the writer so both land in one batch
+        threads = [
+            threading.Thread(target=lambda: applied.append(engine.apply_grant(signed))),
+            threading.Thread(target=engine.revoke_grant, args=(revocation,)),
+        ]
+        threads[0].start()
+        for _ in range(200):  # the apply is queued before the revocation
+            if not engine._writer._queue.empty():
+                break
+            threading.Event().wait(0.005)
+        threads[1].start()
+        for _ in range(200):
+            if engine._writer._queue.qsize() == 2:
+                break
+            threading.Event().wait(0.005)
+    # Released: the engine thread (woken by the callers) drains both as one batch.
+    for t in threads:
+        t.join(timeout=10)
+    (record,) = engine.list_grants()
+    assert record.state is GrantState.REVOKED and record.handle > 0
+    assert [(r.grant_id, r.state) for r in harness.store.load()] == [("g-1", "revoked")]
+    assert harness.kernel_handles() == set()
+    assert len(applied) == 1
+    with pytest.raises(GrantNotInWindow):
+        engine.apply_grant(signed)

@@ -341,8 +341,13 @@ class Engine:
                     )
             except PortagentError as exc:
                 bad.append(
-                    (row.grant_id, row.grant_bytes, row.signature, row.key_id,
-                     f"{exc.reason}: {exc.message}")
+                    (
+                        row.grant_id,
+                        row.grant_bytes,
+                        row.signature,
+                        row.key_id,
+                        f"{exc.reason}: {exc.message}",
+                    )
                 )
                 continue
             record = GrantRecord(
@@ -537,9 +542,7 @@ class Engine:
         try:
             step()
         except Exception as exc:
-            self._events.emit(
-                "error", f"{step.__name__.strip('_')} failed: {exc}", Priority.ERR
-            )
+            self._events.emit("error", f"{step.__name__.strip('_')} failed: {exc}", Priority.ERR)
             self._full_reconcile.set()
             return True
         return False
@@ -591,7 +594,8 @@ class Engine:
                 self._refused(command, answer.error)
                 command.future.set_exception(answer.error)
         answered = [
-            (c, a) for c, a in zip(commands, decisions.answers, strict=True)
+            (c, a)
+            for c, a in zip(commands, decisions.answers, strict=True)
             if not isinstance(a, Refused)
         ]
         handles: dict[str, int] = {}

@@ -1,5 +1,6 @@
 """Fakes for the engine's collaborators (firewall, conntrack, clock, audit sink): unit
-tests pass them to the constructor in place of the kernel and the clock. Real-kernel tests (tests/integration, tests/e2e) prove the behaviour."""
+tests pass them to the constructor in place of the kernel and the clock. Real-kernel
+tests (tests/integration, tests/e2e) prove the behaviour."""
 
 from __future__ import annotations
 
