@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from portagent.agent.events import AgentEvent, EventKind
-from portagent.agent.model import Flow, Grant, GrantRecord, GrantState
+from portagent.agent.model import Flow, GrantRecord, GrantState
 from portagent.agent.usage import GrantUsage
 from portagent.v1 import agent_pb2 as pb
-from portagent.wire.codec import PROTOCOL_TO_PB
 from portagent.wire.timestamps import timestamp
 
 STATE_TO_PB = {
@@ -14,24 +13,6 @@ STATE_TO_PB = {
     GrantState.EXPIRED: pb.GRANT_STATE_EXPIRED,
     GrantState.REVOKED: pb.GRANT_STATE_REVOKED,
 }
-
-
-def grant_to_pb(grant: Grant, nonce: bytes = b"") -> pb.Grant:
-    return pb.Grant(
-        grant_id=grant.grant_id,
-        host_id=grant.host_id,
-        subject=grant.subject,
-        source_prefixes=[str(n) for n in grant.sources],
-        protocol=PROTOCOL_TO_PB[grant.protocol],
-        port_start=grant.ports.first,
-        port_end=grant.ports.last,
-        not_before=timestamp(grant.not_before),
-        expire_time=timestamp(grant.expire_time),
-        issue_time=timestamp(grant.issue_time),
-        nonce=nonce,
-        key_id=grant.key_id,
-        reason=grant.reason,
-    )
 
 
 def flow_to_pb(flow: Flow) -> pb.Flow:

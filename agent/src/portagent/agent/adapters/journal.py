@@ -49,10 +49,6 @@ class EventLog:
             if journal is not None:
                 self._send = journal.send
 
-    @property
-    def to_journal(self) -> bool:
-        return self._send is not None
-
     def emit(
         self, action: str, message: str, priority: Priority = Priority.INFO, **fields: object
     ) -> None:
