@@ -24,9 +24,14 @@ STAMP_APT_PKG := .cache/apt-packaging.stamp
 BENCH_APT_PACKAGES := fwknop-server fwknop-client fail2ban firewalld iptables dbus python3-dbus
 STAMP_BENCH_APT := .cache/bench-apt.stamp
 
-PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto
-# Generated code belongs to the wire distribution (same import path: portagent.v1).
-PB_OUT := wire/src/portagent/v1/agent_pb2.py wire/src/portagent/health/v1/health_pb2.py
+# google/rpc: AIP-193 error details (google.rpc.Status, ErrorInfo), vendored verbatim from
+# googleapis (Debian has no python3 package of them) at their canonical paths, so a process
+# that also loads googleapis-common-protos sees one definition, not a duplicate symbol.
+PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto \
+	proto/google/rpc/status.proto proto/google/rpc/error_details.proto
+# Generated code belongs to the wire distribution (same import paths: portagent.v1, google.rpc).
+PB_OUT := wire/src/portagent/v1/agent_pb2.py wire/src/portagent/health/v1/health_pb2.py \
+	wire/src/google/rpc/status_pb2.py wire/src/google/rpc/error_details_pb2.py
 # The four distributions of the PEP 420 namespace `portagent`, installed editable.
 DISTS := wire agent broker testing
 

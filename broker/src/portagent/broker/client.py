@@ -2,12 +2,13 @@
 
 gRPC errors are mapped here, at the boundary, into two exceptions: the agent
 answered and refused (AgentRefusedError), or there was no usable answer
-(AgentUnreachableError). Callers never see grpc.RpcError.
+(AgentUnreachableError). Callers never see grpc.RpcError. The agent's reason is read
+from the structured details it sends (AIP-193: a google.rpc.Status carrying an
+ErrorInfo in the `grpc-status-details-bin` trailer), never parsed out of prose.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,13 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from google.rpc import error_details_pb2, status_pb2
 from portagent.broker.settings import parse_address
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import agent_pb2_grpc
+from portagent.wire.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY
 
 DEFAULT_TIMEOUT = 10.0
 LIST_PAGE_SIZE = 1000
@@ -26,8 +30,8 @@ LIST_PAGE_SIZE = 1000
 # (10,000 grants, 8 MiB); the byte budget leaves room for the envelope.
 BATCH_MAX_GRANTS = 10_000
 BATCH_MAX_BYTES = 4 * 1024 * 1024
-# The agent aborts with details "REASON: message" (UPPER_SNAKE reason first).
-_AGENT_REASON = re.compile(r"[A-Z][A-Z0-9_]*: ")
+# A status trailer bigger than this is not one the agent sent (it clips to ~1.3 KiB).
+_MAX_STATUS_DETAILS = 16 * 1024
 
 
 class AgentError(Exception):
@@ -35,18 +39,18 @@ class AgentError(Exception):
 
 
 class AgentRefusedError(AgentError):
-    """The agent answered with an error status; `details` starts with its reason."""
+    """The agent answered with an error status.
 
-    def __init__(self, code: str, details: str) -> None:
+    `reason` is the UPPER_SNAKE reason of the agent's ErrorInfo ("" when the status
+    carried none, e.g. gRPC's own refusals), `field` the request field it names (if
+    any); `details` is the human text ("REASON: message" from the agent)."""
+
+    def __init__(self, code: str, details: str, *, reason: str = "", field: str = "") -> None:
         super().__init__(f"{code} {details}")
         self.code = code
         self.details = details
-
-    @property
-    def reason(self) -> str:
-        """The agent's UPPER_SNAKE reason, or "" when the details carry none."""
-        match = _AGENT_REASON.match(self.details)
-        return match.group(0)[:-2] if match else ""
+        self.reason = reason
+        self.field = field
 
 
 class AgentUnreachableError(AgentError):
@@ -73,16 +77,52 @@ class TlsFiles:
         return cls(ca_file.read_bytes(), cert_file.read_bytes(), key_file.read_bytes())
 
 
+def error_info(code: grpc.StatusCode, trailing_metadata: Any) -> error_details_pb2.ErrorInfo | None:
+    """The agent's ErrorInfo from a call's trailing metadata, or None.
+
+    Only a well-formed google.rpc.Status whose code matches the call's (as grpcio-status
+    requires) and an ErrorInfo in the agent's domain count: anything else on the path
+    (a proxy, gRPC itself) is not the agent speaking."""
+    for key, value in trailing_metadata or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        if len(value) > _MAX_STATUS_DETAILS:
+            return None
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None
+        if status.code != code.value[0]:
+            return None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if (
+                detail.Is(info.DESCRIPTOR)
+                and detail.Unpack(info)
+                and info.domain == ERROR_DOMAIN
+                and info.reason
+            ):
+                return info
+        return None
+    return None
+
+
 def _map_error(address: str, error: grpc.RpcError, timeout: float) -> AgentError:
-    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (error.details() if isinstance(error, grpc.Call) else None) or ""
+    call = error if isinstance(error, grpc.Call) else None
+    code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
+    details = (call.details() if call is not None else None) or ""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return AgentUnreachableError(address, f"no answer within {timeout:g}s", timed_out=True)
+    info = error_info(code, call.trailing_metadata() if call is not None else None)
     # gRPC reports transport and TLS failures as UNAVAILABLE too; an agent's own
-    # UNAVAILABLE (e.g. ENFORCEMENT_FAILED) is recognisable by its leading reason.
-    if code == grpc.StatusCode.UNAVAILABLE and not _AGENT_REASON.match(details):
+    # UNAVAILABLE (e.g. ENFORCEMENT_FAILED) is the one that carries its ErrorInfo.
+    if code == grpc.StatusCode.UNAVAILABLE and info is None:
         return AgentUnreachableError(address, details or "unavailable")
-    return AgentRefusedError(code.name, details)
+    if info is None:
+        return AgentRefusedError(code.name, details)
+    return AgentRefusedError(
+        code.name, details, reason=info.reason, field=info.metadata.get("field", "")
+    )
 
 
 class AgentClient:

@@ -2,12 +2,19 @@
 
 Every refusal is a `PortagentError` carrying a stable `reason` (UPPER_SNAKE, for
 machines and logs) and a canonical status name (for the gRPC boundary, which maps
-it without importing anything here into grpc). Nothing matches on message text.
+it without importing anything here into grpc). Nothing matches on message text:
+on the wire the reason travels as a google.rpc.ErrorInfo (AIP-193) in ERROR_DOMAIN.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+
+# ErrorInfo.domain of every refusal the agent sends: the reason is unique within it.
+ERROR_DOMAIN = "portagent.dev"
+# The trailer that carries a serialized google.rpc.Status with the ErrorInfo (the key
+# grpcio-status and grpc-go's status.FromError read).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class Status(Enum):
@@ -27,12 +34,17 @@ class PortagentError(Exception):
 
     status: Status = Status.INTERNAL
     reason: str = "INTERNAL"
+    field: str | None = None
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str | None = None, field: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
+        # The offending request field ("source_prefixes"), sent as ErrorInfo metadata.
+        self.field = field
         # Audit fields (GRANT_ID, SUBJECT, ...) of a grant whose signature verified before
         # it was refused; never filled from bytes no trusted key signed.
         self.verified_fields: dict[str, object] = {}

@@ -1,8 +1,10 @@
 """The broker-facing gRPC API (mutual TLS). The one place that imports grpc on the agent.
 
 Domain errors become gRPC statuses here and nowhere else: the status code comes
-from the error's canonical status, and the details start with its UPPER_SNAKE
-reason so a client can act on it without parsing prose.
+from the error's canonical status, and every refusal carries its UPPER_SNAKE reason
+as structured detail (AIP-193): a google.rpc.Status in the `grpc-status-details-bin`
+trailer holding an ErrorInfo{reason, domain, metadata{field}}, which clients read
+instead of parsing prose. The human text "REASON: message" stays the status message.
 
 Resource limits (every one refuses at once with a specific status, never queues):
 - requests: gRPC refuses any message over MAX_RECEIVE_BYTES before we see it; our
@@ -15,8 +17,9 @@ Resource limits (every one refuses at once with a specific status, never queues)
 - unary calls that wait for the engine: at most MAX_UNARY at once;
 - the worker pool is larger than both caps together, so Health.Check (and the
   refusals themselves) always find a free worker;
-- status details are clipped (MAX_DETAIL_CHARS; echoed values to MAX_ECHO_CHARS),
-  so a status always fits gRPC's metadata limit and reaches the client.
+- status details are clipped (MAX_DETAIL_CHARS characters and as many UTF-8 bytes;
+  echoed values to MAX_ECHO_CHARS), so a status with its rich trailer always fits
+  gRPC's metadata limit and reaches the client.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from google.rpc import error_details_pb2, status_pb2
 from portagent.agent.codec import STATE_TO_PB, event_to_pb, status_to_pb
 from portagent.agent.engine import Engine, SignedInput
 from portagent.agent.model import GrantRecord
@@ -39,7 +43,7 @@ from portagent.health.v1 import health_pb2, health_pb2_grpc
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import agent_pb2_grpc
 from portagent.wire.envelope import GRANT_ID_PATTERN
-from portagent.wire.errors import PortagentError, Status
+from portagent.wire.errors import ERROR_DOMAIN, STATUS_DETAILS_KEY, PortagentError, Status
 
 T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 100
@@ -66,6 +70,7 @@ MAX_UNARY = 64
 SPARE_WORKERS = 8
 MAX_DETAIL_CHARS = 1024
 MAX_ECHO_CHARS = 128
+MAX_REASON_CHARS = 64
 
 
 def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
@@ -80,18 +85,55 @@ def _code(status: Status) -> grpc.StatusCode:
 
 def _detail(reason: str, message: str) -> str:
     # Messages from deeper layers may echo client input of any length; clip the whole
-    # detail here, the one place every error becomes a status.
-    return clip(f"{clip(reason, 64)}: {message}", MAX_DETAIL_CHARS)
+    # detail here, the one place every error becomes a status. Bytes count too: gRPC
+    # percent-encodes non-ASCII in grpc-message (3 bytes each), and the trailer repeats
+    # the text, so 1024 four-byte characters would overflow the client's metadata limit.
+    detail = clip(f"{reason}: {message}", MAX_DETAIL_CHARS)
+    encoded = detail.encode()
+    if len(encoded) <= MAX_DETAIL_CHARS:
+        return detail
+    # Cut on a character boundary (a partial last character is dropped), then mark it.
+    return encoded[: MAX_DETAIL_CHARS - len("…".encode())].decode(errors="ignore") + "…"
+
+
+def rich_status(
+    code: grpc.StatusCode, reason: str, message: str, field: str | None = None
+) -> tuple[str, bytes]:
+    """The status text ("REASON: message", clipped) and the serialized google.rpc.Status
+    with one ErrorInfo that travels in the STATUS_DETAILS_KEY trailer."""
+    reason = clip(reason, MAX_REASON_CHARS)
+    detail = _detail(reason, message)
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)
+    if field:
+        info.metadata["field"] = clip(field, MAX_ECHO_CHARS)
+    status = status_pb2.Status(code=code.value[0], message=detail)
+    status.details.add().Pack(info)
+    return detail, status.SerializeToString()
+
+
+def abort(
+    context: grpc.ServicerContext,
+    code: grpc.StatusCode,
+    reason: str,
+    message: str,
+    *,
+    field: str | None = None,
+) -> NoReturn:
+    """End the RPC with `code`, the text "REASON: message" and its ErrorInfo trailer."""
+    detail, details_bin = rich_status(code, reason, message, field)
+    # abort() sends whatever trailing metadata is set when it ends the call.
+    context.set_trailing_metadata(((STATUS_DETAILS_KEY, details_bin),))
+    context.abort(code, detail)
+    raise AssertionError("unreachable")  # context.abort always raises
 
 
 def _call(context: grpc.ServicerContext, body: Callable[[], T]) -> T:
     try:
         return body()
     except PortagentError as exc:
-        context.abort(_code(exc.status), _detail(exc.reason, exc.message))
+        abort(context, _code(exc.status), exc.reason, exc.message, field=exc.field)
     except TimeoutError:
-        context.abort(grpc.StatusCode.UNAVAILABLE, "BUSY: the agent did not answer in time")
-    raise AssertionError("unreachable")  # context.abort always raises
+        abort(context, grpc.StatusCode.UNAVAILABLE, "BUSY", "the agent did not answer in time")
 
 
 def _signed(message: pb.SignedGrant | pb.SignedRevocation, payload: bytes) -> SignedInput:
@@ -241,7 +283,7 @@ def _deserializer(message: Any, shape: Shape) -> Callable[[bytes], Any]:
 
 def _check(request: Any, context: grpc.ServicerContext) -> None:
     if isinstance(request, Refused):
-        context.abort(request.error.code, f"{request.error.reason}: {request.error.message}")
+        abort(context, request.error.code, request.error.reason, request.error.message)
 
 
 # ---- concurrency caps ------------------------------------------------------------------
@@ -257,12 +299,13 @@ class StreamLimiter:
         self._open: dict[str, int] = {}
 
     def acquire(self, peer: str) -> str | None:
-        """None when granted, else why not (the caller answers RESOURCE_EXHAUSTED)."""
+        """None when granted, else why not (the caller answers RESOURCE_EXHAUSTED with
+        reason TOO_MANY_STREAMS)."""
         with self._lock:
             if sum(self._open.values()) >= self.total:
-                return f"TOO_MANY_STREAMS: the agent serves at most {self.total} streams"
+                return f"the agent serves at most {self.total} streams"
             if self._open.get(peer, 0) >= self.per_peer:
-                return f"TOO_MANY_STREAMS: at most {self.per_peer} streams per client"
+                return f"at most {self.per_peer} streams per client"
             self._open[peer] = self._open.get(peer, 0) + 1
             return None
 
@@ -318,9 +361,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self, request: pb.BatchApplyGrantsRequest, context: grpc.ServicerContext
     ) -> pb.BatchApplyGrantsResponse:
         if len(request.signed_grants) > MAX_BATCH_SIZE:  # the pre-scan refuses it first
-            context.abort(
+            abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"BATCH_TOO_LARGE: at most {MAX_BATCH_SIZE} grants per batch",
+                "BATCH_TOO_LARGE",
+                f"at most {MAX_BATCH_SIZE} grants per batch",
+                field="signed_grants",
             )
         batch = [_signed(s, s.grant) for s in request.signed_grants]
         outcomes = _call(context, lambda: self._engine.apply_grants(batch))
@@ -357,10 +403,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         context: grpc.ServicerContext,
     ) -> pb.GrantStatus:
         if not GRANT_ID_PATTERN.fullmatch(request.grant_id):
-            context.abort(
+            abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"INVALID_GRANT_ID: grant_id: {clip(request.grant_id)!r} "
-                "is not 1-64 of [A-Za-z0-9._-]",
+                "INVALID_GRANT_ID",
+                f"grant_id: {clip(request.grant_id)!r} is not 1-64 of [A-Za-z0-9._-]",
+                field="grant_id",
             )
         record = _call(context, lambda: self._engine.get(request.grant_id))
         return status_to_pb(record, self._usage_of([record], with_flows=True).get(record.handle))
@@ -371,9 +419,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         context: grpc.ServicerContext,
     ) -> pb.ListGrantsResponse:
         if request.page_size < 0:
-            context.abort(
+            abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "INVALID_PAGE_SIZE: page_size must not be negative",
+                "INVALID_PAGE_SIZE",
+                "page_size must not be negative",
+                field="page_size",
             )
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = ""
@@ -386,9 +437,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
             except (ValueError, UnicodeDecodeError):
                 after = ""
             if not GRANT_ID_PATTERN.fullmatch(after):
-                context.abort(
+                abort(
+                    context,
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    "INVALID_PAGE_TOKEN: page_token is not one this agent issued",
+                    "INVALID_PAGE_TOKEN",
+                    "page_token is not one this agent issued",
+                    field="page_token",
                 )
         records = [r for r in self._engine.list_grants() if r.grant.grant_id > after]
         page = records[:size]
@@ -408,7 +462,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         peer = peer_identity(context)
         refusal = self._streams.acquire(peer)
         if refusal is not None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS", refusal)
         once = threading.Lock()
 
         def release() -> None:
@@ -419,7 +473,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
         if not context.add_callback(release):
             release()
-            context.abort(grpc.StatusCode.CANCELLED, "CANCELLED: the stream ended")
+            abort(context, grpc.StatusCode.CANCELLED, "CANCELLED", "the stream ended")
         return self._watch(request.after_sequence, context, release)
 
     def _watch(
@@ -456,7 +510,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
     ) -> health_pb2.HealthCheckResponse:
         status = self._status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {clip(request.service)!r}")
+            abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                "SERVICE_UNKNOWN",
+                f"unknown service {clip(request.service)!r}",
+                field="service",
+            )
         return health_pb2.HealthCheckResponse(status=status)
 
     def Watch(
@@ -478,9 +538,11 @@ def _guarded(
         if gate is None:
             return behavior(request, context)
         if not gate.acquire(blocking=False):
-            context.abort(
+            abort(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "BUSY: too many concurrent requests; retry shortly",
+                "BUSY",
+                "too many concurrent requests; retry shortly",
             )
         try:
             return behavior(request, context)
