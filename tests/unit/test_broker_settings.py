@@ -116,6 +116,41 @@ address = "web1"
         assert any(p.startswith(expected) for p in problems), (expected, problems)
 
 
+def test_unknown_keys_are_refused_in_every_table_with_a_hint() -> None:
+    text = MINIMAL.replace("[signing]", 'ca_fiel = "x"\n[signing]\nkeyid = "k"')
+    text = 'defualt_ttl = "1h"\n' + text
+    text += '[hosts.web1]\naddress = "192.0.2.5:50051"\nservername = "a"\nport = 1\n'
+    with pytest.raises(ConfigError) as caught:
+        load_broker_settings(text)
+    problems = caught.value.problems
+    for expected in (
+        'defualt_ttl: unknown setting; did you mean "default_ttl"?',
+        'tls.ca_fiel: unknown setting; did you mean "ca_file"?',
+        'signing.keyid: unknown setting; did you mean "key_id"?',
+        'hosts.web1.servername: unknown setting; did you mean "server_name"?',
+        "hosts.web1.port: unknown setting",
+    ):
+        assert expected in problems, (expected, problems)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # The shared reader's checks now apply to the broker too.
+        (MINIMAL.replace('"ca.pem"', '""'), "tls.ca_file: must not be empty"),
+        ('default_ttl = "' + "9" * 400 + 'd"' + MINIMAL, "default_ttl: must be between"),
+        ("timeout = 5\n" + MINIMAL, "timeout: expected str"),
+        (MINIMAL + '[hosts."bad host"]\naddress = "192.0.2.5:1"\n', "hosts.bad host: "),
+        ("a = " + "[" * 100_000 + "]" * 100_000, "not valid TOML: nested too deeply"),
+        (" " * ((1 << 20) + 1), "not a broker config"),
+    ],
+)
+def test_bad_broker_configs_are_config_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_broker_settings(text)
+    assert any(message in p for p in caught.value.problems), caught.value.problems
+
+
 def test_invalid_toml() -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_broker_settings("[tls")

@@ -116,6 +116,39 @@ def test_unknown_settings_in_every_table_are_reported() -> None:
         assert f"{name}: unknown setting" in problems, (name, problems)
 
 
+def test_unknown_settings_get_a_did_you_mean_hint() -> None:
+    text = VALID.replace("[policy]", '[policy]\nmax_tll = "1h"\nGuarded = []')
+    text = text.replace("[state]", '[nftables]\nrefused = "drop"\n[state]')
+    text += TestSigner().toml() + 'publickey = "x"\n[admin]\nsocket_path = "s"\nzzz = 1\n'
+    text += '[agnet]\nreconcile_interval = "5s"\n'
+    with pytest.raises(ConfigError) as info:
+        load_settings(text)
+    problems = info.value.problems
+    for expected in (
+        'policy.max_tll: unknown setting; did you mean "max_ttl"?',
+        'policy.Guarded: unknown setting; did you mean "guarded"?',
+        'nftables.refused: unknown setting; did you mean "refuse"?',
+        'trusted_keys[0].publickey: unknown setting; did you mean "public_key"?',
+        'admin.socket_path: unknown setting; did you mean "socket"?',
+        'agnet: unknown setting; did you mean "agent"?',
+    ):
+        assert expected in problems, (expected, problems)
+    # No hint when nothing is close.
+    assert "admin.zzz: unknown setting" in problems
+
+
+def test_a_huge_unknown_key_is_refused_cheaply() -> None:
+    # The hint compares a bounded prefix: difflib is quadratic in the name's length.
+    with pytest.raises(ConfigError) as info:
+        load_settings("k" * 100_000 + " = 1\n" + VALID + TestSigner().toml())
+    assert any(p.startswith("k" * 100) and "unknown setting" in p for p in info.value.problems)
+
+
+def test_an_oversized_config_names_the_agent() -> None:
+    with pytest.raises(ConfigError, match="not an agent config"):
+        load_settings(" " * (MAX_CONFIG_BYTES + 1))
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [

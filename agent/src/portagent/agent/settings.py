@@ -1,7 +1,8 @@
 """Agent configuration: a pure parse of TOML text into frozen settings.
 
 `load_settings` reports every problem at once (ConfigError.problems), so
-`portagent check-config` and `ExecStartPre=` show the whole list.
+`portagentd --check-config` and `ExecStartPre=` show the whole list. Every table is
+read through portagent.wire.config.Reader: an unknown key anywhere is refused.
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ import base64
 import binascii
 import ipaddress
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from portagent.wire.config import MAX_CONFIG_BYTES, TOO_BIG, Reader, read_config_text
+from portagent.wire.config import Reader, parse_toml, read_config_text
 from portagent.wire.errors import ConfigError
 from portagent.wire.ports import GuardedPort, parse_port_spec
 
 DEFAULT_CONFIG_PATH = Path("/etc/portagent/agent.toml")
+WHAT = "an agent config"
 # What the broker accepts for a host id (broker.settings.HOST_ID_PATTERN): a host id
 # no broker can issue grants for is a configuration error, not a silent lock-out.
 HOST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
@@ -115,15 +116,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None = None) -> Settings:
     """Parse agent.toml text. Relative paths resolve against `base_dir`."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError([TOO_BIG])
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"]) from None
-    except RecursionError:
-        # tomllib recurses per nesting level; thousands of "[[[" exhaust the stack.
-        raise ConfigError(["not valid TOML: nested too deeply"]) from None
+    doc = parse_toml(text, WHAT)
     problems: list[str] = []
     read = Reader(problems)
     known_top = {"host_id", "api", "admin", "state", "trusted_keys", "policy", "nftables", "agent"}
@@ -137,8 +130,9 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
     ):
         problems.append(f"host_id: {host_id!r} is not 1-253 of [A-Za-z0-9._-]")
 
-    api_t = read.get(doc, "api", dict, "", default={}, required=True)
-    read.unknown(api_t, {"listen", "ca_file", "cert_file", "key_file"}, "api.")
+    api_t = read.table(
+        doc, "api", "", {"listen", "ca_file", "cert_file", "key_file"}, required=True
+    )
     listen = read.get(api_t, "listen", str, "api.", required=True) or ""
     if "listen" in api_t and isinstance(api_t["listen"], str):
         try:
@@ -182,9 +176,10 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
     ):
         problems.append("trusted_keys: at least one key is required")
 
-    pol = read.get(doc, "policy", dict, "", default={}, required=True)
-    read.unknown(
-        pol,
+    pol = read.table(
+        doc,
+        "policy",
+        "",
         {
             "guarded",
             "max_ttl",
@@ -194,7 +189,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
             "allow_any_source",
             "keep_established_max",
         },
-        "policy.",
+        required=True,
     )
     guarded: list[GuardedPort] = []
     for spec in read.get(pol, "guarded", list, "policy.", [], required=True):
@@ -227,14 +222,10 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         ),
     )
 
-    state_t = read.get(doc, "state", dict, "", default={})
-    admin_t = read.get(doc, "admin", dict, "", default={})
-    nft_t = read.get(doc, "nftables", dict, "", default={})
-    agent_t = read.get(doc, "agent", dict, "", default={})
-    read.unknown(state_t, {"dir"}, "state.")
-    read.unknown(admin_t, {"socket", "group"}, "admin.")
-    read.unknown(nft_t, {"refuse"}, "nftables.")
-    read.unknown(agent_t, {"reconcile_interval"}, "agent.")
+    state_t = read.table(doc, "state", "", {"dir"})
+    admin_t = read.table(doc, "admin", "", {"socket", "group"})
+    nft_t = read.table(doc, "nftables", "", {"refuse"})
+    agent_t = read.table(doc, "agent", "", {"reconcile_interval"})
     refuse = read.get(nft_t, "refuse", str, "nftables.", "drop")
     if refuse not in ("drop", "reject"):
         problems.append(f'nftables.refuse: expected "drop" or "reject", got {refuse!r}')
@@ -263,4 +254,4 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
 
 def load_settings_file(path: Path) -> Settings:
     """Read and parse a config file; relative paths in it resolve against its folder."""
-    return load_settings(read_config_text(path), base_dir=path.resolve().parent, source=path)
+    return load_settings(read_config_text(path, WHAT), base_dir=path.resolve().parent, source=path)

@@ -1,26 +1,25 @@
 """Broker configuration (broker.toml): where the agents are and which keys to use.
 
 Like the agent's settings, a pure parse of TOML text that reports every problem
-at once. Relative paths resolve against the file's folder, so a set-up written
-by `portagent-broker init` works from any working directory.
+at once, read through the same portagent.wire.config.Reader (unknown keys refused in
+every table, with a hint). Relative paths resolve against the file's folder, so a
+set-up written by `portagent-broker init` works from any working directory.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from portagent.wire.config import read_config_text
-from portagent.wire.durations import parse_duration
+from portagent.wire.config import Reader, parse_toml, read_config_text
 from portagent.wire.errors import ConfigError
 
 DEFAULT_TTL = 3600.0
 DEFAULT_TIMEOUT = 10.0
+WHAT = "a broker config"
 # Host ids go into TOML table names and audit logs; keep them hostname-like.
 HOST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -91,79 +90,50 @@ def toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _resolve(base: Path, value: str) -> Path:
-    path = Path(value)
-    return path if path.is_absolute() else base / path
-
-
 def load_broker_settings(
     text: str, *, base_dir: Path = Path("/"), source: Path | None = None
 ) -> BrokerSettings:
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"not valid TOML: {exc}"]) from None
+    """Parse broker.toml text. Relative paths resolve against `base_dir`."""
+    doc = parse_toml(text, WHAT)
     problems: list[str] = []
-
-    def get(
-        table: dict[str, Any], name: str, where: str, kind: type = str, required: bool = False
-    ) -> Any:
-        if name not in table:
-            if required:
-                problems.append(f"{where}{name}: required")
-            return None
-        value = table[name]
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            problems.append(f"{where}{name}: expected {kind.__name__}, got {value!r}")
-            return None
-        return value
-
-    def duration(table: dict[str, Any], name: str, default: float) -> float:
-        text = get(table, name, "")
-        if text is None:
-            return default
-        try:
-            seconds = parse_duration(text)
-        except ValueError as exc:
-            problems.append(f"{name}: {exc}")
-            return default
-        if seconds <= 0:
-            problems.append(f"{name}: must be positive")
-        return seconds
-
-    for unknown in sorted(set(doc) - {"default_ttl", "timeout", "tls", "signing", "hosts"}):
-        problems.append(f"{unknown}: unknown setting")
-    tls = get(doc, "tls", "", dict, required=True) or {}
-    signing = get(doc, "signing", "", dict, required=True) or {}
-    paths = {
-        "ca_file": get(tls, "ca_file", "tls.", required=True),
-        "cert_file": get(tls, "cert_file", "tls.", required=True),
-        "key_file": get(tls, "key_file", "tls.", required=True),
-        "signing_key_file": get(signing, "key_file", "signing.", required=True),
-    }
-    key_id = get(signing, "key_id", "signing.")
+    read = Reader(problems)
+    read.unknown(doc, {"default_ttl", "timeout", "tls", "signing", "hosts"}, "")
+    tls = read.table(doc, "tls", "", {"ca_file", "cert_file", "key_file"}, required=True)
+    signing = read.table(doc, "signing", "", {"key_file", "key_id"}, required=True)
+    ca_file = read.path(tls, "ca_file", "tls.", base_dir)
+    cert_file = read.path(tls, "cert_file", "tls.", base_dir)
+    key_file = read.path(tls, "key_file", "tls.", base_dir)
+    signing_key_file = read.path(signing, "key_file", "signing.", base_dir)
+    key_id = read.get(signing, "key_id", str, "signing.")
 
     hosts: dict[str, HostEntry] = {}
-    for host_id, entry in (get(doc, "hosts", "", dict) or {}).items():
+    # [hosts] is keyed by host id (any id), each entry a table of known keys.
+    for host_id, entry in read.get(doc, "hosts", dict, "", {}).items():
         where = f"hosts.{host_id}."
+        if not HOST_ID_PATTERN.fullmatch(host_id):
+            problems.append(f"hosts.{host_id}: {host_id!r} is not 1-253 of [A-Za-z0-9._-]")
+            continue
         if not isinstance(entry, dict):
             problems.append(f"hosts.{host_id}: expected a table")
             continue
-        address = get(entry, "address", where, required=True)
+        read.unknown(entry, {"address", "server_name"}, where)
+        address = read.get(entry, "address", str, where, required=True)
         if address is not None:
             try:
                 parse_address(address)
             except ValueError as exc:
                 problems.append(f"{where}address: {exc}")
-        hosts[host_id] = HostEntry(address or "", get(entry, "server_name", where))
+        hosts[host_id] = HostEntry(address or "", read.get(entry, "server_name", str, where))
 
-    default_ttl = duration(doc, "default_ttl", DEFAULT_TTL)
-    timeout = duration(doc, "timeout", DEFAULT_TIMEOUT)
+    default_ttl = _positive(read, doc, "default_ttl", DEFAULT_TTL)
+    timeout = _positive(read, doc, "timeout", DEFAULT_TIMEOUT)
     if problems:
         raise ConfigError(problems)
-    resolved = {name: _resolve(base_dir, value) for name, value in paths.items()}
     return BrokerSettings(
-        **resolved,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        signing_key_file=signing_key_file,
         signing_key_id=key_id,
         hosts=hosts,
         default_ttl=default_ttl,
@@ -172,8 +142,19 @@ def load_broker_settings(
     )
 
 
+def _positive(read: Reader, table: dict[str, object], name: str, default: float) -> float:
+    """A top-level duration above zero (and within the shared upper bound)."""
+    seconds = read.duration(dict(table), name, "", default)
+    if seconds <= 0:
+        read.problems.append(f"{name}: must be positive")
+        return default
+    return seconds
+
+
 def load_broker_settings_file(path: Path) -> BrokerSettings:
-    return load_broker_settings(read_config_text(path), base_dir=path.resolve().parent, source=path)
+    return load_broker_settings(
+        read_config_text(path, WHAT), base_dir=path.resolve().parent, source=path
+    )
 
 
 def render_host_table(host_id: str, address: str) -> str:
