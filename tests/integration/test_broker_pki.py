@@ -20,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from portagent.agent.api.grpc_server import abort
 from portagent.agent.settings import load_settings_file
 from portagent.agent.verify import Verifier
 from portagent.broker import cli, pki
@@ -44,14 +45,14 @@ class FakeAgent(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     def __init__(self, verifier: Verifier) -> None:
         self.verifier = verifier
         self.grants: dict[str, Any] = {}
-        self.abort_with: tuple[grpc.StatusCode, str] | None = None
+        self.abort_with: tuple[grpc.StatusCode, str, str] | None = None
 
     def _refuse(self, context: grpc.ServicerContext, exc: PortagentError) -> None:
-        context.abort(getattr(grpc.StatusCode, exc.status.value), f"{exc.reason}: {exc.message}")
+        abort(context, getattr(grpc.StatusCode, exc.status.value), exc.reason, exc.message)
 
     def ApplyGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
         if self.abort_with:
-            context.abort(*self.abort_with)
+            abort(context, *self.abort_with)
         signed = request.signed_grant
         try:
             self.verifier.verify_grant(signed.grant, signed.signature, signed.key_id, time.time())
@@ -79,7 +80,7 @@ class FakeAgent(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
 
     def GetGrant(self, request: Any, context: grpc.ServicerContext) -> Any:
         if request.grant_id not in self.grants:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"GRANT_NOT_FOUND: {request.grant_id}")
+            abort(context, grpc.StatusCode.NOT_FOUND, "GRANT_NOT_FOUND", request.grant_id)
         return self.grants[request.grant_id]
 
     def ListGrants(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -225,7 +226,7 @@ def test_cli_reports_agent_refusal(env: Env, capsys: pytest.CaptureFixture[str])
 
 
 def test_agent_unavailable_with_reason_is_a_refusal(env: Env) -> None:
-    env.agent.abort_with = (grpc.StatusCode.UNAVAILABLE, "ENFORCEMENT_FAILED: nft said no")
+    env.agent.abort_with = (grpc.StatusCode.UNAVAILABLE, "ENFORCEMENT_FAILED", "nft said no")
     with AgentClient(env.address, env.tls, timeout=5) as client, \
             pytest.raises(AgentRefusedError) as caught:
         client.apply(_signed_grant(env))
