@@ -8,10 +8,11 @@
 # untracked-but-not-ignored, so generated code never leaks in), writes the
 # upstream tarball portagent_VERSION.orig.tar.gz, adds packaging/debian/ as
 # debian/ and runs dpkg-buildpackage. The result is a proper 3.0 (quilt) source
-# package (.dsc, .orig.tar.gz, .debian.tar.xz) and the arch:all .deb.
-# lintian must report no error and no warning (overrides: packaging/debian/
-# source/lintian-overrides and packaging/debian/portagent.lintian-overrides,
-# each justified in a comment).
+# package (.dsc, .orig.tar.gz, .debian.tar.xz) and its three arch:all .debs:
+# portagent (the agent), portagent-broker and python3-portagent-wire (the code
+# both share). lintian must report no error and no warning on any of them
+# (overrides: packaging/debian/*.lintian-overrides, each justified in a comment).
+# The last lines on stdout are the three .deb paths, one a line.
 set -euo pipefail
 # Debian's toolchain and Debian's python3 only (not a pyenv or a venv on PATH).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -74,8 +75,14 @@ lintian --fail-on error,warning --display-info --info "$changes" | tee "$build/l
 	exit 1
 }
 
-for f in "$build"/portagent_*; do
+debs=()
+for package in portagent portagent-broker python3-portagent-wire; do
+	deb=${package}_${debversion}_all.deb
+	[[ -f $build/$deb ]] || { echo "build-deb: $deb was not built" >&2; exit 1; }
+	debs+=("$out/$deb")
+done
+for f in "$build"/*; do
 	[[ $f == *.orig.tar.gz || $f == *.dsc || $f == *.debian.tar.* || $f == *.deb || $f == *.changes ||
 		$f == *.buildinfo ]] && cp "$f" "$out/"
 done
-echo "$out/portagent_${debversion}_all.deb"
+printf '%s\n' "${debs[@]}"
