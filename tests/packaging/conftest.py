@@ -14,12 +14,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pkglab import CACHE, REPO, PackagingLab, Timings, sweep_stale_runs
+from pkglab import (
+    CACHE,
+    PACKAGES,
+    REPO,
+    Container,
+    PackagingLab,
+    Timings,
+    record_owner,
+    sweep_stale_runs,
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "packaging: builds the .deb and boots it under systemd-nspawn "
+        "markers", "packaging: builds the .debs and boots them under systemd-nspawn "
         "(root, minutes; run by make test-packaging)")
 
 
@@ -55,17 +64,21 @@ def timings() -> Iterator[Timings]:
 
 
 @pytest.fixture(scope="session")
-def built_deb(timings: Timings) -> Iterator[tuple[Path, str]]:
-    """Build the source and binary packages (lintian must pass); yield (deb, lintian log)."""
+def built_debs(timings: Timings) -> Iterator[tuple[dict[str, Path], str]]:
+    """Build the source and binary packages (lintian must pass); yield
+    ({package name: .deb}, lintian log)."""
     out = Path(tempfile.mkdtemp(prefix="portagent-deb-"))
     try:
-        with timings.phase("build .deb + lintian"):
+        with timings.phase("build .debs + lintian"):
             result = subprocess.run(["bash", str(REPO / "packaging" / "build-deb.sh"), str(out)],
                                     capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, f"build-deb.sh failed:\n{result.stderr[-5000:]}"
-        deb = Path(result.stdout.strip().splitlines()[-1])
+        # build-deb.sh ends with one .deb path a line: NAME_VERSION_all.deb.
+        debs = {Path(line).name.split("_", 1)[0]: Path(line)
+                for line in result.stdout.split() if line.endswith(".deb")}
+        assert set(debs) == set(PACKAGES), result.stdout
         lintian_log = (REPO / "build" / "deb" / "lintian.log").read_text()
-        yield deb, lintian_log
+        yield debs, lintian_log
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -81,12 +94,12 @@ def base_rootfs(timings: Timings) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lab(built_deb: tuple[Path, str], base_rootfs: Path,
+def lab(built_debs: tuple[dict[str, Path], str], base_rootfs: Path,
         timings: Timings) -> Iterator[PackagingLab]:
     CACHE.mkdir(parents=True, exist_ok=True)
     sweep_stale_runs()
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
-    packaging_lab = PackagingLab(built_deb[0], base_rootfs, workdir, timings)
+    packaging_lab = PackagingLab(built_debs[0], base_rootfs, workdir, timings)
     try:
         packaging_lab.setup()
         yield packaging_lab
@@ -94,5 +107,25 @@ def lab(built_deb: tuple[Path, str], base_rootfs: Path,
         try:
             with timings.phase("teardown"):
                 packaging_lab.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def offline_root(base_rootfs: Path, timings: Timings) -> Iterator[Container]:
+    """A fresh overlay of the cached rootfs, never booted: for apt and one-off commands
+    (the broker's package needs no systemd). Its own run-* directory, swept like the lab's."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sweep_stale_runs()
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
+    container = Container(base_rootfs, None, workdir)
+    try:
+        record_owner(workdir, [], None)
+        with timings.phase("overlay (broker)"):
+            container.mount()
+        yield container
+    finally:
+        try:
+            container.stop()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

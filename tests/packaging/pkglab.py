@@ -1,4 +1,4 @@
-"""The packaging test's harness: build the .deb, install it with apt into a fresh
+"""The packaging test's harness: build the .debs, install them with apt into a fresh
 bookworm rootfs, boot a real systemd on it with systemd-nspawn inside a network
 namespace of our own, and reach it from a client namespace.
 
@@ -39,6 +39,9 @@ HOST_ID = "pkg-host"
 API_PORT = 7443
 GUARDED_PORT = 8022
 CONTAINER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# The binary packages of the one source (packaging/debian/control).
+AGENT, BROKER, WIRE = "portagent", "portagent-broker", "python3-portagent-wire"
+PACKAGES = (AGENT, BROKER, WIRE)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
@@ -75,7 +78,8 @@ class Timings:
 class Container:
     """A bookworm rootfs (overlay over the cached base) booted by systemd-nspawn."""
 
-    def __init__(self, base: Path, net: NetnsPair, workdir: Path) -> None:
+    def __init__(self, base: Path, net: NetnsPair | None, workdir: Path) -> None:
+        # net: the namespace pair to boot in; None for a root only used offline.
         self.base = base
         self.net = net
         self.workdir = workdir
@@ -122,6 +126,7 @@ class Container:
     # ---- booted -----------------------------------------------------------------------
 
     def boot(self, timeout: float = 60) -> None:
+        assert self.net is not None, "booting needs a network namespace of ours"
         with self.console_log.open("wb") as console:
             self.nspawn = subprocess.Popen(
                 ["systemd-nspawn", "-q", "-D", str(self.root), "--register=no", "--keep-unit",
@@ -222,10 +227,11 @@ class Container:
 
 
 class PackagingLab:
-    """The .deb, a container running it, a client namespace with the broker."""
+    """The agent's .debs, a container running them, a client namespace with the broker."""
 
-    def __init__(self, deb: Path, base: Path, workdir: Path, timings: Timings) -> None:
-        self.deb = deb
+    def __init__(self, debs: dict[str, Path], base: Path, workdir: Path,
+                 timings: Timings) -> None:
+        self.debs = debs
         self.workdir = workdir
         self.timings = timings
         self.net = NetnsPair(prefix="pt-pkg")
@@ -242,17 +248,13 @@ class PackagingLab:
             self.net.create()
             self.container.mount()
         with self.timings.phase("apt install (offline cache)"):
-            shutil.copy(self.deb, self.workdir / "portagent.deb")
-            result = self.container.run_offline(
-                ["apt-get", "install", "-y", "--no-install-recommends", "/tmp/portagent.deb"],
-                binds=[f"{self.workdir / 'portagent.deb'}:/tmp/portagent.deb"],
-                log=self.workdir / "apt-install.log")
-            assert result.returncode == 0, f"apt install failed:\n{result.stdout[-3000:]}" \
-                                           f"{result.stderr[-3000:]}"
+            # The agent and the package it depends on, as a host gets them; never the broker.
+            install_debs(self.container, {p: self.debs[p] for p in (AGENT, WIRE)}, self.workdir)
         with self.timings.phase("trust set-up + config"):
             self.configure()
             # For the upgrade step (the booted container's /tmp is a fresh tmpfs).
-            self.container.write("/root/portagent.deb", self.deb.read_bytes())
+            for package in (AGENT, WIRE):
+                self.container.write(f"/root/{package}.deb", self.debs[package].read_bytes())
         self.echo = self.net.popen(
             self.net.server, [str(BIN / "python"), "-m", "portagent.testing.echo", "--tcp",
                               str(GUARDED_PORT)], stdout=subprocess.PIPE)
@@ -263,12 +265,7 @@ class PackagingLab:
         self._record_owner()
 
     def _record_owner(self) -> None:
-        owner: dict[str, Any] = {"pid": os.getpid(), "start": _process_start(os.getpid()),
-                                 "netns": [self.net.server, self.net.client]}
-        if self.container.nspawn is not None:
-            pid = self.container.nspawn.pid
-            owner["nspawn"] = {"pid": pid, "start": _process_start(pid)}
-        (self.workdir / "owner.json").write_text(json.dumps(owner))
+        record_owner(self.workdir, [self.net.server, self.net.client], self.container.nspawn)
 
     def configure(self) -> None:
         """A development trust set-up from the broker CLI; production paths in the container."""
@@ -390,6 +387,31 @@ max_ttl = "1h"
     def service_log(self) -> str:
         return self.container.exec(["journalctl", "--no-pager", "-n", "60", "-u", "portagent"],
                                    check=False).stdout
+
+
+def install_debs(container: Container, debs: dict[str, Path], workdir: Path,
+                 log_name: str = "apt-install.log") -> None:
+    """`apt-get install ./X.deb ...` in a root that is not booted: apt resolves every
+    Depends: from the rootfs's downloaded cache, offline, as on a host."""
+    binds, paths = [], []
+    for package, deb in debs.items():
+        shutil.copy(deb, workdir / f"{package}.deb")
+        binds.append(f"{workdir / f'{package}.deb'}:/tmp/{package}.deb")
+        paths.append(f"/tmp/{package}.deb")
+    result = container.run_offline(["apt-get", "install", "-y", "--no-install-recommends", *paths],
+                                   binds=binds, log=workdir / log_name)
+    assert result.returncode == 0, f"apt install {' '.join(debs)} failed:\n" \
+                                   f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+
+
+def record_owner(workdir: Path, netns: list[str],
+                 nspawn: subprocess.Popen[bytes] | None) -> None:
+    """owner.json of a run directory: what sweep_stale_runs must undo if we die."""
+    owner: dict[str, Any] = {"pid": os.getpid(), "start": _process_start(os.getpid()),
+                             "netns": netns}
+    if nspawn is not None:
+        owner["nspawn"] = {"pid": nspawn.pid, "start": _process_start(nspawn.pid)}
+    (workdir / "owner.json").write_text(json.dumps(owner))
 
 
 def _process_start(pid: int) -> str | None:

@@ -9,9 +9,9 @@
 # cache across fresh clones (CI).
 #
 # The rootfs is debootstrap's minbase plus systemd and dbus, with apt lists
-# fetched and the .deb files of portagent's run-time dependencies *downloaded
-# but not installed*: each test run installs portagent with apt into a fresh
-# overlay of this tree, so apt really resolves the Depends: field, offline.
+# fetched and the .deb files of the run-time dependencies of portagent's packages
+# *downloaded but not installed*: each test run installs the packages with apt into
+# a fresh overlay of this tree, so apt really resolves the Depends: fields, offline.
 # The cache key is this file's own hash plus the mirrors: edit the lists below (or
 # move the host to another mirror) and the next run rebuilds it (about two
 # minutes); otherwise it is reused as is.
@@ -106,9 +106,12 @@ if [[ ${1:-} == --print-mirrors ]]; then
 	exit 0
 fi
 BOOT_PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,iproute2
-# What portagent's Depends: will pull in (kept in step with packaging/debian/control).
-DEPENDS="python3 python3-grpcio python3-protobuf python3-nftables python3-pyroute2 python3-psutil
-python3-systemd python3-cryptography nftables adduser"
+# What the Depends: of the three binary packages pull in (kept in step with
+# packaging/debian/control): python3-portagent-wire needs python3-grpcio, -protobuf and
+# -cryptography; portagent-broker nothing more; portagent also nftables, python3-nftables,
+# -pyroute2, -psutil and -systemd (and systemd-sysusers, from systemd: in BOOT_PACKAGES).
+DEPENDS="python3 python3-grpcio python3-protobuf python3-cryptography
+python3-nftables python3-pyroute2 python3-psutil python3-systemd nftables adduser"
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${1:-${PORTAGENT_PACKAGING_CACHE:-$here/../../.cache/packaging}}

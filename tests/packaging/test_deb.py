@@ -1,5 +1,6 @@
-"""The Debian package under a real systemd: install, enforce, journald, reload,
-restart, upgrade, watchdog, hardening score, stop and purge.
+"""The agent's Debian packages (portagent + python3-portagent-wire) under a real
+systemd: install, enforce, journald, reload, restart, upgrade, watchdog, hardening
+score, stop and purge. The broker's package: test_broker_deb.py.
 
 The tests share one booted container and run in file order: each step starts from
 the state the previous one left (one grant, active for the whole run).
@@ -13,27 +14,28 @@ import time
 from pathlib import Path
 
 import pytest
-from pkglab import GUARDED_PORT, HOST_ID, REPO, PackagingLab, wait_for
+from pkglab import AGENT, GUARDED_PORT, HOST_ID, PACKAGES, REPO, WIRE, PackagingLab, wait_for
 
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
 
 EXPOSURE_TARGET = 2.0
-STALL_FILE = "/run/portagent-test.stall"
-STALL_DROPIN = "/run/systemd/system/portagent.service.d/50-test-stall.conf"
+# A shorter watchdog for the stall test only (a runtime drop-in the test writes).
+WATCHDOG_DROPIN = "/run/systemd/system/portagent.service.d/50-test-watchdog.conf"
 
 # Shared between the steps: the grant that must survive everything.
 state: dict[str, str] = {}
 
 
-def test_deb_builds_and_lintian_is_clean(built_deb: tuple[Path, str]) -> None:
-    deb, lintian = built_deb
-    assert deb.name == "portagent_0.1.0-1_all.deb"
+def test_debs_build_and_lintian_is_clean(built_debs: tuple[dict[str, Path], str]) -> None:
+    debs, lintian = built_debs
+    assert {p: d.name for p, d in debs.items()} == {p: f"{p}_0.1.0-1_all.deb" for p in PACKAGES}
     tags = [line for line in lintian.splitlines() if re.match(r"^[EW]: ", line)]
     assert tags == [], "lintian errors/warnings:\n" + "\n".join(tags)
 
 
 def test_package_contents(lab: PackagingLab) -> None:
-    files = set(lab.container.exec(["dpkg", "-L", "portagent"]).stdout.split())
+    files = set(lab.container.exec(["dpkg", "-L", AGENT]).stdout.split())
+    wire = set(lab.container.exec(["dpkg", "-L", WIRE]).stdout.split())
     for path in ("/usr/bin/portagent", "/usr/sbin/portagentd", "/etc/portagent/agent.toml",
                  "/lib/systemd/system/portagent.service", "/usr/lib/sysusers.d/portagent.conf",
                  "/usr/share/man/man1/portagent.1.gz", "/usr/share/man/man8/portagentd.8.gz",
@@ -50,10 +52,20 @@ def test_package_contents(lab: PackagingLab) -> None:
                                 "nftables.__file__, portagent.agent.__file__, "
                                 "portagent.wire.__file__)"]).stdout
     assert where.count("/usr/lib/python3/dist-packages/") == 4, where
-    # The host gets the agent and the shared wire code only: no CA, no test lab.
-    shipped = [f for f in files if "/dist-packages/portagent/" in f]
-    foreign = [f for f in shipped if "/portagent/broker" in f or "/portagent/testing" in f]
-    assert shipped and not foreign, foreign
+    # The host gets the agent and the shared wire code only: no CA, no test lab, and
+    # the broker's package is not even installed.
+    for package, own in ((AGENT, ("agent",)), (WIRE, ("wire", "v1", "health"))):
+        shipped = [f for f in (files if package == AGENT else wire)
+                   if "/dist-packages/portagent/" in f]
+        foreign = [f for f in shipped
+                   if f.split("/dist-packages/portagent/")[1].split("/")[0] not in own]
+        assert shipped and not foreign, (package, foreign)
+    assert "/usr/lib/python3/dist-packages/portagent/__init__.py" not in files | wire
+    installed = lab.container.exec(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\\n",
+                                    "portagent*", "python3-portagent*"], check=False).stdout
+    assert "portagent-broker installed" not in installed, installed
+    depends = lab.container.exec(["dpkg-query", "-W", "-f=${Depends}", AGENT]).stdout
+    assert f"{WIRE} (= 0.1.0-1)" in depends, depends
 
 
 def test_service_reaches_active(lab: PackagingLab) -> None:
@@ -272,7 +284,7 @@ def test_upgrade_keeps_grant(lab: PackagingLab) -> None:
     # Installing the package over itself runs the upgrade path of the maintainer
     # scripts: prerm upgrade (no stop), postinst configure <old> (try-restart).
     before = lab.wait_active()
-    lab.container.exec(["dpkg", "-i", "/root/portagent.deb"], timeout=120)
+    lab.container.exec(["dpkg", "-i", f"/root/{WIRE}.deb", f"/root/{AGENT}.deb"], timeout=120)
     after = lab.wait_active()
     assert after["MainPID"] != before["MainPID"], "postinst did not restart the daemon"
     assert lab.can_connect()
@@ -281,25 +293,28 @@ def test_upgrade_keeps_grant(lab: PackagingLab) -> None:
 
 def test_stalled_daemon_is_restarted_by_the_watchdog(lab: PackagingLab) -> None:
     c = lab.container
-    # The stall hook exists only in a drop-in the test writes, never in the shipped unit.
-    c.put(STALL_DROPIN, f"[Service]\nEnvironment=PORTAGENT_TEST_STALL_FILE={STALL_FILE}\n"
-                          "WatchdogSec=4s\n")
+    # A hang as an operator would see it, made from outside: SIGSTOP freezes every
+    # thread of the main process, so the watchdog pings stop. systemd then kills it
+    # (SIGABRT, with SIGCONT) and Restart=on-failure starts a new one. Only the
+    # watchdog interval is shortened, by a runtime drop-in; the daemon has no test hook.
+    c.put(WATCHDOG_DROPIN, "[Service]\nWatchdogSec=4s\n")
     try:
         c.exec(["systemctl", "daemon-reload"])
         c.exec(["systemctl", "restart", "portagent"])
         before = lab.wait_active()
-        c.exec(["touch", STALL_FILE])
+        # The shell's kill: /bin/kill is in procps, which the minimal rootfs lacks.
+        c.sh(f"kill -STOP {int(before['MainPID'])}")
         wait_for(lambda: int(c.unit("NRestarts")["NRestarts"]) > int(before["NRestarts"]), 30,
                  "systemd to restart the stalled daemon")
-        c.exec(["rm", "-f", STALL_FILE])
         after = lab.wait_active()
         assert after["MainPID"] != before["MainPID"]
         system_log = c.exec(["journalctl", "--no-pager", "-u", "portagent", "-g",
                              "Watchdog timeout"], check=False).stdout
         assert "Watchdog timeout" in system_log
         assert wait_for(lab.can_connect, 10, "the grant after the watchdog restart")
+        assert active_ids(lab) == [state["grant"]]
     finally:
-        c.exec(["rm", "-f", STALL_FILE, STALL_DROPIN], check=False)
+        c.exec(["rm", "-f", WATCHDOG_DROPIN], check=False)
         c.exec(["systemctl", "daemon-reload"], check=False)
         c.exec(["systemctl", "restart", "portagent"], check=False)
     lab.wait_active()
@@ -331,15 +346,21 @@ def test_purge_leaves_nothing_behind(lab: PackagingLab) -> None:
     c = lab.container
     c.exec(["systemctl", "start", "portagent"])
     lab.wait_active()
-    c.exec(["apt-get", "purge", "-y", "portagent"], timeout=120)
+    c.exec(["apt-get", "purge", "-y", AGENT], timeout=120)
     assert "inet portagent" not in lab.nft_tables()
     left = c.exec(["sh", "-c", "ls -d /etc/portagent /var/lib/portagent /run/portagent "
                    "/usr/sbin/portagentd /usr/bin/portagent /lib/systemd/system/portagent.service "
                    "/etc/systemd/system/multi-user.target.wants/portagent.service 2>/dev/null"],
                   check=False).stdout.split()
     assert left == []
-    status = c.exec(["dpkg-query", "-W", "-f=${db:Status-Status}", "portagent"], check=False)
+    status = c.exec(["dpkg-query", "-W", "-f=${db:Status-Status}", AGENT], check=False)
     assert status.stdout in ("", "not-installed")
+    # The wire package goes with its last user; then no portagent module is left.
+    c.exec(["apt-get", "purge", "-y", WIRE], timeout=120)
+    modules = c.exec(["sh", "-c", "ls -d /usr/lib/python3/dist-packages/portagent* "
+                      f"/usr/share/doc/{AGENT} /usr/share/doc/{WIRE} 2>/dev/null"],
+                     check=False).stdout.split()
+    assert modules == []
     assert lab.processes_named("portagentd") == []
     load = c.unit("LoadState")["LoadState"]
     assert load == "not-found"

@@ -12,6 +12,7 @@ import pytest
 
 from portagent.agent import cli, daemon
 from portagent.agent.settings import Settings, load_settings
+from portagent.broker import cli as broker_cli
 from portagent.wire.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,18 +98,55 @@ def subcommands(parser: argparse.ArgumentParser) -> set[str]:
 @pytest.mark.parametrize(("page", "parser"), [
     ("portagentd.8.scd", daemon.build_parser()),
     ("portagent.1.scd", cli.build_parser()),
+    ("portagent-broker.1.scd", broker_cli.build_parser()),
 ])
 def test_man_pages_document_every_option(page: str, parser: argparse.ArgumentParser) -> None:
     text = (MAN / page).read_text()
     missing = {o for o in options_of(parser) if f"*{o}*" not in text}
     missing |= {c for c in subcommands(parser) if f"*{c}*" not in text}
+    # An option with fixed choices (-o table|json, --protocol tcp|udp) lists them all.
+    missing |= {f"{o} {c}" for o, c in option_choices(parser).items() if c not in text}
     assert not missing, f"{page} does not document {sorted(missing)}"
 
 
-def test_bash_completion_knows_every_command_and_option() -> None:
-    text = (REPO / "packaging" / "bash-completion" / "portagent").read_text()
-    parser = cli.build_parser()
+def option_choices(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option with fixed choices, and the choices as a man page writes them (a|b)."""
+    found: dict[str, str] = {}
+    for action in parser._actions:
+        if action.option_strings and action.choices is not None:
+            found[action.option_strings[-1]] = "|".join(map(str, action.choices))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= option_choices(sub)
+    return found
+
+
+@pytest.mark.parametrize(("script", "parser"), [
+    ("portagent", cli.build_parser()),
+    ("portagent-broker", broker_cli.build_parser()),
+])
+def test_bash_completion_knows_every_command_and_option(
+        script: str, parser: argparse.ArgumentParser) -> None:
+    text = (REPO / "packaging" / "bash-completion" / script).read_text()
     commands = re.search(r'local commands="([^"]*)"', text)
     assert commands and set(commands.group(1).split()) == subcommands(parser)
     for option in options_of(parser):
         assert option in text, option
+
+
+def packaged(path: str) -> set[str]:
+    """Source paths a debian/*.install or *.manpages file names (first word of a line)."""
+    lines = (REPO / "packaging" / "debian" / path).read_text().splitlines()
+    return {line.split()[0] for line in lines if line.strip() and not line.startswith("#")}
+
+
+def test_each_binary_package_ships_its_man_page_and_completion() -> None:
+    # The broker's files go in the broker's package, the agent's in the agent's.
+    assert "debian/build-man/portagent-broker.1" in packaged("portagent-broker.manpages")
+    assert "packaging/bash-completion/portagent-broker" in packaged("portagent-broker.install")
+    assert packaged("portagent.manpages") == {"debian/build-man/portagent.1",
+                                              "debian/build-man/portagentd.8"}
+    assert not any("broker" in p for p in packaged("portagent.install"))
+    rules = (REPO / "packaging" / "debian" / "rules").read_text()
+    for page in MAN.glob("*.scd"):
+        assert f"packaging/man/{page.name}" in rules, f"{page.name} is never rendered"
