@@ -7,6 +7,7 @@ network namespace, and everything is removed at the end (also on Ctrl-C or error
 
 from __future__ import annotations
 
+import datetime as dt
 import shlex
 import sys
 import tempfile
@@ -95,7 +96,8 @@ def main() -> int:
         step("Waiting for the grant to expire (the kernel closes it on its own)")
         grant_id = result.stdout.strip()
         expire_time = next(g["expire_time"] for g in lab.list_json() if g["grant_id"] == grant_id)
-        time.sleep(max(0.0, expire_time - time.time()) + 0.3)
+        expires = dt.datetime.fromisoformat(expire_time).timestamp()  # RFC 3339 in -o json
+        time.sleep(max(0.0, expires - time.time()) + 0.3)
         if attempt(lab):
             print("demo: FAILED - still open after expiry", file=sys.stderr)
             return 1

@@ -4,6 +4,7 @@ applies from a thread, and the invariants that must hold after any fault."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import random
 import threading
@@ -21,7 +22,12 @@ def elements_within_committed_grants(arena: Arena) -> list[str]:
     that grant (plus the documented bound). Returns the problems found."""
     records = admin.call(arena.lab.admin_socket, {"op": "list"}, timeout=10.0)
     now = time.time()
-    left = {r["handle"]: r["expire_time"] - now for r in records if r["state"] == "active"}
+    # expire_time is RFC 3339 in the admin JSON (one projection with the broker's).
+    left = {
+        r["handle"]: dt.datetime.fromisoformat(r["expire_time"]).timestamp() - now
+        for r in records
+        if r["state"] == "active"
+    }
     problems = []
     for handle, expires in arena.lab.element_timeouts():
         if handle not in left:

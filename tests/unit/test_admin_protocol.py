@@ -15,7 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from portagent.agent.admin import MAX_REQUEST, AdminServer, BadRequest, call, parse_request
+from portagent.agent import cli
+from portagent.agent.admin import AdminServer
+from portagent.agent.admin_protocol import MAX_REQUEST, BadRequest, call, parse_request, stream
 from portagent.agent.engine import Engine
 from portagent.agent.settings import ApiSettings, Policy, Settings
 from portagent.agent.store import Store
@@ -266,3 +268,41 @@ def test_every_garbage_request_gets_one_json_line(agent: Agent, data: bytes) -> 
     if not reply["ok"]:
         assert reply["error"]["reason"] in {"BAD_REQUEST", "NOT_FOUND", "GRANT_NOT_FOUND"}
     assert agent.state() == before
+
+
+def test_the_cli_prints_the_one_projection_with_rfc3339_times(
+    agent: Agent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grant_id = agent.record.grant.grant_id
+    socket_args = ["--socket", str(agent.path)]
+    assert cli.main([*socket_args, "show", grant_id, "-o", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    direct = call(agent.path, {"op": "show", "grant_id": grant_id})
+    left = shown.pop("remaining_seconds")
+    assert isinstance(left, float) and left >= direct.pop("remaining_seconds")  # time passes
+    assert shown == direct
+    for key, seconds in (
+        ("expire_time", agent.record.grant.expire_time),
+        ("apply_time", agent.record.apply_time),
+        ("not_before", agent.record.grant.not_before),
+    ):
+        assert shown[key].endswith("Z")
+        assert cli.seconds(shown[key]) == pytest.approx(seconds, abs=1e-6), key
+    assert shown["host_id"] == "host-a" and shown["ports"] == "5432"
+    assert cli.main([*socket_args, "list", "-o", "json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert listed["grant_id"] == grant_id and listed["expire_time"] == shown["expire_time"]
+    # The human formats read the same times back ("text" is the broker's name for it).
+    assert cli.main([*socket_args, "show", grant_id, "-o", "text"]) == 0
+    expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(agent.record.grant.expire_time))
+    assert expires in capsys.readouterr().out
+    assert cli.main([*socket_args, "list"]) == 0
+    assert grant_id in capsys.readouterr().out
+
+
+def test_events_carry_rfc3339_times(agent: Agent) -> None:
+    events = stream(agent.path, {"op": "events", "after": 0})
+    first = next(events)
+    events.close()  # the stream never ends by itself
+    assert first["kind"] == "grant_applied" and first["time"].endswith("Z")
+    assert cli.seconds(first["time"]) is not None and first["flow"] is None

@@ -100,8 +100,76 @@ def test_grant_prints_only_the_id_and_the_agent_verifies_it(
 def test_grant_json(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([*GRANT, "-o", "json", "--reason", "CHG-1"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["state"] == "active" and out["port"] == "22/tcp" and out["reason"] == "CHG-1"
+    assert out["state"] == "active" and out["reason"] == "CHG-1"
+    assert (out["ports"], out["protocol"]) == ("22", "tcp")
     assert out["sources"] == ["192.0.2.10/32"] and out["expire_time"].endswith("Z")
+    assert out["apply_time"] is None and out["revoke_time"] is None  # not set by the agent
+    assert 0 < out["remaining_seconds"] <= 300
+
+
+def _listed_status(grant_id: str, state: int = pb.GRANT_STATE_ACTIVE) -> pb.GrantStatus:
+    status = pb.GrantStatus(state=state)
+    status.grant.grant_id, status.grant.host_id = grant_id, "web1"
+    status.grant.source_prefixes.append("192.0.2.10/32")
+    status.grant.protocol, status.grant.port_start, status.grant.port_end = pb.PROTOCOL_UDP, 53, 54
+    status.grant.expire_time.FromJsonString("2099-01-01T00:00:00Z")
+    status.apply_time.FromJsonString("2026-11-30T14:05:00.250Z")
+    status.usage.connections = 1
+    flow = status.usage.flows.add(protocol="udp", source_address="192.0.2.10", source_port=999)
+    flow.destination_address, flow.destination_port, flow.bytes_in = "192.0.2.5", 53, 80
+    return status
+
+
+class ListingClient(FakeClient):
+    def list(self) -> list[pb.GrantStatus]:
+        return [_listed_status("g-1"), _listed_status("g-2", pb.GRANT_STATE_REVOKED)]
+
+    def get(self, grant_id: str) -> pb.GrantStatus:
+        return _listed_status(grant_id)
+
+    def watch(self, after: int) -> list[pb.Event]:
+        event = pb.Event(sequence=after + 1, kind=pb.EVENT_KIND_CONNECTION_CLOSED, grant_id="g-1")
+        event.event_time.FromJsonString("2026-11-30T14:05:01Z")
+        event.flow.CopyFrom(_listed_status("g-1").usage.flows[0])
+        return [event]
+
+
+def test_list_get_watch_json_use_the_shared_projection(
+    dev: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "AgentClient", ListingClient)
+    assert cli.main(["list", "--host", "web1", "-o", "json"]) == 0
+    first, second = json.loads(capsys.readouterr().out)
+    assert (first["grant_id"], first["state"], second["state"]) == ("g-1", "active", "revoked")
+    assert (first["ports"], first["protocol"]) == ("53-54", "udp")
+    assert first["expire_time"] == "2099-01-01T00:00:00Z"
+    assert first["apply_time"] == "2026-11-30T14:05:00.250Z"
+    assert first["connections"] == 1 and first["flows"][0]["source_port"] == 999
+    assert first["flows"][0]["state"] is None and "timeout" not in first["flows"][0]
+    assert cli.main(["get", "--host", "web1", "g-7", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["grant_id"] == "g-7"
+    assert cli.main(["watch", "--host", "web1", "--count", "1", "-o", "json"]) == 0
+    event = json.loads(capsys.readouterr().out)
+    assert (event["sequence"], event["time"], event["kind"], event["reason"]) == (
+        1, "2026-11-30T14:05:01Z", "connection_closed", "")  # fmt: skip
+    assert (event["flow"]["source"], event["flow"]["source_port"]) == ("192.0.2.10", 999)
+
+
+def test_list_get_watch_tables(
+    dev: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "AgentClient", ListingClient)
+    for output in ([], ["-o", "table"], ["-o", "text"]):  # text: the old name, same output
+        assert cli.main(["list", "--host", "web1", *output]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].split()[:4] == ["GRANT_ID", "STATE", "SUBJECT", "PORT"]
+        assert "53-54/udp" in lines[1] and lines[2].split()[1] == "revoked"
+    assert cli.main(["get", "--host", "web1", "g-7"]) == 0
+    out = capsys.readouterr().out
+    assert "expire_time:" in out and "2099-01-01T00:00:00Z" in out
+    assert "flow:" in out and "udp 192.0.2.10:999 -> 192.0.2.5:53" in out
+    assert cli.main(["watch", "--host", "web1", "--count", "1"]) == 0
+    assert "#1 2026-11-30T14:05:01Z connection_closed g-1" in capsys.readouterr().out
 
 
 def test_default_ttl_and_agent_override(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,21 +1,20 @@
-"""Local admin API: JSON lines over a Unix socket (root:portagent, mode 0660).
+"""The admin server inside portagentd: JSON lines over a Unix socket
+(root:portagent, mode 0660). The protocol, its one parse and the client live in
+portagent.agent.admin_protocol, which the `portagent` CLI imports instead of this module.
 
 The socket's mode is the access control; SO_PEERCRED tells us who is asking, so
 every change is logged with the operator's uid and pid.
 
-Every request is parsed once, canonically, before anything acts on it
-(`parse_request`): one line of at most MAX_REQUEST bytes, strict UTF-8, one flat JSON
-object without duplicate keys, NaN/Infinity or oversized numbers, a known op and only
-that op's fields, each range- and length-checked. Whatever goes wrong, the client gets
-exactly one JSON error line naming the field; the server thread never dies with a
-traceback. Idle clients time out, and concurrent connections are capped.
+Every request goes through `parse_request` before anything acts on it. Whatever goes
+wrong, the client gets exactly one JSON error line naming the field; the server thread
+never dies with a traceback. Idle clients time out, and concurrent connections are
+capped.
 """
 
 from __future__ import annotations
 
 import contextlib
 import grp
-import json
 import os
 import pwd
 import socket
@@ -24,107 +23,35 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from portagent.agent.adapters.journal import EventLog, Priority
 from portagent.agent.adapters.services import ServiceFinder
+from portagent.agent.admin_protocol import (
+    MAX_REQUEST,
+    BadRequest,
+    encode,
+    error_reply,
+    parse_request,
+)
+
+# The client, still reachable here for code written before the split (tests/support).
+from portagent.agent.admin_protocol import call as call
+from portagent.agent.admin_protocol import stream as stream
+from portagent.agent.codec import event_to_pb, status_to_pb
 from portagent.agent.engine import Engine
 from portagent.agent.events import AgentEvent
-from portagent.agent.model import Flow, GrantRecord
+from portagent.agent.model import GrantRecord
 from portagent.agent.usage import GrantUsage, UsageReader
-from portagent.wire.envelope import GRANT_ID_PATTERN
 from portagent.wire.errors import PortagentError
+from portagent.wire.records import event_json, grant_status_json
 
-MAX_REQUEST = 64 * 1024
 # A client must send its request line within this; it also bounds each write of an
 # events stream to a client that stopped reading.
 REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 32
-MAX_INT_DIGITS = 20
-MAX_SEQUENCE = 2**63 - 1
-# op -> its fields besides "op" (required ones are checked in parse_request).
-OPS: dict[str, frozenset[str]] = {
-    "list": frozenset(),
-    "status": frozenset(),
-    "show": frozenset({"grant_id"}),
-    "revoke": frozenset({"grant_id"}),
-    "events": frozenset({"after"}),
-}
-
-
-class BadRequest(PortagentError):
-    """A malformed admin request; the message names the field."""
-
-    reason = "BAD_REQUEST"
-
-
-def _clip(text: str, limit: int = 64) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _no_constant(name: str) -> Any:
-    raise BadRequest(f"request: {name} is not valid JSON")
-
-
-def _bounded_int(text: str) -> int:
-    # Python would parse (slowly) or refuse (ValueError) a huge literal: refuse it first.
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise BadRequest(f"request: integer of {len(text)} digits")
-    return int(text)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise BadRequest(f"{_clip(key)!s}: duplicate key")
-        result[key] = value
-    return result
-
-
-def parse_request(line: bytes) -> dict[str, Any]:
-    """The one parse of an admin request line; raises BadRequest naming the field."""
-    if len(line) > MAX_REQUEST:
-        raise BadRequest(f"request: longer than {MAX_REQUEST} bytes")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("request: not UTF-8") from None
-    if not text.strip():
-        raise BadRequest("request: empty")
-    try:
-        request = json.loads(
-            text,
-            parse_constant=_no_constant,
-            parse_int=_bounded_int,
-            object_pairs_hook=_unique_keys,
-        )
-    except RecursionError:
-        raise BadRequest("request: nested too deeply") from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"request: not JSON ({exc.msg} at {exc.pos})") from None
-    if not isinstance(request, dict):
-        raise BadRequest("request: must be a JSON object")
-    op = request.get("op")
-    if not isinstance(op, str) or op not in OPS:
-        shown = _clip(op) if isinstance(op, str) else type(op).__name__
-        raise BadRequest(f"op: unknown operation {shown!r}; one of {', '.join(sorted(OPS))}")
-    for key in request:
-        if key != "op" and key not in OPS[op]:
-            raise BadRequest(f"{_clip(key)}: unknown field for op {op!r}")
-    if "grant_id" in OPS[op]:
-        grant_id = request.get("grant_id")
-        if not isinstance(grant_id, str) or not GRANT_ID_PATTERN.fullmatch(grant_id):
-            raise BadRequest("grant_id: required, 1-64 characters of [A-Za-z0-9._-]")
-    if op == "events":
-        after = request.setdefault("after", 0)
-        # bool is an int subclass; floats (1e400 is inf) are not sequence numbers.
-        if type(after) is not int or not 0 <= after <= MAX_SEQUENCE:
-            raise BadRequest(f"after: must be an integer from 0 to {MAX_SEQUENCE}")
-    return request
 
 
 @dataclass(frozen=True)
@@ -148,67 +75,24 @@ def peer_of(conn: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
-def flow_to_json(flow: Flow) -> dict[str, Any]:
-    return {
-        "protocol": flow.protocol,
-        "source": flow.src,
-        "source_port": flow.sport,
-        "destination": flow.dst,
-        "destination_port": flow.dport,
-        "state": flow.state,
-        "packets_in": flow.packets_orig,
-        "bytes_in": flow.bytes_orig,
-        "packets_out": flow.packets_reply,
-        "bytes_out": flow.bytes_reply,
-        "timeout": flow.timeout,
-    }
-
-
 def record_to_json(
     record: GrantRecord, now: float, usage: GrantUsage | None = None, service: str | None = None
 ) -> dict[str, Any]:
-    grant = record.grant
-    result: dict[str, Any] = {
-        "grant_id": grant.grant_id,
-        "subject": grant.subject,
-        "sources": [str(s) for s in grant.sources],
-        "protocol": grant.protocol.value,
-        "ports": str(grant.ports),
-        "state": record.state.value,
-        "not_before": grant.not_before,
-        "expire_time": grant.expire_time,
-        "remaining_seconds": max(0.0, round(grant.expire_time - now, 3)),
-        "apply_time": record.apply_time,
-        "revoke_time": record.revoke_time,
-        "issue_time": grant.issue_time,
-        "key_id": grant.key_id,
-        "reason": grant.reason,
-        "handle": record.handle,
-        "keep_established": grant.keep_established,
-        "max_connections": grant.max_connections,
-    }
-    if usage is not None:
-        result["connections"] = usage.connections
-        result["packets"] = usage.packets
-        result["bytes"] = usage.bytes
-        result["first_seen"] = usage.first_seen
-        result["last_seen"] = usage.last_seen
-        result["flows"] = [flow_to_json(f) for f in usage.flows]
-    if service is not None:
-        result["service"] = service
-    return result
+    """The record as `portagent -o json` shows it: the pb.GrantStatus the gRPC API
+    returns, through the one projection both CLIs use, plus what only this host knows."""
+    return grant_status_json(
+        status_to_pb(record, usage),
+        now,
+        handle=record.handle,
+        service=service,
+        flow_timeouts=[f.timeout for f in usage.flows] if usage is not None else None,
+    )
 
 
 def event_to_json(event: AgentEvent) -> dict[str, Any]:
-    return {
-        "sequence": event.sequence,
-        "time": event.time,
-        "kind": event.kind.value,
-        "grant_id": event.grant_id,
-        "subject": event.subject,
-        "reason": event.reason,
-        "flow": flow_to_json(event.flow) if event.flow is not None else None,
-    }
+    return event_json(
+        event_to_pb(event), flow_timeout=event.flow.timeout if event.flow is not None else None
+    )
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):
@@ -233,8 +117,8 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         if not self._slots.acquire(blocking=False):
             try:
                 request.settimeout(1.0)
-                reply = _error("BUSY", f"at most {self.limit} admin connections at once")
-                request.sendall(json.dumps(reply).encode() + b"\n")
+                reply = error_reply("BUSY", f"at most {self.limit} admin connections at once")
+                request.sendall(encode(reply))
             except OSError:
                 pass
             self.shutdown_request(request)
@@ -332,7 +216,7 @@ class AdminServer:
                         Priority.ERR,
                         ERROR=str(exc),
                     )
-                    reply = _error("INTERNAL", "the agent could not handle the request")
+                    reply = error_reply("INTERNAL", "the agent could not handle the request")
                 if reply is not None:
                     self._send(reply)
 
@@ -349,11 +233,11 @@ class AdminServer:
                         return None
                     return {"ok": True, "result": outer.dispatch(request, peer)}
                 except PortagentError as exc:
-                    return _error(exc.reason, exc.message)
+                    return error_reply(exc.reason, exc.message)
 
             def _send(self, reply: dict[str, Any]) -> None:
                 with contextlib.suppress(OSError):  # the client has gone
-                    self.wfile.write(json.dumps(reply).encode() + b"\n")
+                    self.wfile.write(encode(reply))
 
         return Handler
 
@@ -381,7 +265,7 @@ class AdminServer:
         try:
             while not self._stopping.is_set():
                 for event in self._engine.hub.wait(after, timeout=1.0):
-                    out.write(json.dumps(event_to_json(event)).encode() + b"\n")
+                    out.write(encode(event_to_json(event)))
                     after = event.sequence
                 out.write(b"\n")  # keep-alive; fails once the client has gone
                 out.flush()
@@ -413,43 +297,3 @@ class AdminServer:
                 "trusted_keys": [k.key_id for k in settings.trusted_keys],
             }
         raise BadRequest(f"op: unknown operation {op!r}")
-
-
-def _error(reason: str, message: str) -> dict[str, Any]:
-    return {"ok": False, "error": {"reason": reason, "message": _clip(message, 1024)}}
-
-
-def call(path: Path, request: dict[str, Any], timeout: float = 30.0) -> Any:
-    """Client side: one request, one reply. Raises PortagentError for refusals."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        conn.connect(str(path))
-        conn.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                break
-            data += chunk
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        error = reply.get("error", {})
-        raise PortagentError(error.get("message", "refused"), reason=error.get("reason"))
-    return reply["result"]
-
-
-def stream(path: Path, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Client side of a streaming request (events): one JSON object per line."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.connect(str(path))
-        conn.sendall(json.dumps(request).encode() + b"\n")
-        with conn.makefile("rb") as lines:
-            for line in lines:
-                if line.strip():
-                    item = json.loads(line)
-                    if isinstance(item, dict) and item.get("ok") is False:
-                        error = item.get("error", {})
-                        raise PortagentError(
-                            error.get("message", "refused"), reason=error.get("reason")
-                        )
-                    yield item

@@ -1,8 +1,15 @@
-"""portagent: the operator's view of the agent on this host, over the admin socket."""
+"""portagent: the operator's view of the agent on this host, over the admin socket.
+
+It imports the admin protocol only (portagent.agent.admin_protocol), never the daemon:
+`portagent list` loads no engine, store, nftables or gRPC code. `-o json` prints the
+agent's records as the admin socket sends them: the projection both CLIs share
+(portagent.wire.records), with RFC 3339 times.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -10,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from portagent.agent.admin import call, stream
+from portagent.agent.admin_protocol import call, stream
 from portagent.agent.settings import DEFAULT_CONFIG_PATH, load_settings_file
 from portagent.wire.durations import format_duration
 from portagent.wire.errors import ConfigError, PortagentError
@@ -34,8 +41,28 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _local_time(seconds: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(seconds))
+# The same -o choices as portagent-broker; "text" (the broker's old name) means table.
+OUTPUT_CHOICES = ("table", "json")
+_OUTPUT_ALIASES = {"text": "table"}
+
+
+def output_format(text: str) -> str:
+    return _OUTPUT_ALIASES.get(text, text)
+
+
+def seconds(when: str | float | None) -> float | None:
+    """POSIX seconds of an RFC 3339 time from the JSON output (None stays None)."""
+    if when is None or isinstance(when, int | float):
+        return when
+    try:
+        return dt.datetime.fromisoformat(when).timestamp()
+    except ValueError:
+        return None
+
+
+def _local(when: str | float | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    value = seconds(when)
+    return "-" if value is None else time.strftime(fmt, time.localtime(value))
 
 
 def human_bytes(count: int) -> str:
@@ -48,10 +75,11 @@ def human_bytes(count: int) -> str:
     return f"{value:.1f}T"
 
 
-def ago(when: float | None, now: float) -> str:
-    if not when:
+def ago(when: str | float | None, now: float) -> str:
+    value = seconds(when)
+    if not value:
         return "-"
-    return "now" if now - when < 1 else f"{format_duration(now - when)} ago"
+    return "now" if now - value < 1 else f"{format_duration(now - value)} ago"
 
 
 def _list_rows(grants: list[dict[str, Any]], now: float) -> list[list[str]]:
@@ -130,10 +158,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("Sources", ", ".join(grant["sources"])),
         ("Port", f"{grant['ports']}/{grant['protocol']}"),
         ("State", grant["state"]),
-        ("Applied", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(grant["apply_time"]))),
+        ("Applied", _local(grant["apply_time"])),
         (
             "Expires",
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(grant["expire_time"]))
+            _local(grant["expire_time"])
             + (
                 f" (in {format_duration(grant['remaining_seconds'])})"
                 if grant["state"] == "active"
@@ -150,9 +178,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("Last seen", ago(grant.get("last_seen"), now)),
     ]
     if grant.get("revoke_time"):
-        fields.append(
-            ("Revoked", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(grant["revoke_time"])))
-        )
+        fields.append(("Revoked", _local(grant["revoke_time"])))
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         print(f"{name + ':':<{width + 1}} {value}")
@@ -175,7 +201,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _event_line(event: dict[str, Any]) -> str:
-    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    stamp = _local(event["time"], "%H:%M:%S")
     text = f"{stamp} #{event['sequence']} {event['kind']:<18} {event['grant_id'] or '-'}"
     if event["subject"]:
         text += f" {event['subject']}"
@@ -248,9 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "-o",
             "--output",
-            choices=["table", "json"],
+            type=output_format,
+            choices=OUTPUT_CHOICES,
             default="table",
-            help="output format (default table)",
+            help="output format (default table); json: RFC 3339 times, "
+            "the same fields as portagent-broker",
         )
         return cmd
 

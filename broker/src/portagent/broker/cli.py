@@ -7,7 +7,6 @@ agent could not be reached.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sys
@@ -23,21 +22,15 @@ from portagent.broker.client import AgentClient, AgentRefusedError, AgentUnreach
 from portagent.broker.settings import BrokerSettings, load_broker_settings_file, parse_address
 from portagent.broker.signing import InputError, Signer, check_grant_id, grant_request
 from portagent.v1 import agent_pb2 as pb
-from portagent.wire.codec import PROTOCOL_FROM_PB
 from portagent.wire.durations import format_duration
 from portagent.wire.errors import ConfigError
 from portagent.wire.ports import GuardedPort, parse_port_spec
-from portagent.wire.timestamps import seconds_of
+from portagent.wire.records import event_json, grant_status_json, state_name
 
 PROG = "portagent-broker"
 CONFIG_ENV = "PORTAGENT_BROKER_CONFIG"
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
-_STATE_NAMES = {
-    pb.GRANT_STATE_ACTIVE: "active",
-    pb.GRANT_STATE_EXPIRED: "expired",
-    pb.GRANT_STATE_REVOKED: "revoked",
-}
 # Flags as the operator typed them, for messages about a field.
 _FLAG = {"grant_id": "GRANT_ID"}
 
@@ -68,52 +61,33 @@ def _error(message: str, status: int = EXIT_USAGE) -> int:
 # --- output -------------------------------------------------------------------------------
 
 
-def _iso(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat().replace("+00:00", "Z")
+# The same -o choices as the agent's `portagent`; "text", this CLI's old name for the
+# human format, is still accepted.
+OUTPUT_CHOICES = ("table", "json")
+_OUTPUT_ALIASES = {"text": "table"}
 
 
-def _grant_dict(grant: Any) -> dict[str, Any]:
-    protocol = PROTOCOL_FROM_PB.get(grant.protocol)
-    last = grant.port_end or grant.port_start
-    ports = str(grant.port_start) if last == grant.port_start else f"{grant.port_start}-{last}"
-    return {
-        "grant_id": grant.grant_id,
-        "host_id": grant.host_id,
-        "subject": grant.subject,
-        "sources": list(grant.source_prefixes),
-        "port": f"{ports}/{protocol.value if protocol else '?'}",
-        "not_before": _iso(seconds_of(grant.not_before)),
-        "expire_time": _iso(seconds_of(grant.expire_time)),
-        "key_id": grant.key_id,
-        "reason": grant.reason,
-    }
+def _output_format(text: str) -> str:
+    return _OUTPUT_ALIASES.get(text, text)
 
 
-def _status_dict(status: Any) -> dict[str, Any]:
-    out = _grant_dict(status.grant)
-    out["state"] = _STATE_NAMES.get(status.state, "unknown")
-    if status.HasField("apply_time"):
-        out["apply_time"] = _iso(seconds_of(status.apply_time))
-    if status.HasField("revoke_time"):
-        out["revoke_time"] = _iso(seconds_of(status.revoke_time))
-    return out
+def _status_dict(status: pb.GrantStatus, now: float | None = None) -> dict[str, Any]:
+    """The one projection both CLIs print (portagent.wire.records)."""
+    return grant_status_json(status, time.time() if now is None else now)
 
 
 def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2))
 
 
-def _print_table(statuses: Sequence[Any], now: float) -> None:
+def _print_table(statuses: Sequence[pb.GrantStatus], now: float) -> None:
     rows = [("GRANT_ID", "STATE", "SUBJECT", "PORT", "REMAINING", "SOURCES")]
     for status in statuses:
-        d = _status_dict(status)
-        remaining = (
-            format_duration(seconds_of(status.grant.expire_time) - now)
-            if status.state == pb.GRANT_STATE_ACTIVE
-            else "-"
-        )
+        d = _status_dict(status, now)
+        remaining = format_duration(d["remaining_seconds"]) if d["state"] == "active" else "-"
+        port = f"{d['ports']}/{d['protocol']}"
         rows.append(
-            (d["grant_id"], d["state"], d["subject"], d["port"], remaining, ",".join(d["sources"]))
+            (d["grant_id"], d["state"], d["subject"], port, remaining, ",".join(d["sources"]))
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
@@ -294,7 +268,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     elif status is None:
         print(f"{args.grant_id}: the agent did not know this grant; it can never be applied now")
     else:
-        print(f"{args.grant_id}: {_STATE_NAMES.get(status.state, 'unknown')}")
+        print(f"{args.grant_id}: {state_name(status.state)}")
     return 0
 
 
@@ -316,32 +290,22 @@ def cmd_get(args: argparse.Namespace) -> int:
         status = _status_dict(client.get(args.grant_id))
     if args.output == "json":
         _print_json(status)
-    else:
-        for key, value in status.items():
-            print(f"{key + ':':<13} {', '.join(value) if isinstance(value, list) else value}")
+        return 0
+    flows = status.pop("flows", [])
+    for key, value in status.items():
+        shown = ", ".join(value) if isinstance(value, list) else "-" if value is None else value
+        print(f"{key + ':':<18} {shown}")
+    for flow in flows:
+        print(f"{'flow:':<18} {_flow_text(flow)}")
     return 0
 
 
-def _event_dict(event: pb.Event) -> dict[str, object]:
-    result: dict[str, object] = {
-        "sequence": event.sequence,
-        "time": event.event_time.ToJsonString(),
-        "kind": pb.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower(),
-        "grant_id": event.grant_id,
-        "subject": event.subject,
-    }
-    if event.reason:
-        result["reason"] = event.reason
-    if event.HasField("flow"):
-        flow = event.flow
-        result["flow"] = {
-            "protocol": flow.protocol,
-            "source": f"{flow.source_address}:{flow.source_port}",
-            "destination": f"{flow.destination_address}:{flow.destination_port}",
-            "bytes_in": flow.bytes_in,
-            "bytes_out": flow.bytes_out,
-        }
-    return result
+def _flow_text(flow: dict[str, Any]) -> str:
+    return (
+        f"{flow['protocol']} {flow['source']}:{flow['source_port']} -> "
+        f"{flow['destination']}:{flow['destination_port']} "
+        f"in {flow['bytes_in']}B out {flow['bytes_out']}B"
+    )
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -353,12 +317,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
             with _client(settings, args.host, args.agent) as client:
                 for event in client.watch(after):
                     after = event.sequence
-                    data = _event_dict(event)
+                    data = event_json(event)
                     if args.output == "json":
                         print(json.dumps(data), flush=True)
                     else:
-                        flow = data.get("flow")
-                        extra = f" {flow}" if flow else ""
+                        flow = data["flow"]
+                        extra = f" {_flow_text(flow)}" if flow else ""
+                        extra += f" ({data['reason']})" if data["reason"] else ""
                         print(
                             f"#{data['sequence']} {data['time']} {data['kind']} "
                             f"{data['grant_id']} {data['subject']}{extra}",
@@ -407,9 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "-o",
         "--output",
-        choices=["text", "json"],
-        default="text",
-        help="output format (default text)",
+        type=_output_format,
+        choices=OUTPUT_CHOICES,
+        default="table",
+        help="output format (default table; text is the same); json: RFC 3339 times, "
+        "the same fields as the agent's `portagent -o json`",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
