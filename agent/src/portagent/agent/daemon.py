@@ -376,8 +376,12 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             name="conntrack-events",
             daemon=True,
         ).start()
-    usage = UsageReader(NftablesFirewall(list_in_child=True), usage_conntrack, engine.seen)
-    usage.expected_elements = engine.kernel_element_count
+    usage = UsageReader(
+        NftablesFirewall(list_in_child=True),
+        usage_conntrack,
+        engine.seen,
+        expected_elements=engine.kernel_element_count,
+    )
 
     def healthy() -> bool:
         limit = max(3 * settings.reconcile_interval, 10.0)

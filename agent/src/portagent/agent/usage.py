@@ -43,12 +43,14 @@ class UsageReader:
         flows: FlowSource | None,
         seen: Callable[[int], tuple[float, float] | None],
         clock: Callable[[], float] = time.time,
+        expected_elements: Callable[[], int] = lambda: 0,
     ) -> None:
         self._counters = counters
         self._flows = flows
         self._seen = seen
         self._clock = clock
-        self.expected_elements: Callable[[], int] = lambda: 0
+        # How many elements the engine believes the kernel holds: sizes the listing.
+        self._expected_elements = expected_elements
         self._lock = threading.Lock()
         # Last byte count observed per handle, and when it last grew: "last seen".
         self._observed: dict[int, tuple[int, float]] = {}
@@ -57,7 +59,7 @@ class UsageReader:
         wanted = set(handles)
         now = self._clock()
         with self._lock:
-            state = self._counters.read_state(now, expected=self.expected_elements())
+            state = self._counters.read_state(now, expected=self._expected_elements())
             traffic: dict[int, tuple[int, int]] = {}
             for key, element in state.elements.items():
                 if element.handle in wanted:
