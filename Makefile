@@ -75,7 +75,9 @@ proto: $(PB_OUT)
 # packages into the venv; with no portagent/__init__.py anywhere, the namespace spans
 # all four. A venv made before the split holds the old single `portagent`
 # distribution (a regular package in src/, its own console scripts): removed first.
-$(STAMP_VENV): pyproject.toml $(DISTS:%=%/pyproject.toml) | $(STAMP_APT)
+# The generated code comes first: an editable install maps only the packages that
+# exist when it runs (google.rpc has no tracked file before protoc writes it).
+$(STAMP_VENV): pyproject.toml $(DISTS:%=%/pyproject.toml) | $(STAMP_APT) $(PB_OUT)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip uninstall -q -y portagent
