@@ -8,7 +8,6 @@ its grant by more than EXPIRY_BOUND; tampering is repaired within about a second
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import time
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from faults import Burst, after_fault_problems
+from faults import Burst, after_fault_problems, sigkill_rounds
 from hostile import (
     EXPIRY_BOUND,
     GUARDED,
@@ -95,20 +94,7 @@ def test_tampering_is_repaired_within_a_second(arena: Arena, tamper: str) -> Non
 
 
 def test_sigkill_during_bursts_keeps_kernel_within_the_store(arena: Arena) -> None:
-    rng = random.Random(7)
-    problems: list[str] = []
-    restarts = []
-    with Burst(arena) as burst:
-        for round_no in range(KILL_ROUNDS):
-            time.sleep(rng.uniform(0.3, 1.5))
-            arena.lab.stop_agent(signal.SIGKILL)
-            started = time.monotonic()
-            arena.lab.start_agent()
-            restarts.append(round(time.monotonic() - started, 3))
-            # Checked while the burst goes on: the invariants hold at any moment.
-            with burst.paused():
-                problems += [f"round {round_no}: {p}"
-                             for p in after_fault_problems(arena, burst)]
+    burst, problems, restarts = sigkill_rounds(arena, KILL_ROUNDS, seed=7, pause=(0.3, 1.5))
     problems += after_fault_problems(arena, burst)
     record_result("sigkill_loop", {"rounds": KILL_ROUNDS, "restart_seconds": restarts,
                                    "applies": burst.codes, "acked": len(burst.acked)})

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import secrets
-import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from attacks import Forge, catalogue, run_generated
-from faults import Burst, after_fault_problems
+from faults import sigkill_rounds
 from hostile import (
     APPLY,
     BATCH,
@@ -118,19 +117,7 @@ def test_soak_peak_memory_per_hostile_request(arena: Arena) -> None:
 
 
 def test_soak_sigkill_loop(arena: Arena) -> None:
-    rng = random.Random(11)
-    problems: list[str] = []
-    restarts = []
-    with Burst(arena) as burst:
-        for round_no in range(KILL_ROUNDS):
-            time.sleep(rng.uniform(0.2, 1.0))
-            arena.lab.stop_agent(signal.SIGKILL)
-            started = time.monotonic()
-            arena.lab.start_agent()
-            restarts.append(round(time.monotonic() - started, 3))
-            with burst.paused():
-                problems += [f"round {round_no}: {p}"
-                             for p in after_fault_problems(arena, burst)]
+    burst, problems, restarts = sigkill_rounds(arena, KILL_ROUNDS, seed=11, pause=(0.2, 1.0))
     record_result("soak_sigkill_loop", {"rounds": KILL_ROUNDS, "restart_seconds": restarts,
                                         "applies": burst.codes, "acked": len(burst.acked),
                                         "problems": problems[:20]})

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -128,3 +129,23 @@ def after_fault_problems(arena: Arena, burst: Burst) -> list[str]:
     return problems
 
 
+def sigkill_rounds(
+    arena: Arena, rounds: int, seed: int, pause: tuple[float, float]
+) -> tuple[Burst, list[str], list[float]]:
+    """SIGKILL the agent `rounds` times during a burst of applies, restarting it each time;
+    the invariants are checked after every restart while the burst is paused. Returns the
+    burst, the problems found and each restart's seconds to ready."""
+    rng = random.Random(seed)
+    problems: list[str] = []
+    restarts: list[float] = []
+    with Burst(arena) as burst:
+        for round_no in range(rounds):
+            time.sleep(rng.uniform(*pause))
+            arena.lab.stop_agent(signal.SIGKILL)
+            started = time.monotonic()
+            arena.lab.start_agent()
+            restarts.append(round(time.monotonic() - started, 3))
+            # Checked while the burst goes on: the invariants hold at any moment.
+            with burst.paused():
+                problems += [f"round {round_no}: {p}" for p in after_fault_problems(arena, burst)]
+    return burst, problems, restarts
