@@ -18,17 +18,16 @@ import pytest
 from faults import Burst, after_fault_problems, sigkill_rounds
 from hostile import (
     EXPIRY_BOUND,
-    GUARDED,
     HEALTH,
     RANGE_PORT,
     TCP_PORT,
-    UDP_PORT,
     Arena,
     lab_config_copy,
+    open_arena,
     record_result,
 )
 
-from portagent.testing.lab import BIN, Lab
+from portagent.testing.lab import BIN
 from portagent.testing.netns import wait_until
 
 pytestmark = pytest.mark.root
@@ -38,13 +37,8 @@ KILL_ROUNDS = int(os.environ.get("PORTAGENT_FAULT_KILL_ROUNDS", "3"))
 
 @pytest.fixture
 def arena(tmp_path: Path) -> Iterator[Arena]:
-    with Lab(tmp_path, GUARDED, prefix="pt-flt", tcp_ports=[TCP_PORT, RANGE_PORT],
-             udp_ports=[UDP_PORT]) as lab:
-        arena = Arena(lab)
-        try:
-            yield arena
-        finally:
-            arena.close()
+    with open_arena(tmp_path, "pt-flt", legit=False) as arena:
+        yield arena
 
 
 def repair_seconds(arena: Arena, expected: set[tuple[str, str, int, int]], limit: float = 5.0

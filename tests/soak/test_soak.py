@@ -19,18 +19,15 @@ from faults import sigkill_rounds
 from hostile import (
     APPLY,
     BATCH,
-    GUARDED,
-    RANGE_PORT,
     TCP_PORT,
-    UDP_PORT,
     Arena,
     Case,
+    open_arena,
     record_result,
     reset_hwm,
     vm_hwm_kib,
 )
 
-from portagent.testing.lab import Lab
 from portagent.testing.netns import wait_until
 from portagent.v1 import agent_pb2 as pb
 
@@ -44,16 +41,8 @@ TAMPER_ROUNDS = int(os.environ.get("PORTAGENT_SOAK_TAMPER_ROUNDS", "30"))
 
 @pytest.fixture
 def arena(tmp_path: Path) -> Iterator[Arena]:
-    with Lab(tmp_path, GUARDED, prefix="pt-sok", tcp_ports=[TCP_PORT, RANGE_PORT],
-             udp_ports=[UDP_PORT]) as lab:
-        arena = Arena(lab)
-        try:
-            arena.apply_legit([arena.legit_v4])
-            arena.apply_legit([arena.legit_v6], port=RANGE_PORT, port_end=RANGE_PORT + 1)
-            arena.apply_legit([arena.legit_v4], port=UDP_PORT, protocol=2)
-            yield arena
-        finally:
-            arena.close()
+    with open_arena(tmp_path, "pt-sok") as arena:
+        yield arena
 
 
 def test_soak_over_ten_thousand_hostile_requests(arena: Arena) -> None:

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 from portagent.testing.grants import TestSigner
 from portagent.testing.lab import HOST_ID
+from portagent.testing.wire import read_varint
 from portagent.v1 import agent_pb2 as pb
 from portagent.wire.timestamps import timestamp
 
@@ -297,12 +298,12 @@ def _fields(raw: bytes) -> list[bytes]:
     out, index = [], 0
     while index < len(raw):
         start = index
-        tag, index = _read_varint(raw, index)
+        tag, index = read_varint(raw, index)
         wire = tag & 7
         if wire == 0:
-            _, index = _read_varint(raw, index)
+            _, index = read_varint(raw, index)
         elif wire == 2:
-            length, index = _read_varint(raw, index)
+            length, index = read_varint(raw, index)
             index += length
         elif wire == 1:
             index += 8
@@ -310,17 +311,6 @@ def _fields(raw: bytes) -> list[bytes]:
             index += 4
         out.append(raw[start:index])
     return out
-
-
-def _read_varint(raw: bytes, index: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        byte = raw[index]
-        index += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, index
 
 
 def _nested(number: int, depth: int) -> bytes:

@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -491,3 +493,20 @@ def fresh_id() -> str:
 
 
 __all__ = ["HOST_ID", "Arena", "Case", "Ledger", "Worker"]
+
+
+@contextmanager
+def open_arena(workdir: Path, prefix: str, *, legit: bool = True) -> Iterator[Arena]:
+    """The suites' lab (guarded TCP, range and UDP ports, echo services) wrapped in an
+    Arena; with `legit`, the legitimate grants every attack must leave as they are."""
+    with Lab(workdir, GUARDED, prefix=prefix, tcp_ports=[TCP_PORT, RANGE_PORT],
+             udp_ports=[UDP_PORT]) as lab:
+        arena = Arena(lab)
+        try:
+            if legit:
+                arena.apply_legit([arena.legit_v4])
+                arena.apply_legit([arena.legit_v6], port=RANGE_PORT, port_end=RANGE_PORT + 1)
+                arena.apply_legit([arena.legit_v4], port=UDP_PORT, protocol=2)
+            yield arena
+        finally:
+            arena.close()
