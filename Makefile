@@ -10,7 +10,8 @@ STAMP_VENV := $(VENV)/.installed
 # Debian packages the agent, the tests and the demo need at run time. netbase: its
 # /etc/protocols lets nft print "tcp"/"udp" (numbers without it), which tests compare.
 APT_PACKAGES := nftables libnftables1 conntrack iproute2 protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
-	libsystemd-dev pkg-config python3-venv python3-dev gcc systemd procps netbase
+	libsystemd-dev pkg-config python3-venv python3-dev gcc systemd procps netbase \
+	postgresql libpq5
 
 # Debian packages to build the .deb and run the packaging test (make test needs none of them).
 APT_PACKAGING := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all \
@@ -27,10 +28,12 @@ STAMP_BENCH_APT := .cache/bench-apt.stamp
 # google/rpc: AIP-193 error details (google.rpc.Status, ErrorInfo), vendored verbatim from
 # googleapis (Debian has no python3 package of them) at their canonical paths, so a process
 # that also loads googleapis-common-protos sees one definition, not a duplicate symbol.
-PROTOS := proto/portagent/v1/agent.proto proto/portagent/health/v1/health.proto \
+PROTOS := proto/portagent/v1/agent.proto proto/portagent/v1/fleet.proto \
+	proto/portagent/health/v1/health.proto \
 	proto/google/rpc/status.proto proto/google/rpc/error_details.proto
 # Generated code belongs to the wire distribution (same import paths: portagent.v1, google.rpc).
-PB_OUT := wire/src/portagent/v1/agent_pb2.py wire/src/portagent/health/v1/health_pb2.py \
+PB_OUT := wire/src/portagent/v1/agent_pb2.py wire/src/portagent/v1/fleet_pb2.py \
+	wire/src/portagent/health/v1/health_pb2.py \
 	wire/src/google/rpc/status_pb2.py wire/src/google/rpc/error_details_pb2.py
 # The four distributions of the PEP 420 namespace `portagent`, installed editable.
 DISTS := wire agent broker testing
