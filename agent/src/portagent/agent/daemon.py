@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --delete-table: delete even while an agent runs here (it rebuilds "
         "the table from its state at once)",
     )
+    parser.add_argument(
+        "--forget-broker-generation",
+        action="store_true",
+        help="forget the broker generation this agent holds, so that it accepts the "
+        "next broker snapshot whatever its generation (after the broker's database was "
+        "replaced and its generations restarted); refused while an agent runs here",
+    )
     parser.add_argument("--version", action="version", version=f"portagentd {__version__}")
     return parser
 
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings_file(args.config)
     except ConfigError as exc:
         return fail(_config_lines(args.config, exc), EX_CONFIG)
+    if args.forget_broker_generation:
+        return forget_broker_generation(settings)
     if args.check_config:
         return check_config(settings, args.config)
     return start(settings, args.config)
@@ -193,6 +202,42 @@ def delete_table(*, force: bool) -> int:
 
     deleted = NftablesFirewall().delete_table()
     print("deleted table inet portagent" if deleted else "no table inet portagent")
+    return 0
+
+
+def forget_broker_generation(settings: Settings) -> int:
+    """Drop meta.broker_generation from the state file (agent stopped). Grants stay: the
+    next snapshot converges them, whatever generation the broker counts from now."""
+    holder = running_agent()
+    if holder is not None:
+        who = f"pid {holder}" if holder > 0 else "pid unknown"
+        print(
+            f"portagentd: a running agent ({who}) holds the state in this network namespace; "
+            "stop it first (systemctl stop portagent)",
+            file=sys.stderr,
+        )
+        return EX_FAILURE
+    from portagent.agent.store import Store, StoreError
+
+    try:
+        store = Store(settings.store_path)
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        return fail([_store_line(settings.store_path, exc)], EX_CONFIG)
+    try:
+        generation, _ = store.broker_state()
+        store.forget_broker_state()
+    except StoreError as exc:
+        return fail([_store_line(settings.store_path, exc)], EX_CONFIG)
+    finally:
+        store.close()
+    EventLog().emit(
+        "broker",
+        f"broker generation {generation} forgotten by an operator; the next snapshot is "
+        "accepted whatever its generation",
+        Priority.NOTICE,
+        GENERATION=generation,
+    )
+    print(f"forgot broker generation {generation}" if generation else "no broker generation held")
     return 0
 
 
@@ -293,6 +338,7 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     from portagent.agent.admin import AdminServer
     from portagent.agent.api.grpc_server import start_server
     from portagent.agent.engine import Engine, Observers
+    from portagent.agent.fleet_client import FleetClient
     from portagent.agent.store import StoreError
     from portagent.agent.usage import UsageReader
 
@@ -403,6 +449,11 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
         engine.stop()
         return EX_FAILURE
     admin.start()
+    # After the engine and the API: the broker adds to what is enforced, and a start
+    # never waits for it (the client dials on its own thread).
+    fleet = FleetClient(settings, engine, events, usage) if settings.broker else None
+    if fleet is not None:
+        fleet.start()
 
     stop = threading.Event()
     reload_requested = threading.Event()
@@ -434,6 +485,15 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             try:
                 new = load_settings_file(config_path)
                 engine.update_settings(new)
+                if _fleet_changed(settings, new):
+                    # New addresses, certificates, labels or trust: a new stream with a
+                    # new Hello.
+                    if fleet is not None:
+                        fleet.stop()
+                    fleet = FleetClient(new, engine, events, usage) if new.broker else None
+                    if fleet is not None:
+                        fleet.start()
+                settings = new
                 events.emit("reload", "configuration reloaded", Priority.NOTICE)
             except ConfigError as exc:
                 events.emit(
@@ -450,6 +510,8 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
         "portagentd stopping; active grants stay until they expire in the kernel",
         Priority.NOTICE,
     )
+    if fleet is not None:
+        fleet.stop()
     server.stop(grace=2).wait(3)
     admin.stop()
     if watcher is not None:
@@ -458,6 +520,14 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
         connection_events.stop()
     engine.stop()
     return 0
+
+
+def _fleet_changed(old: Settings, new: Settings) -> bool:
+    return (old.broker, old.host_id, old.trusted_keys) != (
+        new.broker,
+        new.host_id,
+        new.trusted_keys,
+    )
 
 
 if __name__ == "__main__":

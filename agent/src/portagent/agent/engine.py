@@ -52,16 +52,19 @@ from portagent.agent.staging import (
 from portagent.agent.store import BadRow, Store, StoredGrant, StoreError
 from portagent.agent.verify import Verifier, audit_fields
 from portagent.agent.writer import Writer
+from portagent.v1 import fleet_pb2
 from portagent.wire.errors import (
     EnforcementError,
     GrantDenied,
     GrantNotFound,
     PortagentError,
 )
+from portagent.wire.hoststate import state_digest
 
 __all__ = [
     "CommandKind",
     "ConnectionTable",
+    "ConvergeResult",
     "Engine",
     "Firewall",
     "Observers",
@@ -133,6 +136,15 @@ class Observers:
     # True while a conntrack event listener feeds on_connection_event without having
     # lost events, so the grants that ever had a connection are known.
     connection_events_complete: Callable[[], bool] = _never
+
+
+@dataclass(frozen=True)
+class ConvergeResult:
+    """What converging to a broker snapshot did: one result per grant of the set (in
+    order), and the grants revoked because the set no longer holds them."""
+
+    applied: list[GrantRecord | PortagentError]
+    revoked: list[tuple[str, GrantRecord | PortagentError]]
 
 
 def default_verifier(settings: Settings) -> Verifier:
@@ -426,6 +438,98 @@ class Engine:
             assert record is not None
             results.append(record)
         return results
+
+    def converge_to(
+        self,
+        grants: list[SignedInput],
+        *,
+        issue_time: float,
+        actor: str = "broker",
+        timeout: float = 300.0,
+    ) -> ConvergeResult:
+        """Make the enforced set exactly `grants` (a broker snapshot, opened) in ONE
+        kernel transaction: APPLY each grant (each verified as any grant is: signature,
+        canonical bytes, host, policy, window) and REVOKE_LOCAL by `actor` every active
+        grant not in the set, queued as one group so no drain splits them.
+
+        A snapshot issued (`issue_time`, the broker's clock, within the clock skew)
+        after this state began vouches that its grants are current, so they are not
+        refused as GRANT_PREDATES_STATE: that is how an agent whose state was lost
+        gets back grants issued before."""
+        self._refuse_if_stopping()
+        wanted = {signed.payload for signed in grants}
+        now = self._clock()
+        with self._lock:
+            records = list(self._table.by_id.values())
+            skew = self._settings.policy.clock_skew
+        vouched = issue_time >= self._epoch - skew
+        stale = sorted(
+            r.grant.grant_id
+            for r in records
+            if state_at(r, now) is GrantState.ACTIVE and r.grant_bytes not in wanted
+        )
+        applies = [
+            _Command(Request(CommandKind.APPLY, signed=signed, vouched=vouched))
+            for signed in grants
+        ]
+        revokes = [
+            _Command(Request(CommandKind.REVOKE_LOCAL, grant_id=grant_id, actor=actor))
+            for grant_id in stale
+        ]
+        self._writer.put_group(applies + revokes)
+        self._writer.lead()
+        return ConvergeResult(
+            [self._result(command, timeout) for command in applies],
+            [(c.request.grant_id, self._result(c, timeout)) for c in revokes],
+        )
+
+    @staticmethod
+    def _result(command: _Command, timeout: float) -> GrantRecord | PortagentError:
+        try:
+            record = command.future.result(timeout=timeout)
+        except PortagentError as exc:
+            return exc
+        except TimeoutError:
+            return EnforcementError(
+                f"no answer from the engine in {timeout:.0f}s", reason="ENGINE_TIMEOUT"
+            )
+        if record is None:  # a revocation of a grant that vanished meanwhile
+            return GrantNotFound(f"grant_id: no grant {command.request.grant_id!r} on this host")
+        return record
+
+    def open_host_state(self, signed: fleet_pb2.SignedHostState) -> fleet_pb2.HostState:
+        """A broker snapshot checked against the keys trusted now (Verifier)."""
+        with self._lock:
+            verifier = self._verifier
+        return verifier.open_host_state(signed)
+
+    def trusted_key_ids(self) -> tuple[str, ...]:
+        with self._lock:
+            return self._verifier.key_ids
+
+    def enforced_digest(self) -> bytes:
+        """state_digest of the active grants: what the Hello and the store call the
+        digest of the set this agent enforces."""
+        now = self._clock()
+        with self._lock:
+            records = list(self._table.by_id.values())
+        return state_digest(r.grant_bytes for r in records if state_at(r, now) is GrantState.ACTIVE)
+
+    def holds_all(self, payloads: list[bytes]) -> bool:
+        """True when every one of these grants (signed bytes) is one the agent holds, in
+        any state."""
+        with self._lock:
+            known = {r.grant_bytes for r in self._table.by_id.values()}
+        return all(p in known for p in payloads)
+
+    def broker_state(self, timeout: float = 30.0) -> tuple[int, bytes]:
+        """The broker (generation, digest) recorded in the store."""
+        return self._writer.exclusive(self._store.broker_state, timeout)
+
+    def set_broker_state(self, generation: int, digest: bytes, timeout: float = 30.0) -> None:
+        """Record the broker generation now enforced (the store is the writer's: this
+        runs under the writer lock, after the kernel commit it follows)."""
+        self._writer.exclusive(lambda: self._store.set_broker_state(generation, digest), timeout)
 
     def revoke_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord | None:
         return self._submit(Request(CommandKind.REVOKE, signed=signed), timeout)

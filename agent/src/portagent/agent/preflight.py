@@ -91,6 +91,8 @@ def check_runtime(settings: Settings, *, starting: bool = False) -> list[Finding
                     "paste the broker's key as `portagent-broker pubkey` prints it",
                 )
             )
+    if settings.broker is not None:
+        _check_broker_files(settings, found)
     _check_state(settings, found)
     _check_admin_socket(settings.admin_socket, found, starting=starting)
     if not starting:
@@ -197,8 +199,44 @@ def _check_certificates(path: Path, setting: str, found: list[Finding]) -> list[
     return certs
 
 
-def _check_private_key(path: Path, found: list[Finding]) -> object | None:
-    data = _read_small(path, "api.key_file", found)
+def _check_broker_files(settings: Settings, found: list[Finding]) -> None:
+    """[broker]: the CA, and the client certificate and key the agent dials out with.
+    Reading them is all a start needs; whether the broker answers is not checked (a
+    start never waits for the broker)."""
+    broker = settings.broker
+    assert broker is not None
+    ca = _check_certificates(broker.ca_file, "broker.ca", found)
+    leaf = _check_certificates(broker.cert_file, "broker.cert", found)
+    key = _check_private_key(broker.key_file, found, "broker.key")
+    if leaf and key is not None:
+        _check_key_matches(broker.cert_file, broker.key_file, leaf[0], key, found)
+    for cert_path, chain in ((broker.ca_file, ca), (broker.cert_file, leaf)):
+        if chain:
+            _check_validity(cert_path, chain[0], found)
+    if not leaf:
+        return
+    try:
+        usages = leaf[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None
+    if usages is not None and x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        # The broker's TLS stack refuses such a client certificate at the handshake.
+        found.append(
+            Finding(
+                str(broker.cert_file),
+                "broker.cert is not issued for TLS client authentication (extended key "
+                "usage lacks clientAuth); the broker will refuse the connection",
+                "issue the agent a client certificate (DNS SAN = host id) and set "
+                "[broker] cert and key",
+                warning=True,
+            )
+        )
+
+
+def _check_private_key(
+    path: Path, found: list[Finding], setting: str = "api.key_file"
+) -> object | None:
+    data = _read_small(path, setting, found)
     if data is None:
         return None
     where = str(path)
@@ -219,7 +257,7 @@ def _check_private_key(path: Path, found: list[Finding]) -> object | None:
     blocks = _pem_blocks(data, (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY"))
     if not blocks:
         found.append(
-            Finding(where, "api.key_file holds no PEM private key", "give the agent's key file")
+            Finding(where, f"{setting} holds no PEM private key", "give the agent's key file")
         )
         return None
     try:

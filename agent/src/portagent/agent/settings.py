@@ -61,6 +61,28 @@ class ApiSettings:
     key_file: Path
 
 
+# What the broker accepts for labels (its store's rules): refused here, not there.
+LABEL_KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9._/-]{0,62}")
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 253
+MAX_BROKER_ADDRESSES = 16
+DEFAULT_RECONNECT_MAX = 30.0
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """The broker this agent dials out to ([broker]): one mTLS stream at a time, to the
+    first address that answers (several: replicas, tried in order then round-robin)."""
+
+    addresses: tuple[str, ...]  # "host:port" / "[v6]:port", each checked by parse_listen
+    ca_file: Path  # the CA that signed the broker's server certificate
+    cert_file: Path  # this agent's client certificate (DNS SAN = host id)
+    key_file: Path
+    server_name: str | None = None  # TLS name to expect instead of the address's host
+    labels: tuple[tuple[str, str], ...] = ()  # sorted by key
+    reconnect_max: float = DEFAULT_RECONNECT_MAX
+
+
 @dataclass(frozen=True)
 class Settings:
     host_id: str
@@ -75,6 +97,8 @@ class Settings:
     refuse_action: str = "drop"
     # Slow safety-net reconcile period; changes and tampering trigger one at once.
     reconcile_interval: float = 30.0
+    # None: no [broker] section, no fleet client (grants come through the API only).
+    broker: BrokerSettings | None = None
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -119,7 +143,17 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
     doc = parse_toml(text, WHAT)
     problems: list[str] = []
     read = Reader(problems)
-    known_top = {"host_id", "api", "admin", "state", "trusted_keys", "policy", "nftables", "agent"}
+    known_top = {
+        "host_id",
+        "api",
+        "admin",
+        "state",
+        "trusted_keys",
+        "policy",
+        "nftables",
+        "agent",
+        "broker",
+    }
     read.unknown(doc, known_top, "")
 
     host_id = read.get(doc, "host_id", str, "", required=True) or ""
@@ -236,6 +270,8 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
     if not admin_group.strip() or "\0" in admin_group:
         problems.append(f"admin.group: not a group name: {admin_group!r}")
 
+    broker = _read_broker(doc, read, problems, base_dir, api) if "broker" in doc else None
+
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -248,7 +284,94 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         admin_group=admin_group,
         refuse_action=refuse,
         reconcile_interval=interval,
+        broker=broker,
         source_path=source,
+    )
+
+
+def parse_dial_address(text: str) -> tuple[str, int]:
+    """A broker address to dial: parse_listen's forms, but never a wildcard address
+    (0.0.0.0 or :: names no host to connect to)."""
+    host, port = parse_listen(text)
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        wildcard = False  # a host name
+    if wildcard:
+        raise ValueError(f"{host!r} is the wildcard address, not a host to connect to")
+    return host, port
+
+
+def _read_broker(
+    doc: dict[str, object],
+    read: Reader,
+    problems: list[str],
+    base_dir: Path,
+    api: ApiSettings,
+) -> BrokerSettings | None:
+    where = "broker."
+    known = {"addresses", "ca", "cert", "key", "server_name", "labels", "reconnect_max"}
+    table = read.table(doc, "broker", "", known)
+    if "broker" in doc and not isinstance(doc["broker"], dict):
+        return None  # the Reader named it already
+    addresses: list[str] = []
+    for index, entry in enumerate(read.get(table, "addresses", list, where, [], required=True)):
+        if not isinstance(entry, str):
+            problems.append(f"{where}addresses[{index}]: expected a string, got {entry!r}")
+            continue
+        try:
+            parse_dial_address(entry)
+        except ValueError as exc:
+            problems.append(f"{where}addresses[{index}]: {exc}")
+            continue
+        if entry in addresses:
+            problems.append(f"{where}addresses[{index}]: duplicate {entry!r}")
+            continue
+        addresses.append(entry)
+    if "addresses" in table and isinstance(table["addresses"], list):
+        if not table["addresses"]:
+            problems.append(f"{where}addresses: at least one address is required")
+        elif len(table["addresses"]) > MAX_BROKER_ADDRESSES:
+            problems.append(f"{where}addresses: at most {MAX_BROKER_ADDRESSES} addresses")
+    ca_file = read.path(table, "ca", where, base_dir)
+    # The client certificate defaults to the API's: one identity for the host. Both or
+    # neither: a key from one pair and a certificate from another never match.
+    if ("cert" in table) != ("key" in table):
+        problems.append(f"{where}cert/key: set both, or neither (then [api]'s are used)")
+    cert_file = read.path(table, "cert", where, base_dir, str(api.cert_file))
+    key_file = read.path(table, "key", where, base_dir, str(api.key_file))
+    server_name = read.get(table, "server_name", str, where)
+    if server_name is not None and not _HOSTNAME_PATTERN.fullmatch(server_name):
+        problems.append(f"{where}server_name: {server_name[:80]!r} is not a DNS name")
+        server_name = None
+    labels: dict[str, str] = {}
+    raw_labels = read.get(table, "labels", dict, where, {})
+    if len(raw_labels) > MAX_LABELS:
+        problems.append(f"{where}labels: {len(raw_labels)} labels, at most {MAX_LABELS}")
+    else:
+        for key, value in raw_labels.items():
+            if not LABEL_KEY_PATTERN.fullmatch(key):
+                problems.append(f"{where}labels.{key[:80]}: key must be 1-63 of [a-z0-9._/-]")
+            elif not isinstance(value, str):
+                problems.append(f"{where}labels.{key}: expected a string, got {value!r}"[:200])
+            elif len(value) > MAX_LABEL_VALUE or not value.isprintable():
+                problems.append(
+                    f"{where}labels.{key}: value must be printable, at most "
+                    f"{MAX_LABEL_VALUE} characters"
+                )
+            else:
+                labels[key] = value
+    reconnect_max = read.duration(
+        table, "reconnect_max", where, DEFAULT_RECONNECT_MAX, low=1.0, high=3600.0
+    )
+    return BrokerSettings(
+        addresses=tuple(addresses),
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        server_name=server_name,
+        labels=tuple(sorted(labels.items())),
+        reconnect_max=reconnect_max,
     )
 
 

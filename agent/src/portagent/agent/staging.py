@@ -49,6 +49,9 @@ class Request:
     signed: SignedInput | None = None  # APPLY, REVOKE
     grant_id: str = ""  # REVOKE_LOCAL
     actor: str = ""  # REVOKE_LOCAL
+    # APPLY from a signed snapshot issued after this state began: the broker vouches
+    # that the grant is current, so GRANT_PREDATES_STATE does not apply to it.
+    vouched: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +182,8 @@ def _stage_one(
         signed = request.signed
         grant = verifier.verify_grant(signed.payload, signed.signature, signed.key_id, now)
         try:
-            return _apply(grant, signed, now, current, revoked, epoch, decisions)
+            since = 0.0 if request.vouched else epoch
+            return _apply(grant, signed, now, current, revoked, since, decisions)
         except PortagentError as exc:
             # A refusal of a signed grant names what it was in its record.
             exc.verified_fields = audit_fields(grant)

@@ -225,6 +225,46 @@ class Store:
             value = math.inf  # garbled: refuse every older grant rather than none
         return value if math.isfinite(value) or value == math.inf else math.inf
 
+    def broker_state(self) -> tuple[int, bytes]:
+        """(generation, digest) of the broker state this agent last enforced; (0, b"")
+        when it holds nothing from a broker. A garbled value reads as 0: the agent then
+        asks for everything again, and the broker's snapshot is still verified."""
+        rows = dict(
+            self._read(
+                "SELECT key, value FROM meta WHERE key IN ('broker_generation', 'broker_digest')"
+            ).fetchall()
+        )
+        text = rows.get("broker_generation")
+        digest_hex = rows.get("broker_digest")
+        if not isinstance(text, str) or not text.isdigit() or len(text) > 20:
+            return 0, b""
+        try:
+            digest = bytes.fromhex(digest_hex) if isinstance(digest_hex, str) else b""
+        except ValueError:
+            digest = b""
+        generation = int(text)
+        return (generation, digest) if generation < 2**64 else (0, b"")
+
+    def set_broker_state(self, generation: int, digest: bytes) -> None:
+        """Record the broker generation now enforced (its own small transaction, after the
+        kernel commit: what is stored may lag what is enforced, never lead it)."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('broker_generation', ?)", (str(generation),)
+            )
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('broker_digest', ?)", (digest.hex(),)
+            )
+
+    def forget_broker_state(self) -> bool:
+        """Drop the broker generation (its database was wiped and counts from 1 again):
+        the next snapshot is accepted whatever its generation. True if one was held."""
+        with self.transaction():
+            cursor = self._db.execute(
+                "DELETE FROM meta WHERE key IN ('broker_generation', 'broker_digest')"
+            )
+        return cursor.rowcount > 0
+
     def _read(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
         try:
             return self._db.execute(sql, args)

@@ -26,6 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from portagent.agent.model import Grant
 from portagent.agent.settings import Policy, TrustedKey
 from portagent.v1 import agent_pb2 as pb
+from portagent.v1 import fleet_pb2
 from portagent.wire.codec import PROTOCOL_FROM_PB
 from portagent.wire.envelope import (
     GRANT_ID_PATTERN,
@@ -41,6 +42,7 @@ from portagent.wire.envelope import (
     decode_canonical,
 )
 from portagent.wire.errors import GrantDenied, GrantNotInWindow, InvalidGrant, PortagentError
+from portagent.wire.hoststate import open_host_state
 from portagent.wire.ports import GuardedPort, IPNetwork, PortRange, Protocol
 from portagent.wire.sources import parse_network
 from portagent.wire.timestamps import seconds_of
@@ -245,6 +247,17 @@ class Verifier:
         self.host_id = host_id
         self.policy = policy
         self._keys = {k.key_id: Ed25519PublicKey.from_public_bytes(k.public_key) for k in keys}
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """The ids of the broker keys trusted now (the Hello tells the broker)."""
+        return tuple(sorted(self._keys))
+
+    def open_host_state(self, signed: fleet_pb2.SignedHostState) -> fleet_pb2.HostState:
+        """A broker snapshot signed by a trusted key for this host, with a digest that
+        matches its grants (portagent.wire.hoststate), or a refusal. The grants inside
+        are still bytes: each goes through `verify_grant` when it is applied."""
+        return open_host_state(signed, self._keys, self.host_id)
 
     def verify_stored_grant(self, grant_bytes: bytes, signature: bytes, key_id: str) -> Grant:
         """A grant as accepted earlier (store reload): signed by a key trusted *now*,

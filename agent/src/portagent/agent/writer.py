@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 C = TypeVar("C")
+R = TypeVar("R")
 
 # Commands coalesced into one kernel transaction at most.
 MAX_BATCH = 100_000
@@ -46,7 +47,10 @@ class Writer(Generic[C]):
         self._sleep_for = sleep_for
         self._heartbeat = heartbeat
         self._name = name
-        self._queue: queue.Queue[C] = queue.Queue()
+        # An entry is one command, or a group that must be drained whole (put_group).
+        self._queue: queue.Queue[C | _Group[C]] = queue.Queue()
+        # A group that did not fit the last drain: first in the next one.
+        self._carry: _Group[C] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -67,11 +71,15 @@ class Writer(Generic[C]):
         if self._thread is not None:
             self._thread.join(timeout=timeout)
         left: list[C] = []
+        if self._carry is not None:
+            left += self._carry.commands
+            self._carry = None
         while True:
             try:
-                left.append(self._queue.get_nowait())
+                entry = self._queue.get_nowait()
             except queue.Empty:
                 return left
+            left += entry.commands if isinstance(entry, _Group) else [entry]
 
     def wake(self) -> None:
         self._wake.set()
@@ -79,13 +87,41 @@ class Writer(Generic[C]):
     def put(self, command: C) -> None:
         self._queue.put(command)
 
+    def put_group(self, commands: list[C]) -> None:
+        """Queue commands that one drain takes together (one kernel transaction), whatever
+        else is pending: a snapshot's applies and revocations are never split. A group
+        larger than MAX_BATCH is drained alone."""
+        if commands:
+            self._queue.put(_Group(list(commands)))
+
+    def exclusive(self, action: Callable[[], R], timeout: float = 30.0) -> R:
+        """Run `action` while holding the writer lock (what only the writer may touch:
+        the store's connection). TimeoutError when the lock is not free in `timeout`."""
+        if not self._lock.acquire(timeout=timeout):
+            raise TimeoutError(f"the {self._name} writer stayed busy for {timeout:.0f}s")
+        try:
+            return action()
+        finally:
+            self._lock.release()
+
     def drain(self) -> list[C]:
-        """The pending commands, up to MAX_BATCH (the writer calls this, under the lock)."""
+        """The pending commands, up to MAX_BATCH, groups whole (the writer calls this,
+        under the lock)."""
         commands: list[C] = []
+        if self._carry is not None:
+            commands += self._carry.commands
+            self._carry = None
         while len(commands) < MAX_BATCH:
             try:
-                commands.append(self._queue.get_nowait())
+                entry = self._queue.get_nowait()
             except queue.Empty:
+                break
+            if not isinstance(entry, _Group):
+                commands.append(entry)
+            elif not commands or len(commands) + len(entry.commands) <= MAX_BATCH:
+                commands += entry.commands
+            else:
+                self._carry = entry  # whole, in the next drain
                 break
         return commands
 
@@ -103,7 +139,7 @@ class Writer(Generic[C]):
                     self._process(self.drain())
             finally:
                 self._lock.release()
-            if self._queue.empty():
+            if self._queue.empty() and self._carry is None:
                 return
         self._wake.set()
 
@@ -119,3 +155,12 @@ class Writer(Generic[C]):
                 time.sleep(FAILURE_PAUSE)
             if self._heartbeat is not None:
                 self._heartbeat()
+
+
+class _Group(Generic[C]):
+    """Commands queued as one entry so that no drain splits them."""
+
+    __slots__ = ("commands",)
+
+    def __init__(self, commands: list[C]) -> None:
+        self.commands = commands
