@@ -1,0 +1,779 @@
+"""The broker's HTTPS JSON API (Starlette; described by openapi.json next to this file).
+
+Every request body is read with a cap (MAX_BODY_BYTES, 413 beyond), parsed once as
+strict JSON (duplicate keys, NaN/Infinity and unknown keys refused, 400 naming the
+key) and checked with the same canonical parsers the CLI uses
+(portagent.broker.signing). Errors are `{"error": {code, reason, field, message}}`
+with the HTTP status of the canonical code.
+
+Authentication, on every route but /v1/healthz and /v1/openapi.json:
+* `Authorization: Bearer TOKEN`: the tokens file holds `NAME SHA256HEX` lines; the
+  token's SHA-256 is compared with every entry (hmac.compare_digest); actor
+  "admin:NAME";
+* or a client certificate signed by `[service.api] client_ca`: actor "admin:<CN>".
+  uvicorn does not put the peer certificate in the ASGI scope, so `PeerCertProtocol`
+  (an h11 protocol subclass passed as uvicorn's `http=`) reads it from the TLS
+  object once per connection, after the handshake, and wraps that connection's ASGI
+  app to add it to the scope as PEER_CN_SCOPE_KEY. Nothing a client sends can set
+  that key: it is not derived from the request.
+
+Blocking store calls run in a thread pool; the delivery hub hears of every committed
+change through `publish` (the in-process bus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from portagent.broker.fleet.audit import record_json
+from portagent.broker.fleet.keyring import KeyRing
+from portagent.broker.fleet.model import BrokerGrant, FleetError, GrantState, Host, StoreError
+from portagent.broker.fleet.store import FleetStore
+from portagent.broker.signing import InputError, check_grant_id, grant_request
+from portagent.wire.config import read_config_text
+from portagent.wire.errors import ConfigError
+from portagent.wire.records import rfc3339
+from portagent.wire.timestamps import timestamp
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_TOKEN_BYTES = 4096
+MAX_LIST = 1000
+MAX_AUDIT_LIST = 10_000
+API_THREADS = 4
+EXPIRE_EVERY = 2.0
+PRUNE_EVERY = 3600.0
+# A change older than this is for a grant that expired long ago; resuming past it
+# costs a snapshot instead (the hub falls back when the log is pruned).
+CHANGE_RETENTION = 8 * 86400.0
+PEER_CN_SCOPE_KEY = "portagent.peer_cn"
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+TOKEN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_HOST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "FAILED_PRECONDITION": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "INTERNAL": 500,
+}
+# Input fields as the signing parsers name them -> as this API's body names them.
+_FIELD = {"source": "sources", "max-connections": "max_connections"}
+
+T = TypeVar("T")
+Log = Callable[..., None]
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        code: str,
+        reason: str,
+        message: str,
+        field: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.field = field
+        self.status = status or HTTP_STATUS[code]
+
+
+def _bad(field: str, message: str, reason: str = "INVALID_ARGUMENT") -> ApiError:
+    return ApiError("INVALID_ARGUMENT", reason, f"{field}: {message}", field)
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+class Tokens:
+    """The admins' bearer tokens: name -> SHA-256 of the token (never the token)."""
+
+    def __init__(self, entries: Mapping[str, bytes]) -> None:
+        self._entries = dict(entries)
+
+    @classmethod
+    def load(cls, path: Path) -> Tokens:
+        text = read_config_text(path, "a tokens file")
+        entries: dict[str, bytes] = {}
+        problems: list[str] = []
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if (
+                len(parts) != 2
+                or not TOKEN_NAME_PATTERN.fullmatch(parts[0])
+                or not _SHA256_HEX.fullmatch(parts[1])
+            ):
+                problems.append(
+                    f"{path}:{number}: expected `NAME SHA256HEX` (NAME 1-64 of [A-Za-z0-9._@-], "
+                    "the lower-case hex SHA-256 of the token)"
+                )
+                continue
+            if parts[0] in entries:
+                problems.append(f"{path}:{number}: {parts[0]!r} appears twice")
+                continue
+            entries[parts[0]] = bytes.fromhex(parts[1])
+        if problems:
+            raise ConfigError(problems)
+        return cls(entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check(self, token: str) -> str | None:
+        """The name the token belongs to, or None. Every entry is compared, so the time
+        taken does not tell which (or whether a) name matched first."""
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        found: str | None = None
+        for name, expected in self._entries.items():
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = name
+        return found
+
+
+def token_line(name: str, token: str) -> str:
+    """The tokens-file line for `token` (for set-up tools and tests)."""
+    return f"{name} {hashlib.sha256(token.encode()).hexdigest()}\n"
+
+
+# --- the peer certificate (mTLS admins) -----------------------------------------------------
+
+
+def peer_cert_protocol() -> type:
+    """uvicorn's h11 protocol, recording the verified client certificate's CN per
+    connection and handing it to that connection's requests in the ASGI scope."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class PeerCertProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            cn = _peer_cn(transport.get_extra_info("ssl_object"))
+            inner = self.app
+
+            async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+                scope = dict(scope)
+                scope[PEER_CN_SCOPE_KEY] = cn
+                await inner(scope, receive, send)
+
+            self.app = app
+
+    return PeerCertProtocol
+
+
+def _peer_cn(ssl_object: ssl.SSLObject | None) -> str | None:
+    if ssl_object is None:
+        return None
+    # getpeercert() returns only a certificate the handshake verified against client_ca.
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    subject: Any = cert.get("subject", ())
+    for rdn in subject:
+        for key, value in rdn:
+            if key == "commonName" and isinstance(value, str) and value.isprintable():
+                return value[:128]
+    return None
+
+
+# --- JSON -----------------------------------------------------------------------------------
+
+
+def _pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in items:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:64]!r}")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_object(data: bytes) -> dict[str, Any]:
+    """One strict parse of a request body into a JSON object."""
+    try:
+        value = json.loads(
+            data.decode("utf-8"), object_pairs_hook=_pairs, parse_constant=_no_constant
+        )
+    except UnicodeDecodeError:
+        raise ApiError("INVALID_ARGUMENT", "INVALID_JSON", "body: not UTF-8") from None
+    except RecursionError:
+        raise ApiError("INVALID_ARGUMENT", "INVALID_JSON", "body: nested too deeply") from None
+    except ValueError as exc:
+        raise ApiError(
+            "INVALID_ARGUMENT", "INVALID_JSON", f"body: not valid JSON ({exc})"
+        ) from None
+    if not isinstance(value, dict):
+        raise ApiError("INVALID_ARGUMENT", "INVALID_JSON", "body: expected a JSON object")
+    return value
+
+
+class Body:
+    """Typed access to a parsed body; unknown keys are refused up front."""
+
+    def __init__(self, obj: dict[str, Any], known: set[str]) -> None:
+        for key in sorted(obj):
+            if key not in known:
+                raise _bad(
+                    key[:64],
+                    f"unknown key (expected one of {', '.join(sorted(known))})",
+                    "UNKNOWN_FIELD",
+                )
+        self.obj = obj
+
+    def text(self, name: str, *, required: bool = False, default: str = "") -> str:
+        if name not in self.obj:
+            if required:
+                raise _bad(name, "required")
+            return default
+        value = self.obj[name]
+        if not isinstance(value, str):
+            raise _bad(name, f"expected a string, got {type(value).__name__}")
+        return value
+
+    def optional_text(self, name: str) -> str | None:
+        if self.obj.get(name) is None:
+            return None
+        return self.text(name)
+
+    def boolean(self, name: str, default: bool = False) -> bool:
+        value = self.obj.get(name, default)
+        if not isinstance(value, bool):
+            raise _bad(name, "expected true or false")
+        return value
+
+    def integer(self, name: str, default: int = 0) -> int:
+        value = self.obj.get(name, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _bad(name, "expected an integer")
+        return value
+
+    def texts(self, name: str) -> list[str]:
+        value = self.obj.get(name)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _bad(name, "expected a list of strings")
+        return value
+
+    def labels(self, name: str) -> dict[str, str]:
+        value = self.obj.get(name, {})
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise _bad(name, "expected an object of string values")
+        return value
+
+
+async def read_body(request: Request) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        raise ApiError(
+            "RESOURCE_EXHAUSTED",
+            "BODY_TOO_LARGE",
+            f"body: larger than {MAX_BODY_BYTES} bytes",
+            status=413,
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(
+                "RESOURCE_EXHAUSTED",
+                "BODY_TOO_LARGE",
+                f"body: larger than {MAX_BODY_BYTES} bytes",
+                status=413,
+            )
+        chunks.append(chunk)
+    return parse_json_object(b"".join(chunks))
+
+
+# --- projections ----------------------------------------------------------------------------
+
+
+def _time(seconds: float | None) -> str | None:
+    return None if seconds is None else rfc3339(timestamp(seconds))
+
+
+def grant_json(grant: BrokerGrant, now: float) -> dict[str, Any]:
+    state = grant.state_at(now)
+    ports = (
+        str(grant.port_first)
+        if grant.port_first == grant.port_last
+        else f"{grant.port_first}-{grant.port_last}"
+    )
+    return {
+        "grant_id": grant.grant_id,
+        "host_id": grant.host_id,
+        "subject": grant.subject,
+        "sources": list(grant.sources),
+        "protocol": grant.protocol,
+        "ports": ports,
+        "state": state.value,
+        "not_before": _time(grant.not_before),
+        "expire_time": _time(grant.expire_time),
+        "issue_time": _time(grant.issue_time),
+        "remaining_seconds": (
+            max(0, int(grant.expire_time - now)) if state is GrantState.ACTIVE else 0
+        ),
+        "reason": grant.reason,
+        "key_id": grant.key_id,
+        "created_by": grant.created_by,
+        "generation": grant.generation,
+        "request_id": grant.request_id,
+        "revoke_time": _time(grant.revoked_at),
+        "revoked_by": grant.revoked_by,
+        "revoke_reason": grant.revoke_reason,
+        "connections": grant.usage.connections,
+        "packets": grant.usage.packets,
+        "bytes": grant.usage.bytes,
+        "last_seen": _time(grant.usage.last_seen),
+    }
+
+
+def host_json(host: Host) -> dict[str, Any]:
+    connected = host.connected_since is not None
+    refused = bool(getattr(host, "refused_since_ack", False))  # when the store keeps it
+    return {
+        "host_id": host.host_id,
+        "labels": host.labels,
+        "broker_labels": dict(host.broker_labels),
+        "agent_labels": dict(host.agent_labels),
+        "agent_version": host.agent_version,
+        "connected": connected,
+        "connected_since": _time(host.connected_since),
+        "replica": host.replica,
+        "last_seen": _time(host.last_seen),
+        "generation": host.generation,
+        "acked_generation": host.acked_generation,
+        "behind": host.behind,
+        "drift": (connected and host.behind > 0) or refused,
+        "trusted_key_ids": list(host.trusted_key_ids),
+    }
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(
+        {
+            "error": {
+                "code": exc.code,
+                "reason": exc.reason,
+                "field": exc.field,
+                "message": exc.message,
+            }
+        },
+        status_code=exc.status,
+    )
+
+
+# --- query strings --------------------------------------------------------------------------
+
+
+def _query(request: Request, known: set[str]) -> None:
+    for key in request.query_params:
+        if key not in known:
+            raise _bad(
+                key[:64],
+                f"unknown query parameter (expected one of {', '.join(sorted(known))})",
+                "UNKNOWN_FIELD",
+            )
+    for key in known - {"label"}:
+        if len(request.query_params.getlist(key)) > 1:
+            raise _bad(key, "given more than once")
+
+
+def _labels_query(request: Request) -> dict[str, str] | None:
+    values = request.query_params.getlist("label")
+    if not values:
+        return None
+    labels: dict[str, str] = {}
+    for value in values[:64]:
+        key, sep, wanted = value.partition("=")
+        if not sep or not key:
+            raise _bad("label", f"{value[:80]!r} is not KEY=VALUE")
+        labels[key] = wanted
+    return labels
+
+
+def _int_query(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise _bad(name, f"{text[:40]!r} is not an integer from {low} to {high}")
+    return int(text)
+
+
+def _host_id(text: str, field: str = "host_id") -> str:
+    if not _HOST_ID.fullmatch(text):
+        raise _bad(field, f"{text[:80]!r} is not 1-253 of [A-Za-z0-9._-]", "INVALID_HOST")
+    return text
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ApiContext:
+    store: FleetStore
+    keyring: Callable[[], KeyRing]
+    tokens: Callable[[], Tokens]
+    publish: Callable[[str], None]
+    log: Log
+    on_host_removed: Callable[[str], None] = lambda host_id: None
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=API_THREADS, thread_name_prefix="api-store")
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def authenticate(self, request: Request) -> str:
+        header = request.headers.get("authorization")
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            token = token.strip()
+            if scheme.lower() == "bearer" and token and len(token) <= MAX_TOKEN_BYTES:
+                name = self.tokens().check(token)
+                if name is not None:
+                    return f"admin:{name}"
+        cn = request.scope.get(PEER_CN_SCOPE_KEY)
+        if isinstance(cn, str) and cn:
+            return f"admin:{cn}"
+        raise ApiError(
+            "UNAUTHENTICATED",
+            "UNAUTHENTICATED",
+            "a valid `Authorization: Bearer TOKEN` or an admin client certificate is required",
+        )
+
+
+Handler = Callable[[ApiContext, Request, str], Awaitable[Response]]
+
+
+def _endpoint(
+    ctx: ApiContext, handler: Handler, *, auth: bool = True
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            actor = ctx.authenticate(request) if auth else ""
+            return await handler(ctx, request, actor)
+        except ApiError as exc:
+            return error_response(exc)
+        except InputError as exc:
+            field = _FIELD.get(exc.field, exc.field)
+            return error_response(
+                ApiError(
+                    "INVALID_ARGUMENT", "INVALID_" + field.upper(), f"{field}: {exc.message}", field
+                )
+            )
+        except FleetError as exc:
+            code = exc.status if exc.status in HTTP_STATUS else "INTERNAL"
+            return error_response(ApiError(code, exc.reason, exc.message, exc.field))
+        except StoreError as exc:
+            ctx.log("store_unavailable", error=str(exc)[:300])
+            return error_response(ApiError("UNAVAILABLE", "STORE_UNAVAILABLE", str(exc)[:300]))
+        except Exception as exc:
+            ctx.log("api_internal_error", path=request.url.path, error=repr(exc)[:300])
+            return error_response(ApiError("INTERNAL", "INTERNAL", "internal error (logged)"))
+
+    return endpoint
+
+
+async def healthz(ctx: ApiContext, request: Request, actor: str) -> Response:
+    database = "postgresql" if ctx.store.is_postgresql else "sqlite"
+    try:
+        await ctx.db(ctx.store.get_host, "healthz")
+    except Exception as exc:
+        ctx.log("healthz_failed", error=repr(exc)[:300])
+        return JSONResponse(
+            {"status": "unavailable", "replica": ctx.store.replica, "database": database},
+            status_code=503,
+        )
+    return JSONResponse({"status": "ok", "replica": ctx.store.replica, "database": database})
+
+
+async def openapi(ctx: ApiContext, request: Request, actor: str) -> Response:
+    return Response(OPENAPI_PATH.read_bytes(), media_type="application/json")
+
+
+async def create_grant(ctx: ApiContext, request: Request, actor: str) -> Response:
+    body = Body(
+        await read_body(request),
+        {
+            "host",
+            "subject",
+            "sources",
+            "port",
+            "protocol",
+            "ttl",
+            "reason",
+            "keep_established",
+            "max_connections",
+            "request_id",
+        },
+    )
+    ttl = body.obj.get("ttl")
+    if not isinstance(ttl, str | int | float) or isinstance(ttl, bool):
+        raise _bad("ttl", 'required: a duration ("15m") or seconds')
+    request_id = body.optional_text("request_id")
+    if request_id is not None and not REQUEST_ID_PATTERN.fullmatch(request_id):
+        raise _bad("request_id", "not 1-64 of [A-Za-z0-9._-]", "INVALID_REQUEST_ID")
+    host = _host_id(body.text("host", required=True), "host")
+    grant_req = grant_request(
+        host_id=host,
+        subject=body.text("subject", required=True),
+        sources=body.texts("sources"),
+        port=body.text("port", required=True),
+        ttl=ttl if isinstance(ttl, str) else float(ttl),
+        protocol=body.optional_text("protocol"),
+        reason=body.text("reason"),
+        keep_established=body.boolean("keep_established"),
+        max_connections=body.integer("max_connections"),
+    )
+    now = ctx.clock()
+    grant, created = await ctx.db(
+        ctx.store.create_grant,
+        grant_req,
+        keyring=ctx.keyring(),
+        actor=actor,
+        request_id=request_id,
+        now=now,
+    )
+    if created:
+        ctx.publish(grant.host_id)
+        ctx.log("grant_created", grant_id=grant.grant_id, host_id=grant.host_id, actor=actor)
+    return JSONResponse({"grant": grant_json(grant, now)}, status_code=201 if created else 200)
+
+
+async def list_grants(ctx: ApiContext, request: Request, actor: str) -> Response:
+    _query(request, {"host", "label", "subject", "state", "limit", "after"})
+    q = request.query_params
+    host = q.get("host")
+    state_text = q.get("state")
+    state = None
+    if state_text is not None:
+        try:
+            state = GrantState(state_text)
+        except ValueError:
+            raise _bad("state", f"{state_text[:40]!r} is not active, revoked or expired") from None
+    after = q.get("after")
+    if after is not None:
+        try:
+            check_grant_id(after)
+        except InputError as exc:
+            raise _bad("after", exc.message) from None
+    limit = _int_query(request, "limit", 100, 1, MAX_LIST)
+    now = ctx.clock()
+    grants = await ctx.db(
+        ctx.store.list_grants,
+        host_id=_host_id(host, "host") if host is not None else None,
+        labels=_labels_query(request),
+        subject=q.get("subject"),
+        state=state,
+        now=now,
+        limit=limit,
+        after=after,
+    )
+    return JSONResponse(
+        {
+            "grants": [grant_json(g, now) for g in grants],
+            "next_after": grants[-1].grant_id if len(grants) == limit else None,
+        }
+    )
+
+
+def _grant_id(request: Request) -> str:
+    grant_id = str(request.path_params["grant_id"])
+    try:
+        return check_grant_id(grant_id)
+    except InputError as exc:
+        raise _bad("grant_id", exc.message, "INVALID_GRANT_ID") from None
+
+
+async def get_grant(ctx: ApiContext, request: Request, actor: str) -> Response:
+    grant_id = _grant_id(request)
+    grant = await ctx.db(ctx.store.get_grant, grant_id)
+    if grant is None:
+        raise ApiError(
+            "NOT_FOUND", "GRANT_NOT_FOUND", f"grant_id: {grant_id!r} not found", "grant_id"
+        )
+    return JSONResponse({"grant": grant_json(grant, ctx.clock())})
+
+
+async def revoke_grant(ctx: ApiContext, request: Request, actor: str) -> Response:
+    grant_id = _grant_id(request)
+    body = Body(await read_body(request), {"reason"})
+    reason = body.text("reason")
+    if len(reason) > 1024 or not reason.isprintable():
+        raise _bad("reason", "must be printable and at most 1024 characters")
+    now = ctx.clock()
+    before = await ctx.db(ctx.store.get_grant, grant_id)
+    grant = await ctx.db(
+        ctx.store.revoke_grant, grant_id, keyring=ctx.keyring(), actor=actor, reason=reason, now=now
+    )
+    if before is None or before.state is not GrantState.REVOKED:
+        ctx.publish(grant.host_id)
+        ctx.log("grant_revoked", grant_id=grant_id, host_id=grant.host_id, actor=actor)
+    return JSONResponse({"grant": grant_json(grant, now)})
+
+
+async def list_hosts(ctx: ApiContext, request: Request, actor: str) -> Response:
+    _query(request, {"label"})
+    hosts = await ctx.db(ctx.store.list_hosts, labels=_labels_query(request))
+    return JSONResponse({"hosts": [host_json(h) for h in hosts]})
+
+
+async def add_host(ctx: ApiContext, request: Request, actor: str) -> Response:
+    body = Body(await read_body(request), {"host_id", "labels"})
+    host_id = _host_id(body.text("host_id", required=True))
+    host = await ctx.db(
+        ctx.store.add_host, host_id, body.labels("labels"), actor=actor, now=ctx.clock()
+    )
+    ctx.log("host_added", host_id=host_id, actor=actor)
+    return JSONResponse({"host": host_json(host)}, status_code=201)
+
+
+def _path_host(request: Request) -> str:
+    return _host_id(str(request.path_params["host_id"]))
+
+
+async def get_host(ctx: ApiContext, request: Request, actor: str) -> Response:
+    host_id = _path_host(request)
+    host = await ctx.db(ctx.store.get_host, host_id)
+    if host is None:
+        raise ApiError("NOT_FOUND", "HOST_NOT_FOUND", f"host_id: {host_id!r} not found", "host_id")
+    return JSONResponse({"host": host_json(host)})
+
+
+async def set_labels(ctx: ApiContext, request: Request, actor: str) -> Response:
+    host_id = _path_host(request)
+    body = Body(await read_body(request), {"labels"})
+    if "labels" not in body.obj:
+        raise _bad("labels", "required")
+    host = await ctx.db(
+        ctx.store.set_host_labels, host_id, body.labels("labels"), actor=actor, now=ctx.clock()
+    )
+    return JSONResponse({"host": host_json(host)})
+
+
+async def remove_host(ctx: ApiContext, request: Request, actor: str) -> Response:
+    host_id = _path_host(request)
+    await ctx.db(ctx.store.remove_host, host_id, actor=actor, now=ctx.clock())
+    ctx.on_host_removed(host_id)
+    ctx.log("host_removed", host_id=host_id, actor=actor)
+    return JSONResponse({"host_id": host_id})
+
+
+async def audit(ctx: ApiContext, request: Request, actor: str) -> Response:
+    _query(request, {"after", "limit"})
+    after = _int_query(request, "after", 0, 0, 2**62)
+    limit = _int_query(request, "limit", 1000, 1, MAX_AUDIT_LIST)
+    records = await ctx.db(ctx.store.audit_records, after_seq=after, limit=limit)
+    return JSONResponse(
+        {
+            "records": [record_json(r) for r in records],
+            "next_after": records[-1].seq if len(records) == limit else None,
+        }
+    )
+
+
+# (path, method, handler, needs auth): the routes openapi.json describes.
+ROUTES: tuple[tuple[str, str, Handler, bool], ...] = (
+    ("/v1/healthz", "GET", healthz, False),
+    ("/v1/openapi.json", "GET", openapi, False),
+    ("/v1/grants", "POST", create_grant, True),
+    ("/v1/grants", "GET", list_grants, True),
+    ("/v1/grants/{grant_id}", "GET", get_grant, True),
+    ("/v1/grants/{grant_id}/revoke", "POST", revoke_grant, True),
+    ("/v1/hosts", "GET", list_hosts, True),
+    ("/v1/hosts", "POST", add_host, True),
+    ("/v1/hosts/{host_id}", "GET", get_host, True),
+    ("/v1/hosts/{host_id}/labels", "PUT", set_labels, True),
+    ("/v1/hosts/{host_id}", "DELETE", remove_host, True),
+    ("/v1/audit", "GET", audit, True),
+)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 405:
+        return error_response(
+            ApiError(
+                "INVALID_ARGUMENT",
+                "METHOD_NOT_ALLOWED",
+                f"{request.method} is not allowed on {request.url.path}",
+                status=405,
+            )
+        )
+    return error_response(
+        ApiError(
+            "NOT_FOUND", "NO_SUCH_ROUTE", f"no route {request.url.path[:200]!r}", status=status
+        )
+    )
+
+
+def build_app(ctx: ApiContext) -> Starlette:
+    routes = [
+        Route(
+            path,
+            _endpoint(ctx, handler, auth=needs_auth),
+            methods=[method],
+            name=f"{method} {path}",
+        )
+        for path, method, handler, needs_auth in ROUTES
+    ]
+    return Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
+
+
+async def maintenance(ctx: ApiContext, stop: asyncio.Event) -> None:
+    """Expire due grants every few seconds (audited once, whichever replica wins) and
+    prune the change log now and then."""
+    last_prune = 0.0
+    while not stop.is_set():
+        now = ctx.clock()
+        try:
+            expired = await ctx.db(ctx.store.expire_due, now=now)
+            if expired:
+                ctx.log("grants_expired", count=expired)
+            if now - last_prune >= PRUNE_EVERY:
+                pruned = await ctx.db(ctx.store.prune_changes, now - CHANGE_RETENTION)
+                last_prune = now
+                if pruned:
+                    ctx.log("changes_pruned", count=pruned)
+        except Exception as exc:  # the database may be down for a while: keep trying
+            ctx.log("maintenance_failed", error=repr(exc)[:300])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), EXPIRE_EVERY)

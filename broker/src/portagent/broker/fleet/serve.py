@@ -1,0 +1,295 @@
+"""`portagent-broker serve`: one asyncio loop running the agents' gRPC FleetService
+(grpc.aio, mTLS) and the admins' HTTPS JSON API (Starlette on uvicorn).
+
+* SIGTERM / SIGINT: stop accepting, end the streams, stop within a few seconds
+  (uvicorn's own signal handlers are disabled: this loop owns the signals).
+* SIGHUP: reload the signing keys and the tokens file; a broken reload is logged and
+  the old ones stay in use.
+* systemd: READY=1 (and STOPPING=1) on $NOTIFY_SOCKET when it is set, written with
+  the socket module; one JSON line per event on stderr, which journald collects.
+
+Exit status: 0 stopped; 78 (EX_CONFIG) configuration, keys or database unusable; 1
+a listener could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+from portagent.broker.fleet.service_settings import (
+    CONFIG_ENV,
+    DEFAULT_PATH,
+    ServiceSettings,
+    check_files,
+    load_service_settings_file,
+)
+from portagent.broker.settings import parse_address
+from portagent.wire.errors import ConfigError
+
+PROG = "portagent-broker serve"
+EXIT_CONFIG = 78
+EXIT_FAILED = 1
+STOP_GRACE = 2.0
+START_TIMEOUT = 30.0
+
+
+def log(event: str, **fields: Any) -> None:
+    """One structured line per event on stderr."""
+    record = {"time": round(time.time(), 3), "event": event, **fields}
+    try:
+        sys.stderr.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed: nothing sensible to do
+        pass
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) about `state`; False when not run under it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log("sd_notify_failed", error=str(exc))
+        return False
+    return True
+
+
+def _uvicorn_server(config: Any) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        # Our loop owns SIGTERM/SIGINT/SIGHUP: uvicorn 0.17 installs handlers in
+        # install_signal_handlers(), newer ones in capture_signals(); both are off.
+        def install_signal_handlers(self) -> None:
+            return
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Generator[None, None, None]:
+            yield
+
+    return Server(config)
+
+
+async def _serve(settings: ServiceSettings) -> int:
+    import grpc
+    import grpc.aio
+    import uvicorn
+
+    from portagent.broker.fleet.api import (
+        ApiContext,
+        Tokens,
+        build_app,
+        maintenance,
+        peer_cert_protocol,
+    )
+    from portagent.broker.fleet.bus import ChangeBus, PgListener
+    from portagent.broker.fleet.hub import SERVER_OPTIONS, Hub
+    from portagent.broker.fleet.keyring import KeyRing
+    from portagent.broker.fleet.model import StoreError
+    from portagent.broker.fleet.store import FleetStore
+
+    loop = asyncio.get_running_loop()
+    try:
+        keyring = KeyRing.load(settings.keys_dir)
+        tokens = Tokens.load(settings.api.tokens_file)
+        fleet_creds = grpc.ssl_server_credentials(
+            [(settings.fleet.key.read_bytes(), settings.fleet.cert.read_bytes())],
+            root_certificates=settings.fleet.client_ca.read_bytes(),
+            require_client_auth=True,
+        )
+    except ConfigError as exc:
+        log("config_error", problems=exc.problems)
+        return EXIT_CONFIG
+    except OSError as exc:
+        log("config_error", problems=[f"{exc.filename}: {exc.strerror}"])
+        return EXIT_CONFIG
+    try:
+        store = await loop.run_in_executor(
+            None, lambda: FleetStore.open(settings.database, replica=settings.replica)
+        )
+    except StoreError as exc:
+        log("store_error", error=str(exc))
+        return EXIT_CONFIG
+
+    tokens_now = [tokens]
+    bus = ChangeBus()
+    hub = Hub(store, keyring, log)
+    bus.subscribe(hub.notify, hub.resync)
+    ctx = ApiContext(
+        store=store,
+        keyring=lambda: hub.keyring,
+        tokens=lambda: tokens_now[0],
+        publish=bus.publish,
+        log=log,
+        on_host_removed=hub.drop,
+    )
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def reload() -> None:
+        try:
+            new_keys = await loop.run_in_executor(None, KeyRing.load, settings.keys_dir)
+            new_tokens = await loop.run_in_executor(None, Tokens.load, settings.api.tokens_file)
+        except ConfigError as exc:
+            log("reload_failed", problems=exc.problems)
+            return
+        hub.keyring = new_keys
+        tokens_now[0] = new_tokens
+        log("reloaded", key_ids=list(new_keys.key_ids), tokens=len(new_tokens))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: tasks.append(loop.create_task(reload())))
+
+    grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
+    grpc_server.add_generic_rpc_handlers((hub.rpc_handler(),))
+    try:
+        fleet_port = grpc_server.add_secure_port(settings.fleet.listen, fleet_creds)
+    except RuntimeError:
+        fleet_port = 0
+    if fleet_port == 0:
+        log("listen_failed", listener="fleet", listen=settings.fleet.listen)
+        store.close()
+        return EXIT_FAILED
+    await grpc_server.start()
+
+    api_host, api_port = parse_address(settings.api.listen)
+
+    config = uvicorn.Config(
+        build_app(ctx),
+        host=api_host,
+        port=api_port,
+        ssl_certfile=str(settings.api.cert),
+        ssl_keyfile=str(settings.api.key),
+        ssl_ca_certs=str(settings.api.client_ca) if settings.api.client_ca else None,
+        ssl_cert_reqs=ssl.CERT_OPTIONAL if settings.api.client_ca else ssl.CERT_NONE,
+        http=peer_cert_protocol(),
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=30,
+        limit_concurrency=1000,
+    )
+    api_server = _uvicorn_server(config)
+
+    async def run_api() -> None:
+        try:
+            await api_server.serve()
+        except SystemExit:  # uvicorn exits the process when it cannot bind
+            log("listen_failed", listener="api", listen=settings.api.listen)
+        stop.set()
+
+    api_task = loop.create_task(run_api())
+    listener: PgListener | None = None
+    if store.is_postgresql:
+        listener = PgListener(store.listen_conninfo, bus, log)
+        tasks.append(loop.create_task(listener.run()))
+    tasks.append(loop.create_task(maintenance(ctx, stop)))
+
+    # READY once both listeners accept (bounded wait).
+    deadline = loop.time() + START_TIMEOUT
+    while not api_server.started and not api_task.done() and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    status = 0
+    if api_server.started:
+        log(
+            "ready",
+            replica=settings.replica,
+            database="postgresql" if store.is_postgresql else "sqlite",
+            fleet=settings.fleet.listen,
+            fleet_port=fleet_port,
+            api=settings.api.listen,
+            key_ids=list(keyring.key_ids),
+        )
+        sd_notify(f"READY=1\nSTATUS=serving on {settings.fleet.listen} and {settings.api.listen}")
+        await stop.wait()
+    else:
+        status = EXIT_FAILED
+
+    log("stopping")
+    sd_notify("STOPPING=1")
+    api_server.should_exit = True
+    await grpc_server.stop(STOP_GRACE)
+    await hub.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(api_task, STOP_GRACE + 1)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    ctx.close()
+    await loop.run_in_executor(None, store.close)
+    log("stopped", status=status)
+    return status
+
+
+def run_service(settings: ServiceSettings) -> int:
+    return asyncio.run(_serve(settings))
+
+
+def _check(settings: ServiceSettings) -> None:
+    """--check: everything start-up reads, and the database (migrated to head)."""
+    from portagent.broker.fleet.api import Tokens
+    from portagent.broker.fleet.keyring import KeyRing
+    from portagent.broker.fleet.store import FleetStore
+
+    check_files(settings)
+    KeyRing.load(settings.keys_dir)
+    Tokens.load(settings.api.tokens_file)
+    FleetStore.open(settings.database, replica=settings.replica).close()
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run the broker service: the agents' fleet stream and the HTTPS API.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get(CONFIG_ENV) or DEFAULT_PATH),
+        help=f"service.toml (default: ${CONFIG_ENV} or {DEFAULT_PATH})",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config, open the database, load the keys and tokens; exit 0 or 78",
+    )
+    args = parser.parse_args(list(argv))
+    from portagent.broker.fleet.model import StoreError
+
+    try:
+        settings = load_service_settings_file(args.config)
+        check_files(settings)
+        if args.check:
+            _check(settings)
+            print(f"{args.config}: ok")
+            return 0
+    except ConfigError as exc:
+        print(f"{PROG}: {'; '.join(exc.problems)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_service(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
