@@ -21,8 +21,10 @@ from portagent.broker.signing import Signer
 from portagent.wire.ports import parse_port_spec
 
 GUARDS = [parse_port_spec("22/tcp"), parse_port_spec("8000-8010/tcp")]
-KEYS = ["ca.key", "agent.key", "broker.key", "signing.key"]
-PUBLIC = ["ca.pem", "agent.pem", "broker.pem", "agent.toml", "broker.toml"]
+KEYS = ["ca.key", "agent.key", "agent-client.key", "broker.key", "broker-server.key",
+        "signing.key", "admin.token", "tokens"]  # fmt: skip
+PUBLIC = ["ca.pem", "agent.pem", "agent-client.pem", "broker.pem", "broker-server.pem",
+          "agent.toml", "broker.toml", "service.toml"]  # fmt: skip
 
 
 @pytest.fixture(params=[0o022, 0o000, 0o077], ids=["umask022", "umask000", "umask077"])
@@ -53,19 +55,22 @@ def test_modes_do_not_depend_on_umask(tmp_path: Path, umask: int) -> None:
     directory = tmp_path / "a" / "dev"
     _init(directory)
     assert _mode(directory) == 0o700
-    assert {p.name for p in directory.iterdir()} == set(KEYS + PUBLIC)  # no temporary files
-    for name in KEYS:
-        assert _mode(directory / name) == 0o600, name
+    # No temporary files; keys/ holds the key ring (one key, 0600, in a 0700 folder).
+    assert {p.name for p in directory.iterdir()} == {*KEYS, *PUBLIC, "keys"}
+    assert _mode(directory / "keys") == 0o700
+    (ring_key,) = (directory / "keys").iterdir()
+    for path in [*(directory / name for name in KEYS), ring_key]:
+        assert _mode(path) == 0o600, path
     for name in PUBLIC:
         assert _mode(directory / name) == 0o644, name
 
 
 def test_refuses_to_overwrite_and_writes_nothing(tmp_path: Path) -> None:
     _init(tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(pki.SetupError, match=r"would overwrite ca\.key.*--force"):
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(pki.SetupError, match=r"would overwrite ca\.key.*keys/.*--force"):
         _init(tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_refuses_when_any_one_file_exists(tmp_path: Path) -> None:

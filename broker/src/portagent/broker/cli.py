@@ -1,56 +1,98 @@
-"""`portagent-broker`: set up trust, sign grants and deliver them to agents.
+"""`portagent-broker`: the broker service's command line, and direct delivery to agents.
 
-Exit status: 0 done; 1 the agent refused; 2 bad input or configuration, or the
-agent could not be reached.
+Two ways to deliver a grant or a revocation (docs/broker.md, "Which path"):
+  * through the broker service (`portagent-broker serve`), when broker.toml has
+    `[api] url`: the service signs, stores, audits and delivers to the agent's stream;
+  * straight to one agent's AgentService (mutual TLS gRPC), with `--agent ADDR` or
+    `--direct` (then `[tls]`, `[signing]` and `[hosts.HOST]` of broker.toml are used),
+    or when broker.toml has no `[api]`.
+`grants`, `hosts` and `audit` always use the service; `list`, `get` and `watch` always
+ask an agent directly; `init`, `keygen`, `pubkey` and `keys` work on local files.
+
+Start-up cost matters for a command line: the service commands import only the
+standard library (api_client.py); grpc, protobuf and cryptography are imported by
+the commands that need them, when they run.
+
+Exit status: 0 done; 1 refused (by the service or the agent), or `audit verify`
+found the chain broken; 2 bad input or configuration, or no usable answer.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
+import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from portagent.broker import pki
-from portagent.broker.client import AgentClient, AgentRefusedError, AgentUnreachableError, TlsFiles
-from portagent.broker.settings import BrokerSettings, load_broker_settings_file, parse_address
-from portagent.broker.signing import InputError, Signer, check_grant_id, grant_request
-from portagent.v1 import agent_pb2 as pb
+from portagent.broker.api_client import (
+    ApiClient,
+    ApiConfigError,
+    ApiError,
+    ApiRefusedError,
+    ApiUnreachableError,
+)
+from portagent.broker.settings import (
+    BrokerSettings,
+    load_broker_settings_file,
+    parse_address,
+)
 from portagent.wire.durations import format_duration
 from portagent.wire.errors import ConfigError
-from portagent.wire.ports import GuardedPort, parse_port_spec
-from portagent.wire.records import event_json, grant_status_json, state_name
+
+if TYPE_CHECKING:
+    from portagent.broker.client import AgentClient
+    from portagent.broker.signing import Signer
+    from portagent.v1 import agent_pb2 as pb
 
 PROG = "portagent-broker"
 CONFIG_ENV = "PORTAGENT_BROKER_CONFIG"
+DEFAULT_KEYS_DIR = "/etc/portagent-broker/keys"
+EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 # Flags as the operator typed them, for messages about a field.
 _FLAG = {"grant_id": "GRANT_ID"}
+# Service refusals that mean "your input or credentials", like a local usage error.
+_USAGE_CODES = frozenset({"INVALID_ARGUMENT", "UNAUTHENTICATED", "UNAVAILABLE", "INTERNAL"})
+# A line of an audit export; records are small, this bounds a hostile file.
+MAX_AUDIT_LINE = 1 << 20
 
 EPILOG = f"""\
-examples:
+examples (the broker service, `[api]` in broker.toml):
   {PROG} init --dir ./dev --host-id web1 --agent-address 127.0.0.1:50051 \\
-      --guard 22/tcp --guard 8000-8010/tcp
+      --guard 22/tcp --service
+  {PROG} serve --config ./dev/service.toml &
   export {CONFIG_ENV}=./dev/broker.toml
+  {PROG} hosts add web1 --label env=dev
   {PROG} grant --host web1 --source 192.0.2.10 --port 22/tcp --ttl 15m --subject alice
-  {PROG} grant --host web1 --source 2001:db8::/64 --port 8000-8010 --ttl 1h \\
+  {PROG} grants --label env=dev --state active
+  {PROG} hosts
+  {PROG} revoke g-0123456789abcdef --reason done
+  {PROG} audit verify
+
+examples (straight to one agent, no service):
+  {PROG} grant --direct --host web1 --source 2001:db8::/64 --port 8000-8010 --ttl 1h \\
       --subject ci --reason TICKET-42 -o json
   {PROG} list --host web1
-  {PROG} revoke --host web1 g-0123456789abcdef --reason "done"
+  {PROG} revoke --direct --host web1 g-0123456789abcdef --reason "done"
 
-exit status: 0 done, 1 refused by the agent, 2 bad input/config or agent unreachable.
+exit status: 0 done; 1 refused (by the service or the agent), or a broken audit
+chain; 2 bad input or configuration, or the service/agent could not be reached.
 """
 
 
 class UsageError(Exception):
     """Bad input or configuration: exit 2 with this message."""
+
+
+class RefusedError(Exception):
+    """Refused, or a check failed: exit 1 with this message."""
 
 
 def _error(message: str, status: int = EXIT_USAGE) -> int:
@@ -71,17 +113,28 @@ def _output_format(text: str) -> str:
     return _OUTPUT_ALIASES.get(text, text)
 
 
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _print_rows(header: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """Columns padded to their widest cell; the last one is not padded."""
+    table = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        print("  ".join([*cells, row[-1]]).rstrip())
+
+
 def _status_dict(status: pb.GrantStatus, now: float | None = None) -> dict[str, Any]:
     """The one projection both CLIs print (portagent.wire.records)."""
+    from portagent.wire.records import grant_status_json
+
     return grant_status_json(status, time.time() if now is None else now)
 
 
-def _print_json(value: object) -> None:
-    print(json.dumps(value, indent=2))
-
-
-def _print_table(statuses: Sequence[pb.GrantStatus], now: float) -> None:
-    rows = [("GRANT_ID", "STATE", "SUBJECT", "PORT", "REMAINING", "SOURCES")]
+def _print_status_table(statuses: Sequence[pb.GrantStatus], now: float) -> None:
+    rows = []
     for status in statuses:
         d = _status_dict(status, now)
         remaining = format_duration(d["remaining_seconds"]) if d["state"] == "active" else "-"
@@ -89,16 +142,93 @@ def _print_table(statuses: Sequence[pb.GrantStatus], now: float) -> None:
         rows.append(
             (d["grant_id"], d["state"], d["subject"], port, remaining, ",".join(d["sources"]))
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
-            + "  "
-            + row[-1]
+    _print_rows(("GRANT_ID", "STATE", "SUBJECT", "PORT", "REMAINING", "SOURCES"), rows)
+
+
+def _text(value: object) -> str:
+    """A cell from a JSON value the service sent: never a crash on a surprise type."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(_text(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+    return str(value)
+
+
+def _number(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _human_bytes(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "K", "M", "G", "T"):
+        if size < 1024 or unit == "T":
+            return f"{int(size)}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{count}B"
+
+
+def _ago(value: object, now: float) -> str:
+    """'12s ago' for an RFC 3339 time the service sent; '-' when unset or malformed."""
+    if not isinstance(value, str):
+        return "-"
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return f"{format_duration(now - when.timestamp())} ago"
+
+
+def _print_grants(grants: Sequence[Mapping[str, Any]], now: float) -> None:
+    header = ("GRANT", "HOST", "SUBJECT", "SOURCES", "PORT", "STATE", "EXPIRES", "CONNS",
+              "BYTES", "LAST SEEN")  # fmt: skip
+    rows = []
+    for g in grants:
+        state = _text(g.get("state"))
+        remaining = g.get("remaining_seconds")
+        expires = (
+            f"in {format_duration(remaining)}"
+            if state == "active" and isinstance(remaining, int | float)
+            else "-"
         )
+        rows.append(
+            (
+                _text(g.get("grant_id")),
+                _text(g.get("host_id")),
+                _text(g.get("subject")),
+                _text(g.get("sources")),
+                f"{_text(g.get('ports'))}/{_text(g.get('protocol'))}",
+                state,
+                expires,
+                str(_number(g.get("connections"))),
+                _human_bytes(_number(g.get("bytes"))),
+                _ago(g.get("last_seen"), now),
+            )
+        )
+    _print_rows(header, rows)
 
 
-# --- commands -----------------------------------------------------------------------------
+def _print_hosts(hosts: Sequence[Mapping[str, Any]]) -> None:
+    header = ("HOST", "LABELS", "VERSION", "CONNECTED SINCE", "GEN", "ACKED", "DRIFT")
+    rows = [
+        (
+            _text(h.get("host_id")),
+            _text(h.get("labels")),
+            _text(h.get("agent_version")),
+            _text(h.get("connected_since")) if h.get("connected") else "-",
+            str(_number(h.get("generation"))),
+            str(_number(h.get("acked_generation"))),
+            _text(bool(h.get("drift"))),
+        )
+        for h in hosts
+    ]
+    _print_rows(header, rows)
+
+
+# --- configuration ------------------------------------------------------------------------
 
 
 def _load_config(args: argparse.Namespace) -> BrokerSettings:
@@ -111,13 +241,42 @@ def _load_config(args: argparse.Namespace) -> BrokerSettings:
         raise UsageError(f"{path}:\n  " + "\n  ".join(exc.problems)) from None
 
 
+def _api(settings: BrokerSettings) -> ApiClient:
+    if settings.api is None:
+        raise UsageError(
+            f"api.url: not set in {settings.source_path}; add an [api] table "
+            '(url = "https://broker.example:8443", ca, token_file) to use the broker service'
+        )
+    try:
+        return ApiClient.from_settings(settings.api, timeout=settings.timeout)
+    except ApiConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _use_service(settings: BrokerSettings, args: argparse.Namespace) -> bool:
+    """The service when [api] is configured, unless --agent/--direct asks for the agent."""
+    return settings.api is not None and not (args.agent or args.direct)
+
+
+def _direct_files(settings: BrokerSettings) -> tuple[Path, Path, Path]:
+    if settings.ca_file is None or settings.cert_file is None or settings.key_file is None:
+        raise UsageError(
+            f"tls: {settings.source_path} has no [tls] table (ca_file, cert_file, key_file), "
+            "needed to deliver straight to an agent"
+        )
+    return settings.ca_file, settings.cert_file, settings.key_file
+
+
 def _client(settings: BrokerSettings, host_id: str, agent: str | None) -> AgentClient:
+    from portagent.broker import client as agent_client
+
     entry = settings.hosts.get(host_id)
     if agent is None and entry is None:
         known = ", ".join(sorted(settings.hosts)) or "none"
         raise UsageError(
             f"--host: {host_id!r} is not in {settings.source_path} "
-            f'(known: {known}); add [hosts."{host_id}"] or pass --agent'
+            f'(known: {known}); add [hosts."{host_id}"] or pass --agent '
+            "(or set [api] url to go through the broker service)"
         )
     address = agent or (entry.address if entry else "")
     try:
@@ -125,16 +284,23 @@ def _client(settings: BrokerSettings, host_id: str, agent: str | None) -> AgentC
     except ValueError as exc:
         raise UsageError(f"--agent: {exc}") from None
     try:
-        tls = TlsFiles.load(settings.ca_file, settings.cert_file, settings.key_file)
+        tls = agent_client.TlsFiles.load(*_direct_files(settings))
     except OSError as exc:
         raise UsageError(f"tls: cannot read {exc.filename}: {exc.strerror}") from None
-    return AgentClient(
+    return agent_client.AgentClient(
         address, tls, server_name=entry.server_name if entry else None, timeout=settings.timeout
     )
 
 
 def _signer(settings: BrokerSettings) -> Signer:
+    from portagent.broker.signing import Signer
+
     path = settings.signing_key_file
+    if path is None:
+        raise UsageError(
+            f"signing.key_file: {settings.source_path} has no [signing] table, "
+            "needed to deliver straight to an agent"
+        )
     try:
         return Signer.from_file(path, settings.signing_key_id)
     except OSError as exc:
@@ -143,7 +309,27 @@ def _signer(settings: BrokerSettings) -> Signer:
         raise UsageError(f"signing.key_file: {path}: {exc}") from None
 
 
+def _labels(pairs: Sequence[str] | None, flag: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{flag}: expected KEY=VALUE, got {pair!r}")
+        labels[key] = value
+    return labels
+
+
+def _label_filters(pairs: Sequence[str] | None) -> list[str]:
+    return [f"{k}={v}" for k, v in _labels(pairs, "--label").items()]
+
+
+# --- local commands: trust set-up and keys ------------------------------------------------
+
+
 def cmd_init(args: argparse.Namespace) -> int:
+    from portagent.broker import pki
+    from portagent.wire.ports import GuardedPort, parse_port_spec
+
     guards: list[GuardedPort] = []
     for spec in args.guard:
         try:
@@ -158,6 +344,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             agent_address=args.agent_address,
             guarded=guards,
             force=args.force,
+            use_service=args.service,
+            fleet_listen=args.fleet_listen,
+            api_listen=args.api_listen,
         )
     except pki.SetupError as exc:
         raise UsageError(str(exc)) from None
@@ -170,26 +359,50 @@ def cmd_init(args: argparse.Namespace) -> int:
         mode = f.path.stat().st_mode & 0o777
         print(f"wrote {str(f.path).ljust(width)}  {mode:04o}  {f.what}")
     base = directory.resolve()
+    grant = (
+        f"{PROG} grant --host {args.host_id} --source 127.0.0.1 --port {guards[0]} --ttl 5m "
+        '--subject "$USER"'
+    )
+    if args.service:
+        steps = f"""\
+  # the broker service (in its own shell; Ctrl-C stops it):
+  {PROG} serve --config {base}/service.toml
+  # the agent dials the service ([broker] in agent.toml); as root:
+  sudo portagentd --config {base}/agent.toml
+  # the service serves only hosts in its inventory:
+  export {CONFIG_ENV}={base}/broker.toml
+  {PROG} hosts add {args.host_id} --label env=dev
+  {grant}
+  {PROG} grants --host {args.host_id}
+  {PROG} hosts"""
+    else:
+        steps = f"""\
+  # check and start the agent (as root):
+  sudo portagentd --config {base}/agent.toml --check-config
+  sudo portagentd --config {base}/agent.toml
+  # grant access from this shell, straight to the agent:
+  export {CONFIG_ENV}={base}/broker.toml
+  {grant}
+  {PROG} list --host {args.host_id}
+  # (service.toml is ready too: `init --service --force` also points agent.toml and
+  # broker.toml at it)"""
     print(f"""
 signing key id: {key_id}
 
 next:
-  # check and start the agent (as root):
-  sudo portagentd --config {base}/agent.toml --check-config
-  sudo portagentd --config {base}/agent.toml
-  # grant access from this shell:
-  export {CONFIG_ENV}={base}/broker.toml
-  {PROG} grant --host {args.host_id} --source 127.0.0.1 --port {guards[0]} --ttl 5m \
---subject "$USER"
-  {PROG} list --host {args.host_id}
+{steps}
 
 This is a development set-up: every key sits in one folder. For production, see
-docs/broker.md (CA key offline, signing key only on the broker, one TLS key per agent).""")
+docs/broker.md (CA key offline, signing keys only on the broker, one TLS key per agent).""")
     return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
     """A new signing key (for a rotation): writes it, prints the agent.toml entry."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from portagent.broker import pki
+
     path = Path(args.out)
     if path.exists() and not args.force:
         raise UsageError(f"--out: {path} exists (pass --force to replace it)")
@@ -208,6 +421,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_pubkey(args: argparse.Namespace) -> int:
     """The agent.toml [[trusted_keys]] entry for an existing signing key."""
+    from portagent.broker import pki
+    from portagent.broker.signing import Signer
+
     path = Path(args.key)
     try:
         signer = Signer.from_file(path, args.key_id)
@@ -219,8 +435,127 @@ def cmd_pubkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    """A new key in the service's key ring, named as KeyRing expects; prints its trust entry."""
+    from portagent.broker import pki
+    from portagent.broker.fleet.keyring import generate_key
+    from portagent.broker.signing import Signer
+
+    directory = Path(args.dir)
+    try:
+        path = generate_key(directory, now=time.time())
+        signer = Signer.from_file(path)
+    except OSError as exc:
+        where = exc.filename or directory
+        raise UsageError(f"--dir: cannot write {where}: {exc.strerror}") from None
+    entry = pki.trusted_key_toml(signer.public_key, signer.key_id)
+    if args.output == "json":
+        _print_json({"path": str(path), "key_id": signer.key_id, "trusted_keys_toml": entry})
+        return 0
+    print(f"wrote {path}  0600\nkey id: {signer.key_id}\n")
+    print(
+        "# 1. add this entry to agent.toml on every agent and reload them (SIGHUP);\n"
+        "# 2. then reload the broker (systemctl reload portagent-broker): each host's\n"
+        "#    grants get signed with the newest key that host trusts."
+    )
+    print(entry, end="")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """Every key file, its key id and mode; exit 1 when the service would refuse the set."""
+    from portagent.broker.fleet.keyring import KeyRing
+    from portagent.broker.signing import Signer
+
+    directory = Path(args.dir)
+    try:
+        paths = sorted(p for p in directory.iterdir() if p.suffix == ".pem")
+    except OSError as exc:
+        raise UsageError(f"--dir: cannot read {directory}: {exc.strerror}") from None
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        row: dict[str, Any] = {"file": path.name, "key_id": None, "mode": None, "problem": ""}
+        try:
+            row["mode"] = f"{path.stat().st_mode & 0o777:04o}"
+            row["key_id"] = Signer.from_file(path).key_id
+        except (OSError, ValueError) as exc:
+            row["problem"] = getattr(exc, "strerror", None) or str(exc)
+        rows.append(row)
+    problems: list[str] = []
+    newest = None
+    try:
+        newest = KeyRing.load(directory).newest.key_id
+    except ConfigError as exc:
+        problems = list(exc.problems)
+    for row in rows:
+        row["newest"] = row["key_id"] is not None and row["key_id"] == newest
+    if args.output == "json":
+        _print_json({"keys": rows, "problems": problems})
+    else:
+        _print_rows(
+            ("FILE", "KEY ID", "MODE", "NEWEST"),
+            [(r["file"], _text(r["key_id"]), _text(r["mode"]), _text(r["newest"])) for r in rows],
+        )
+        for problem in problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
+    return EXIT_REFUSED if problems else EXIT_OK
+
+
+# --- grant / revoke: through the service or straight to an agent ---------------------------
+
+
+def _ttl_value(text: str | None, default: float) -> str | int | float:
+    if text is not None:
+        return text
+    return int(default) if default == int(default) else default
+
+
 def cmd_grant(args: argparse.Namespace) -> int:
     settings = _load_config(args)
+    if _use_service(settings, args):
+        return _grant_via_service(args, settings)
+    return _grant_direct(args, settings)
+
+
+def _grant_via_service(args: argparse.Namespace, settings: BrokerSettings) -> int:
+    body: dict[str, Any] = {
+        "host": args.host,
+        "subject": args.subject,
+        "sources": list(args.source),
+        "port": args.port,
+        "ttl": _ttl_value(args.ttl, settings.default_ttl),
+        "reason": args.reason,
+        "keep_established": args.keep_established,
+        "max_connections": args.max_connections,
+        # One id per command: the client's retries reuse it and the service answers a
+        # repeat with the grant it already made, so a retry never grants twice.
+        "request_id": "cli-" + secrets.token_hex(12),
+    }
+    if args.protocol is not None:
+        body["protocol"] = args.protocol
+    with _api(settings) as api:
+        try:
+            grant = api.create_grant(body)
+        except ApiUnreachableError as exc:
+            if exc.maybe_done:
+                print(
+                    f"{PROG}: the grant may have been created (request_id {body['request_id']}); "
+                    f"check with `{PROG} grants --host {args.host} --subject {args.subject}`",
+                    file=sys.stderr,
+                )
+            raise
+    if args.output == "json":
+        _print_json(grant)
+    else:
+        print(grant.get("grant_id"))
+    return 0
+
+
+def _grant_direct(args: argparse.Namespace, settings: BrokerSettings) -> int:
+    from portagent.broker.client import AgentUnreachableError
+    from portagent.broker.signing import grant_request
+    from portagent.v1 import agent_pb2 as pb
+
     request = grant_request(
         host_id=args.host,
         subject=args.subject,
@@ -254,6 +589,18 @@ def cmd_grant(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     settings = _load_config(args)
+    if _use_service(settings, args):
+        with _api(settings) as api:
+            grant = api.revoke_grant(args.grant_id, args.reason)
+        if args.output == "json":
+            _print_json(grant)
+        else:
+            print(f"{grant.get('grant_id', args.grant_id)}: {grant.get('state')}")
+        return 0
+    if args.host is None:
+        raise UsageError("--host: required to revoke straight at an agent")
+    from portagent.wire.records import state_name
+
     signed = _signer(settings).sign_revocation(
         grant_id=args.grant_id, host_id=args.host, now=time.time(), reason=args.reason
     )
@@ -272,6 +619,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- straight to one agent: list, get, watch ----------------------------------------------
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     settings = _load_config(args)
     with _client(settings, args.host, args.agent) as client:
@@ -279,11 +629,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print_json([_status_dict(s) for s in statuses])
     else:
-        _print_table(statuses, time.time())
+        _print_status_table(statuses, time.time())
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
+    from portagent.broker.signing import check_grant_id
+
     settings = _load_config(args)
     check_grant_id(args.grant_id)
     with _client(settings, args.host, args.agent) as client:
@@ -310,6 +662,9 @@ def _flow_text(flow: dict[str, Any]) -> str:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """Follow an agent's events; with --reconnect, resume after the last one seen."""
+    from portagent.broker.client import AgentUnreachableError
+    from portagent.wire.records import event_json
+
     settings = _load_config(args)
     after, seen = args.after, 0
     while True:
@@ -343,22 +698,243 @@ def cmd_watch(args: argparse.Namespace) -> int:
             return 0
 
 
+# --- the service: grants, hosts, audit, serve ---------------------------------------------
+
+
+def cmd_grants(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    with _api(settings) as api:
+        grants = list(
+            api.iter_grants(
+                host=args.host,
+                labels=_label_filters(args.label),
+                subject=args.subject,
+                state=args.state,
+            )
+        )
+    if args.output == "json":
+        _print_json(grants)
+    else:
+        _print_grants(grants, time.time())
+    return 0
+
+
+def cmd_hosts_list(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    with _api(settings) as api:
+        hosts = api.list_hosts(_label_filters(args.label_filter))
+    if args.output == "json":
+        _print_json(hosts)
+    else:
+        _print_hosts(hosts)
+    return 0
+
+
+def _print_host(args: argparse.Namespace, host: Mapping[str, Any]) -> None:
+    if args.output == "json":
+        _print_json(host)
+    else:
+        _print_hosts([host])
+
+
+def cmd_hosts_add(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    labels = _labels(args.labels, "--label")
+    with _api(settings) as api:
+        _print_host(args, api.add_host(args.host_id, labels))
+    return 0
+
+
+def cmd_hosts_label(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    labels = _labels(args.pairs, "KEY=VALUE")
+    with _api(settings) as api:
+        _print_host(args, api.set_host_labels(args.host_id, labels))
+    return 0
+
+
+def cmd_hosts_remove(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    with _api(settings) as api:
+        api.remove_host(args.host_id)
+    if args.output == "json":
+        _print_json({"host_id": args.host_id})
+    else:
+        print(f"{args.host_id}: removed")
+    return 0
+
+
+def _audit_line(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    count = 0
+    with _api(settings) as api, _export_target(args.output_file, args.force) as out:
+        for record in api.iter_audit(after=args.after):
+            out.write(_audit_line(record) + "\n")
+            count += 1
+    if args.output_file is not None:
+        print(f"exported {count} audit records to {args.output_file}", file=sys.stderr)
+    return 0
+
+
+class _export_target:  # noqa: N801 - used like open()
+    """stdout, or a new file (0600: the records name hosts, subjects and reasons)
+    written under a temporary name and renamed when complete."""
+
+    def __init__(self, path: str | None, force: bool) -> None:
+        self.path = Path(path) if path is not None else None
+        self.force = force
+        self.tmp: Path | None = None
+        self.handle: IO[str] | None = None
+
+    def __enter__(self) -> IO[str]:
+        if self.path is None:
+            return sys.stdout
+        if self.path.exists() and not self.force:
+            raise UsageError(f"--output: {self.path} exists (pass --force to replace it)")
+        self.tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise UsageError(f"--output: cannot write {self.path}: {exc.strerror}") from None
+        self.handle = os.fdopen(fd, "w", encoding="utf-8")
+        return self.handle
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.handle is None or self.tmp is None or self.path is None:
+            return
+        self.handle.close()
+        if exc_type is None:
+            self.tmp.replace(self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def _records_from_file(path: Path) -> Iterator[Any]:
+    from portagent.broker.fleet.audit import record_from_json
+
+    try:
+        handle = path.open("r", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--file: cannot read {path}: {exc.strerror}") from None
+    with handle:
+        for number, line in enumerate(iter(lambda: handle.readline(MAX_AUDIT_LINE + 1), ""), 1):
+            if len(line) > MAX_AUDIT_LINE:
+                raise RefusedError(f"{path}:{number}: line longer than {MAX_AUDIT_LINE} bytes")
+            if not line.strip():
+                continue
+            try:
+                yield record_from_json(json.loads(line))
+            except (ValueError, RecursionError) as exc:
+                raise RefusedError(f"{path}:{number}: not an audit record: {exc}") from None
+
+
+def _records_from_api(settings: BrokerSettings, api: ApiClient) -> Iterator[Any]:
+    from portagent.broker.fleet.audit import record_from_json
+
+    for record in api.iter_audit():
+        try:
+            yield record_from_json(record)
+        except ValueError as exc:
+            raise RefusedError(f"the service sent a malformed audit record: {exc}") from None
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from portagent.broker.fleet.audit import verify_chain
+
+    if args.file is not None:
+        report = verify_chain(_records_from_file(Path(args.file)))
+    else:
+        settings = _load_config(args)
+        with _api(settings) as api:
+            report = verify_chain(_records_from_api(settings, api))
+    if args.output == "json":
+        _print_json(
+            {
+                "ok": report.ok,
+                "checked": report.checked,
+                "first_bad_seq": report.first_bad_seq,
+                "problem": report.problem,
+                "head": report.last_hash,
+            }
+        )
+    elif report.ok:
+        print(f"audit chain intact: {report.checked} records, head {report.last_hash}")
+    else:
+        print(
+            f"{PROG}: audit chain broken at record #{report.first_bad_seq}: {report.problem} "
+            f"({report.checked} records before it verified)",
+            file=sys.stderr,
+        )
+    return EXIT_OK if report.ok else EXIT_REFUSED
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    # Imported here: the service's modules (grpc, Starlette, SQLAlchemy) are heavy and
+    # no other command needs them.
+    from portagent.broker.fleet import serve
+
+    return int(serve.main(list(argv)))
+
+
 # --- parser -------------------------------------------------------------------------------
+
+
+class _VersionAction(argparse.Action):
+    """--version, resolved only when asked (package metadata costs a directory scan)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("portagent-broker")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        print(f"{PROG} {version}")
+        parser.exit(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Sign just-in-time access grants and deliver them to "
-        "portagent agents over mutual TLS.",
+        description="Grant just-in-time access through the portagent broker service, "
+        "manage its fleet, keys and audit chain, or deliver grants straight to agents.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction)
     config_help = f"broker.toml to use (default: ${CONFIG_ENV}, else ./broker.toml)"
     parser.add_argument("--config", metavar="FILE", help=config_help)
     # Also accepted after the command; SUPPRESS keeps it from overwriting the global one.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=config_help)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument(
+        "-o",
+        "--output",
+        type=_output_format,
+        choices=OUTPUT_CHOICES,
+        default="table",
+        help="output format (default table; text is the same); json: RFC 3339 times",
+    )
+    # Where grant/revoke go: the service when [api] is set, unless one of these.
+    route = argparse.ArgumentParser(add_help=False)
+    route.add_argument(
+        "--agent",
+        metavar="ADDR:PORT",
+        help="deliver straight to the agent at this address (not through the service)",
+    )
+    route.add_argument(
+        "--direct",
+        action="store_true",
+        help="deliver straight to the agent of [hosts.HOST] in broker.toml, even when [api] is set",
+    )
     agent = argparse.ArgumentParser(add_help=False)
     agent.add_argument(
         "--host",
@@ -369,92 +945,58 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--agent", metavar="ADDR:PORT", help="agent address, instead of the one in broker.toml"
     )
-    agent.add_argument(
-        "-o",
-        "--output",
-        type=_output_format,
-        choices=OUTPUT_CHOICES,
-        default="table",
-        help="output format (default table; text is the same); json: RFC 3339 times, "
-        "the same fields as the agent's `portagent -o json`",
-    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
         name: str,
-        handler: Callable[[argparse.Namespace], int],
+        handler: Callable[[argparse.Namespace], int] | None,
         help_text: str,
         parents: Sequence[argparse.ArgumentParser],
         epilog: str = "",
+        into: Any = sub,
+        **kwargs: Any,
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(
+        p: argparse.ArgumentParser = into.add_parser(
             name,
             help=help_text,
             description=help_text,
             parents=list(parents),
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
+            **kwargs,
         )
-        p.set_defaults(handler=handler)
+        if handler is not None:
+            p.set_defaults(handler=handler)
         return p
 
-    p = add(
-        "init",
-        cmd_init,
-        "write a development trust set-up (CA, certificates, signing "
-        "key, agent.toml, broker.toml) into one folder",
+    # ---- the service
+    add(
+        "serve",
+        None,
+        "run the broker service (HTTPS API + the agents' gRPC fleet stream); "
+        "`serve --help` lists its options",
         [],
-        f"example:\n  {PROG} init --dir ./dev --host-id web1 --agent-address "
-        "127.0.0.1:50051 --guard 22/tcp --guard 53/udp",
+        f"examples:\n  {PROG} serve --config /etc/portagent-broker/service.toml\n"
+        f"  {PROG} serve --config ./dev/service.toml --check\n\n"
+        "exit status: 0 stopped cleanly, 78 configuration error (see `serve --help`).",
+        add_help=False,
     )
-    p.add_argument("--dir", required=True, help="folder to write (created 0700)")
-    p.add_argument("--host-id", required=True, help="the agent's host id")
-    p.add_argument(
-        "--agent-address",
-        required=True,
-        metavar="ADDR:PORT",
-        help="where the agent listens; its certificate names ADDR",
-    )
-    p.add_argument(
-        "--guard",
-        action="append",
-        required=True,
-        metavar="PORTSPEC",
-        help="port the agent guards, e.g. 22/tcp, 53/udp, 8000-8010/tcp (repeat)",
-    )
-    p.add_argument("--force", action="store_true", help="replace existing files")
-
-    p = add(
-        "keygen",
-        cmd_keygen,
-        "write a new Ed25519 signing key and print its "
-        "[[trusted_keys]] entry for agent.toml (key rotation)",
-        [],
-        f"example:\n  {PROG} keygen --out /etc/portagent-broker/signing-2025.key",
-    )
-    p.add_argument("--out", required=True, metavar="FILE", help="key file to write (0600)")
-    p.add_argument("--force", action="store_true", help="replace an existing file")
-
-    p = add(
-        "pubkey",
-        cmd_pubkey,
-        "print the agent.toml [[trusted_keys]] entry of a signing key",
-        [],
-        f"example:\n  {PROG} pubkey /etc/portagent-broker/signing.key",
-    )
-    p.add_argument("key", metavar="KEY_FILE", help="Ed25519 private key (PKCS8 PEM)")
-    p.add_argument("--key-id", help="key id to print (default: derived from the key)")
 
     p = add(
         "grant",
         cmd_grant,
-        "sign a grant and deliver it to an agent; prints the grant id",
-        [common, agent],
+        "create a grant (through the service, or signed here and delivered straight to "
+        "the agent); prints the grant id",
+        [common, output, route],
         f"examples:\n  {PROG} grant --host web1 --source 192.0.2.10 --port 22 --ttl 15m "
-        "--subject alice\n"
+        "--subject alice --reason INC-42\n"
         f"  {PROG} grant --host web1 --source 10.1.0.0/24 --source 2001:db8::/64 "
-        "--port 53/udp --ttl 1h --subject dns-probe --reason CHG-1234",
+        "--port 53/udp --ttl 1h --subject dns-probe -o json\n"
+        f"  {PROG} grant --direct --host web1 --source 192.0.2.10 --port 22 --subject alice\n\n"
+        "Through the service when broker.toml has [api] url (unless --agent/--direct);\n"
+        "each command sends a fresh request_id, so the client's retries never grant twice.",
     )
+    p.add_argument("--host", required=True, metavar="HOST", help="host id of the agent")
     p.add_argument(
         "--source",
         action="append",
@@ -492,33 +1034,225 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "revoke",
         cmd_revoke,
-        "sign a revocation and deliver it: the grant closes at once and never reopens",
-        [common, agent],
-        f"example:\n  {PROG} revoke --host web1 g-0123456789abcdef --reason 'done'",
+        "revoke a grant: it closes at once and never reopens",
+        [common, output, route],
+        f"examples:\n  {PROG} revoke g-0123456789abcdef --reason done\n"
+        f"  {PROG} revoke --direct --host web1 g-0123456789abcdef --reason done",
     )
     p.add_argument("grant_id", metavar="GRANT_ID")
+    p.add_argument("--host", metavar="HOST", help="host id (required on the direct path)")
     p.add_argument("--reason", default="", help="reason (audit)")
 
+    p = add(
+        "grants",
+        cmd_grants,
+        "list grants across the fleet (the service)",
+        [common, output],
+        f"examples:\n  {PROG} grants\n  {PROG} grants --host web1 --state active\n"
+        f"  {PROG} grants --label env=prod --label role=db --subject alice -o json\n\n"
+        "columns: GRANT HOST SUBJECT SOURCES PORT STATE EXPIRES CONNS BYTES LAST SEEN\n"
+        "(CONNS/BYTES/LAST SEEN: the usage the host's agent reported)",
+    )
+    p.add_argument("--host", metavar="HOST", help="only this host's grants")
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only hosts with this label (repeat: all must match)",
+    )
+    p.add_argument("--subject", help="only grants for this subject")
+    p.add_argument("--state", choices=["active", "revoked", "expired"], help="only this state")
+
+    hosts = add(
+        "hosts",
+        cmd_hosts_list,
+        "list the fleet's hosts, or add, label and remove one (the service)",
+        [common, output],
+        f"examples:\n  {PROG} hosts\n  {PROG} hosts --label env=prod -o json\n"
+        f"  {PROG} hosts add web1 --label env=prod --label role=web\n"
+        f"  {PROG} hosts label web1 env=staging role=web\n"
+        f"  {PROG} hosts remove web1\n\n"
+        "columns: HOST LABELS VERSION CONNECTED SINCE GEN ACKED DRIFT\n"
+        "(GEN: the host's current generation; ACKED: what its agent acknowledged;\n"
+        "DRIFT: connected and behind, or it refused something since its last ack)",
+    )
+    hosts.add_argument(
+        "--label",
+        dest="label_filter",
+        action="append",
+        metavar="KEY=VALUE",
+        help="only hosts with this label (repeat: all must match)",
+    )
+    hosts_sub = hosts.add_subparsers(dest="hosts_command", metavar="ACTION")
+    p = add("list", cmd_hosts_list, "list hosts (the default)", [common, output], into=hosts_sub)
+    p.add_argument("--label", dest="label_filter", action="append", metavar="KEY=VALUE",
+                   help="only hosts with this label (repeat: all must match)")  # fmt: skip
+    p = add(
+        "add",
+        cmd_hosts_add,
+        "add a host to the inventory (only hosts in it may connect)",
+        [common, output],
+        f"example:\n  {PROG} hosts add web1 --label env=prod",
+        into=hosts_sub,
+    )
+    p.add_argument("host_id", metavar="HOST_ID")
+    p.add_argument("--label", dest="labels", action="append", metavar="KEY=VALUE",
+                   help="a broker label (repeat); overrides the agent's own")  # fmt: skip
+    p = add(
+        "label",
+        cmd_hosts_label,
+        "replace a host's broker labels",
+        [common, output],
+        f"example:\n  {PROG} hosts label web1 env=prod role=db",
+        into=hosts_sub,
+    )
+    p.add_argument("host_id", metavar="HOST_ID")
+    p.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="the new labels (none: clear)")
+    p = add(
+        "remove",
+        cmd_hosts_remove,
+        "remove a host from the inventory (its agent is refused from then on)",
+        [common, output],
+        f"example:\n  {PROG} hosts remove web1",
+        into=hosts_sub,
+    )
+    p.add_argument("host_id", metavar="HOST_ID")
+
+    audit = add(
+        "audit",
+        None,
+        "export or verify the service's hash-chained audit log",
+        [],
+        f"examples:\n  {PROG} audit export --output audit-2026-11.jsonl\n"
+        f"  {PROG} audit verify\n  {PROG} audit verify --file audit-2026-11.jsonl",
+    )
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    p = add(
+        "export",
+        cmd_audit_export,
+        "write the audit records as JSON lines (stdout, or --output FILE)",
+        [common],
+        f"example:\n  {PROG} audit export --output audit.jsonl",
+        into=audit_sub,
+    )
+    p.add_argument("--output", dest="output_file", metavar="FILE", help="file to write (0600)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file")
+    p.add_argument("--after", type=int, default=0, metavar="SEQ",
+                   help="only records after this sequence number")  # fmt: skip
+    p = add(
+        "verify",
+        cmd_audit_verify,
+        "recompute the audit chain; exit 0 if intact, 1 naming the first bad record",
+        [common, output],
+        f"examples:\n  {PROG} audit verify\n  {PROG} audit verify --file audit.jsonl",
+        into=audit_sub,
+    )
+    p.add_argument("--file", metavar="FILE", help="verify an `audit export` file offline")
+
+    keys = add(
+        "keys",
+        None,
+        "the service's signing keys (a directory of Ed25519 PEM files)",
+        [],
+        f"examples:\n  {PROG} keys generate --dir {DEFAULT_KEYS_DIR}\n"
+        f"  {PROG} keys list --dir {DEFAULT_KEYS_DIR}\n\n"
+        "rotation: add the new key's [[trusted_keys]] entry to every agent first, then\n"
+        "generate it on the broker and reload the service (SIGHUP).",
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    for name, handler, text in (
+        ("generate", cmd_keys_generate, "write a new signing key; print its agent.toml entry"),
+        ("list", cmd_keys_list, "list the keys and which one is newest"),
+    ):
+        p = add(name, handler, text, [output], f"example:\n  {PROG} keys {name} --dir ./keys",
+                into=keys_sub)  # fmt: skip
+        p.add_argument(
+            "--dir",
+            default=DEFAULT_KEYS_DIR,
+            help=f"the service's keys_dir (default {DEFAULT_KEYS_DIR})",
+        )
+
+    # ---- local set-up
+    p = add(
+        "init",
+        cmd_init,
+        "write a development set-up (CA, certificates, signing key, admin token, "
+        "agent.toml, broker.toml, service.toml) into one folder",
+        [],
+        f"examples:\n  {PROG} init --dir ./dev --host-id web1 --agent-address "
+        "127.0.0.1:50051 --guard 22/tcp --guard 53/udp\n"
+        f"  {PROG} init --dir ./dev --host-id web1 --agent-address 127.0.0.1:50051 "
+        "--guard 22/tcp --service",
+    )
+    p.add_argument("--dir", required=True, help="folder to write (created 0700)")
+    p.add_argument("--host-id", required=True, help="the agent's host id")
+    p.add_argument(
+        "--agent-address",
+        required=True,
+        metavar="ADDR:PORT",
+        help="where the agent listens; its certificate names ADDR",
+    )
+    p.add_argument(
+        "--guard",
+        action="append",
+        required=True,
+        metavar="PORTSPEC",
+        help="port the agent guards, e.g. 22/tcp, 53/udp, 8000-8010/tcp (repeat)",
+    )
+    p.add_argument(
+        "--service",
+        action="store_true",
+        help="point agent.toml ([broker]) and broker.toml ([api]) at the broker service "
+        "(default: both sections are written commented out)",
+    )
+    p.add_argument("--fleet-listen", default="127.0.0.1:7443", metavar="ADDR:PORT",
+                   help="where the service listens for agents")  # fmt: skip
+    p.add_argument("--api-listen", default="127.0.0.1:8443", metavar="ADDR:PORT",
+                   help="where the service's HTTPS API listens")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace existing files")
+
+    p = add(
+        "keygen",
+        cmd_keygen,
+        "write a new Ed25519 signing key for the direct path and print its "
+        "[[trusted_keys]] entry for agent.toml (the service: `keys generate`)",
+        [],
+        f"example:\n  {PROG} keygen --out /etc/portagent-broker/signing-2025.key",
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="key file to write (0600)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+
+    p = add(
+        "pubkey",
+        cmd_pubkey,
+        "print the agent.toml [[trusted_keys]] entry of a signing key",
+        [],
+        f"example:\n  {PROG} pubkey /etc/portagent-broker/signing.key",
+    )
+    p.add_argument("key", metavar="KEY_FILE", help="Ed25519 private key (PKCS8 PEM)")
+    p.add_argument("--key-id", help="key id to print (default: derived from the key)")
+
+    # ---- straight to one agent
     add(
         "list",
         cmd_list,
-        "list the grants an agent knows",
-        [common, agent],
+        "list the grants one agent knows (asks the agent directly)",
+        [common, agent, output],
         f"example:\n  {PROG} list --host web1 -o json",
     )
     p = add(
         "get",
         cmd_get,
-        "show one grant as the agent sees it",
-        [common, agent],
+        "show one grant as the agent sees it (asks the agent directly)",
+        [common, agent, output],
         f"example:\n  {PROG} get --host web1 g-0123456789abcdef",
     )
     p.add_argument("grant_id", metavar="GRANT_ID")
     p = add(
         "watch",
         cmd_watch,
-        "follow an agent's grant and connection events",
-        [common, agent],
+        "follow one agent's grant and connection events (asks the agent directly)",
+        [common, agent, output],
         f"example:\n  {PROG} watch --host web1 --after 1795300000000000",
     )
     p.add_argument(
@@ -537,18 +1271,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refusal_status(exc: ApiRefusedError) -> int:
+    return EXIT_USAGE if exc.code in _USAGE_CODES or not exc.code else EXIT_REFUSED
+
+
+def _direct_error(exc: Exception) -> int | None:
+    """Errors of the direct path's modules, which are imported only when used."""
+    module = type(exc).__module__
+    if module == "portagent.broker.signing":
+        from portagent.broker.signing import InputError
+
+        if isinstance(exc, InputError):
+            return _error(f"{_FLAG.get(exc.field, '--' + exc.field)}: {exc.message}")
+    elif module == "portagent.broker.client":
+        from portagent.broker.client import AgentRefusedError, AgentUnreachableError
+
+        if isinstance(exc, AgentRefusedError):
+            return _error(f"refused by agent: {exc.code} {exc.details}", EXIT_REFUSED)
+        if isinstance(exc, AgentUnreachableError):
+            return _error(str(exc))
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # `serve` owns its options (--config is service.toml there): hand them over as is.
+    if arguments[:1] == ["serve"]:
+        return cmd_serve(arguments[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(arguments)
+    if args.command == "serve":
+        return cmd_serve(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "handler", None) is None:
+        parser.error(f"{args.command}: an action is required")
     try:
         return int(args.handler(args))
-    except InputError as exc:
-        return _error(f"{_FLAG.get(exc.field, '--' + exc.field)}: {exc.message}")
     except UsageError as exc:
         return _error(str(exc))
-    except AgentRefusedError as exc:
-        return _error(f"refused by agent: {exc.code} {exc.details}", EXIT_REFUSED)
-    except AgentUnreachableError as exc:
+    except RefusedError as exc:
+        return _error(str(exc), EXIT_REFUSED)
+    except ApiRefusedError as exc:
+        return _error(str(exc), _refusal_status(exc))
+    except (ApiUnreachableError, ApiConfigError, ApiError) as exc:
         return _error(str(exc))
+    except Exception as exc:
+        status = _direct_error(exc)
+        if status is None:
+            raise
+        return status
 
 
 if __name__ == "__main__":
