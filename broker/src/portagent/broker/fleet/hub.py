@@ -523,7 +523,9 @@ class Hub:
     async def _push(self, stream: _Stream) -> None:
         host_id = stream.host_id
         resuming, stream.resuming = stream.resuming, False
-        if stream.want_snapshot:
+        if stream.want_snapshot or (resuming and stream.sent_generation == 0):
+            # Asked for, or an agent that holds nothing from this broker: the whole set
+            # in one signature (and anything it holds from elsewhere goes).
             stream.want_snapshot = False
             await self._send_snapshot(stream)
             return
