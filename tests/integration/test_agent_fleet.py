@@ -13,7 +13,6 @@ Two settings:
 
 from __future__ import annotations
 
-import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from portagent.agent.engine import Engine
@@ -34,15 +34,14 @@ from portagent.testing.fleet_server import (
     FakeBroker,
     FakeBrokerProcess,
     FleetPki,
-    Received,
 )
 from portagent.testing.grants import TestSigner
+from portagent.testing.lab import Lab, environment_ok
 from portagent.testing.netns import wait_until
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import fleet_pb2
 from portagent.wire.hoststate import sign_host_state, state_digest
 from portagent.wire.ports import parse_port_spec
-from portagent.wire.timestamps import canonical_bytes
 
 HOST = "host-a"
 
@@ -315,3 +314,120 @@ def test_reconnect_says_the_generation_held(
     assert hello.message.hello.generation == 6
     assert hello.message.hello.digest == state_digest([grant.grant])
     assert agent.active() == {pb.Grant.FromString(grant.grant).grant_id}
+
+
+# ---- namespaces: the real agent, real traffic ---------------------------------------------
+
+PORT = 8080
+BROKER_PORT = 7443
+
+
+class FleetLab:
+    """portagentd in the server namespace dialing the fake broker in the client one."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.pki = FleetPki.create(tmp / "pki", HOST)
+        self.lab = Lab(tmp, [f"{PORT}/tcp"], prefix="pt-fleet", tcp_ports=[PORT])
+        self.address = f"{self.lab.net.client_ip}:{BROKER_PORT}"
+        self.lab.extra_config = self.pki.agent_toml([self.address], reconnect_max='"1s"')
+        self.broker: FakeBrokerProcess | None = None
+        self.signer = TestSigner()
+
+    def __enter__(self) -> FleetLab:
+        self.lab.__enter__()
+        try:
+            key = load_pem_private_key((self.lab.dir / "signing.key").read_bytes(), None)
+            assert isinstance(key, Ed25519PrivateKey)
+            self.signer = TestSigner(key_id=self.lab.key_id, private_key=key)
+            self.start_broker()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_broker(self) -> FakeBrokerProcess:
+        self.broker = FakeBrokerProcess(self.lab.net.client, self.address, self.pki.ca.parent)
+        return self.broker
+
+    def close(self) -> None:
+        if self.broker is not None:
+            self.broker.kill()
+        self.lab.close()
+
+    def grant(self) -> pb.SignedGrant:
+        return self.signer.signed_grant_pb(
+            time.time(), source_prefixes=[f"{self.lab.net.client_ip}/32"], port_start=PORT
+        )
+
+    def converge(self, generation: int, grants: list[pb.SignedGrant]) -> None:
+        assert self.broker is not None
+        self.broker.send(snapshot(self.signer, generation, grants))
+        assert self.broker.wait_for("ack", acked(generation)) is not None, self.lab.log()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetLab]:
+    reason = environment_ok()
+    if reason:
+        pytest.skip(reason)
+    with FleetLab(tmp_path) as fleet:
+        assert fleet.broker is not None
+        assert fleet.broker.wait_for("hello") is not None, fleet.lab.log()
+        yield fleet
+
+
+@pytest.mark.root
+def test_snapshots_open_and_close_the_port_gap_and_replay(fleet: FleetLab) -> None:
+    lab, broker = fleet.lab, fleet.broker
+    assert broker is not None
+    assert not lab.can_connect(PORT)
+    grant = fleet.grant()
+    grant_id = pb.Grant.FromString(grant.grant).grant_id
+    fleet.converge(1, [grant])
+    assert lab.can_connect(PORT)
+    # The broker's next snapshot no longer holds the grant: closed, shown revoked.
+    fleet.converge(2, [])
+    assert not lab.can_connect(PORT)
+    assert [(g["grant_id"], g["state"]) for g in lab.list_json()] == [(grant_id, "revoked")]
+    assert "grant revoked by broker" in lab.log()
+    # A gap in changes: the agent asks for a snapshot.
+    broker.send(change_grant(5, fleet.grant()))
+    request = broker.wait_for("snapshot_request")
+    assert request is not None and request.message.snapshot_request.reason == "GENERATION_GAP"
+    assert not lab.can_connect(PORT)
+    # An old generation (a replay of the snapshot that opened the port): refused, logged.
+    broker.send(snapshot(fleet.signer, 1, [grant]))
+    refusal = broker.wait_for("refusal", lambda r: r.message.refusal.generation == 1)
+    assert refusal is not None and refusal.message.refusal.reason == "GENERATION_REPLAY"
+    assert not lab.can_connect(PORT)
+    assert wait_until(lambda: "REASON=GENERATION_REPLAY" in lab.log(), 5)
+
+
+@pytest.mark.root
+def test_generation_survives_restart_and_broker_outage(fleet: FleetLab) -> None:
+    lab = fleet.lab
+    fleet.converge(3, [fleet.grant()])
+    assert lab.can_connect(PORT)
+    lab.stop_agent()
+    lab.start_agent()
+    broker = fleet.broker
+    assert broker is not None
+    hello = broker.wait_for("hello", lambda r: r.stream >= 2)
+    assert hello is not None, lab.log()
+    assert hello.message.hello.generation == 3
+    assert lab.can_connect(PORT)  # adopted at restart, whatever the broker does
+    # The broker goes away: enforcement goes on.
+    broker.kill()
+    assert lab.can_connect(PORT)
+    assert lab.cli("status", check=False).returncode == 0
+    # It comes back: the agent reconnects on its own and says what it holds.
+    back = fleet.start_broker()
+    hello = back.wait_for("hello", timeout=20)
+    assert hello is not None, lab.log()
+    assert hello.message.hello.generation == 3
+    assert lab.can_connect(PORT)
+    fleet.converge(4, [])
+    assert not lab.can_connect(PORT)
