@@ -16,18 +16,21 @@ on a connection failure or a 503, at most `tries` times, with a doubling pause.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import socket
-import ssl
 import stat
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    # Imported when a request is made, not when the CLI starts: http.client pulls in the
+    # email package, ssl OpenSSL; together half of `portagent-broker --help`'s start-up.
+    import http.client
+    import ssl
 
 from portagent.broker.settings import ApiSettings, parse_api_url
 
@@ -126,6 +129,8 @@ def ssl_context(
 ) -> ssl.SSLContext:
     """Verifies the server against `ca_file` (else the system's CAs); presents the
     client certificate when given."""
+    import ssl
+
     try:
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as exc:
@@ -142,6 +147,8 @@ def ssl_context(
 
 
 def _ssl_text(exc: BaseException) -> str:
+    import ssl
+
     if isinstance(exc, ssl.SSLError):
         return str(exc.reason or exc)
     if isinstance(exc, OSError) and exc.strerror:
@@ -264,6 +271,8 @@ class ApiClient:
     def _once(
         self, method: str, target: str, payload: bytes | None, headers: Mapping[str, str]
     ) -> tuple[int, bytes]:
+        import http.client
+
         sent = False
         try:
             if self._conn is None:
@@ -294,6 +303,10 @@ class ApiClient:
 
     def _describe(self, exc: BaseException) -> str:
         """What failed, in the operator's terms."""
+        import http.client
+        import socket
+        import ssl
+
         if isinstance(exc, ssl.SSLCertVerificationError):
             against = f"against {self._ca_file}" if self._ca_file else "against the system CAs"
             return (
@@ -307,6 +320,20 @@ class ApiClient:
                 return (
                     f"TLS: the service refused our client certificate{cert}: "
                     f"{_CLIENT_CERT_ALERTS[reason]}"
+                )
+            if reason == "SSLV3_ALERT_HANDSHAKE_FAILURE" and self._client_cert is None:
+                # TLS 1.2's answer to a missing client certificate.
+                return (
+                    "TLS: the service refused the handshake; it may require a client "
+                    "certificate (none configured: set api.cert and api.key)"
+                )
+            if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+                # TLS 1.3: the server checks our certificate after the client's side of the
+                # handshake; its alert can be lost when it closes before we read it.
+                cert = f" ({self._client_cert})" if self._client_cert else ""
+                return (
+                    "TLS: the service closed the connection during the handshake "
+                    f"(did it refuse our client certificate{cert}?)"
                 )
             return f"TLS handshake failed: {reason or exc}"
         if isinstance(exc, ConnectionRefusedError):

@@ -23,7 +23,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -529,7 +528,7 @@ def _grant_via_service(args: argparse.Namespace, settings: BrokerSettings) -> in
         "max_connections": args.max_connections,
         # One id per command: the client's retries reuse it and the service answers a
         # repeat with the grant it already made, so a retry never grants twice.
-        "request_id": "cli-" + secrets.token_hex(12),
+        "request_id": "cli-" + os.urandom(12).hex(),
     }
     if args.protocol is not None:
         body["protocol"] = args.protocol
@@ -795,7 +794,7 @@ class _export_target:  # noqa: N801 - used like open()
             return sys.stdout
         if self.path.exists() and not self.force:
             raise UsageError(f"--output: {self.path} exists (pass --force to replace it)")
-        self.tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.urandom(4).hex()}.tmp")
         try:
             fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:

@@ -1,0 +1,372 @@
+"""The CLI's HTTPS client of the broker service, against a real TLS socket.
+
+The server here is the standard library's http.server behind real TLS with
+certificates made in the test; it answers recorded shapes of the API only so the
+client's handling of errors can be tested: connection refused, TLS failures (wrong
+CA, expired or missing client certificate), error bodies, 503 and dropped
+connections with retries. The CLI against the real service is in
+tests/integration/test_broker_cli_service.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from portagent.broker import cli, pki
+from portagent.broker.api_client import (
+    ApiClient,
+    ApiConfigError,
+    ApiRefusedError,
+    ApiUnreachableError,
+    read_token,
+    ssl_context,
+)
+from portagent.broker.settings import ApiSettings
+
+NOW = dt.datetime.now(dt.UTC)
+TTL_ERROR = {
+    "error": {
+        "code": "INVALID_ARGUMENT",
+        "reason": "INVALID_TTL",
+        "field": "ttl",
+        "message": "ttl: '0s' must be longer than 0s",
+    }
+}
+
+
+@dataclass
+class Tls:
+    directory: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    expired_cert: Path
+    expired_key: Path
+    other_ca: Path
+
+
+def _write_leaf(
+    directory: Path, stem: str, ca_key: Any, ca: x509.Certificate, usage: Any, **kw: Any
+) -> tuple[Path, Path]:
+    key = pki.new_tls_key()
+    cert = pki.issue_leaf(ca_key, ca, key.public_key(), usage=usage, **kw)
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+    pki.write_atomic(cert_path, pki.cert_pem(cert), 0o644)
+    pki.write_atomic(key_path, pki.private_key_pem(key), 0o600)
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    directory = tmp_path_factory.mktemp("tls")
+    ca_key = pki.new_tls_key()
+    ca = pki.make_ca(ca_key, NOW)
+    pki.write_atomic(directory / "ca.pem", pki.cert_pem(ca), 0o644)
+    other_key = pki.new_tls_key()
+    pki.write_atomic(directory / "other.pem", pki.cert_pem(pki.make_ca(other_key, NOW)), 0o644)
+    server = _write_leaf(
+        directory, "server", ca_key, ca, ExtendedKeyUsageOID.SERVER_AUTH,
+        common_name="broker", sans=pki.service_sans(["127.0.0.1"]), now=NOW,
+    )  # fmt: skip
+    client = _write_leaf(
+        directory, "client", ca_key, ca, ExtendedKeyUsageOID.CLIENT_AUTH,
+        common_name="ops", now=NOW,
+    )  # fmt: skip
+    expired = _write_leaf(
+        directory, "expired", ca_key, ca, ExtendedKeyUsageOID.CLIENT_AUTH,
+        common_name="ops", now=NOW - dt.timedelta(days=30), days=2,
+    )  # fmt: skip
+    return Tls(directory, directory / "ca.pem", *server, *client, *expired, directory / "other.pem")
+
+
+Answer = tuple[int, Any]  # (status, JSON value | bytes | None = drop the connection)
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class ApiStub:
+    """Answers requests from a script, keyed by "METHOD /path" (query string included)."""
+
+    url: str
+    requests: list[Recorded] = field(default_factory=list)
+    script: dict[str, list[Answer]] = field(default_factory=dict)
+
+    def on(self, route: str, *answers: Answer) -> None:
+        self.script.setdefault(route, []).extend(answers)
+
+
+def _handler(stub: ApiStub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            stub.requests.append(
+                Recorded(
+                    self.command,
+                    self.path,
+                    dict(self.headers.items()),
+                    json.loads(raw) if raw else None,
+                )
+            )
+            answers = stub.script.get(f"{self.command} {self.path}") or [(404, {"error": {
+                "code": "NOT_FOUND", "reason": "NO_ROUTE", "message": self.path}})]  # fmt: skip
+            status, value = answers.pop(0) if len(answers) > 1 else answers[0]
+            if value is None:  # drop the connection without an answer
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            data = value if isinstance(value, bytes) else json.dumps(value).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _serve  # noqa: N815
+
+    return Handler
+
+
+@pytest.fixture
+def serve(tls: Tls) -> Iterator[Callable[..., ApiStub]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(*, require_client_cert: bool = False, tls12: bool = False) -> ApiStub:
+        stub = ApiStub("")
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(stub))
+        server.daemon_threads = True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.server_cert, tls.server_key)
+        if tls12:
+            # The client certificate is checked inside the handshake, so the server's
+            # alert always reaches the client (TLS 1.3 may lose it to the close).
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+        if require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(tls.ca)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()  # fmt: skip
+        servers.append(server)
+        stub.url = f"https://127.0.0.1:{server.server_address[1]}"
+        return stub
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _client(stub_url: str, tls: Tls, **kw: Any) -> ApiClient:
+    cert = kw.pop("cert", None)
+    key = kw.pop("key", None)
+    ca = kw.pop("ca", tls.ca)
+    return ApiClient(
+        stub_url, context=ssl_context(ca, cert, key), token=kw.pop("token", "t0ken"),
+        client_cert=cert, ca_file=ca, timeout=5, **kw,
+    )  # fmt: skip
+
+
+def test_error_body_becomes_a_refusal_naming_field_code_and_reason(
+    serve: Callable[..., ApiStub], tls: Tls
+) -> None:
+    stub = serve()
+    stub.on("POST /v1/grants", (400, TTL_ERROR))
+    with _client(stub.url, tls) as api, pytest.raises(ApiRefusedError) as caught:
+        api.create_grant({"ttl": "0s", "request_id": "r-1"})
+    assert str(caught.value) == "ttl: '0s' must be longer than 0s (INVALID_ARGUMENT INVALID_TTL)"
+    assert (caught.value.status, caught.value.field) == (400, "ttl")
+    assert len(stub.requests) == 1  # a refusal is an answer: never retried
+    assert stub.requests[0].headers["Authorization"] == "Bearer t0ken"
+
+
+def test_cli_prints_the_refusal_and_exits_2(
+    serve: Callable[..., ApiStub], tls: Tls, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    stub = serve()
+    stub.on("POST /v1/grants", (400, TTL_ERROR))
+    exists = {"code": "ALREADY_EXISTS", "reason": "HOST_EXISTS", "field": "host_id",
+              "message": "web1 exists"}  # fmt: skip
+    stub.on("POST /v1/hosts", (409, {"error": exists}))
+    token = tmp_path / "token"
+    pki.write_atomic(token, b"t0ken\n", 0o600)
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[api]\nurl = "{stub.url}"\nca = "{tls.ca}"\ntoken_file = "{token}"\n')
+    monkeypatch.setenv(cli.CONFIG_ENV, str(config))
+    args = ["grant", "--host", "web1", "--source", "192.0.2.1", "--port", "22", "--ttl", "0s",
+            "--subject", "alice", "--reason", "X"]  # fmt: skip
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == (
+        "portagent-broker: ttl: '0s' must be longer than 0s (INVALID_ARGUMENT INVALID_TTL)\n"
+    )
+    body = stub.requests[-1].body
+    assert body["ttl"] == "0s" and body["port"] == "22" and body["sources"] == ["192.0.2.1"]
+    assert body["request_id"].startswith("cli-") and body["reason"] == "X"
+    # A refusal that is not about the input: exit 1.
+    assert cli.main(["hosts", "add", "web1"]) == 1
+    assert capsys.readouterr().err == (
+        "portagent-broker: host_id: web1 exists (ALREADY_EXISTS HOST_EXISTS)\n"
+    )
+
+
+def test_post_retried_with_the_same_request_id_after_a_drop_and_a_503(
+    serve: Callable[..., ApiStub], tls: Tls
+) -> None:
+    stub = serve()
+    grant = {"grant_id": "g-0123456789abcdef", "state": "active"}
+    unavailable = {"error": {"code": "UNAVAILABLE", "reason": "DATABASE", "message": "db down"}}
+    stub.on("POST /v1/grants", (0, None), (503, unavailable), (201, {"grant": grant}))
+    with _client(stub.url, tls) as api:
+        assert api.create_grant({"request_id": "r-42"}) == grant
+    assert [r.body["request_id"] for r in stub.requests] == ["r-42"] * 3
+
+
+def test_retries_are_bounded_and_non_idempotent_posts_are_not_retried(
+    serve: Callable[..., ApiStub], tls: Tls
+) -> None:
+    stub = serve()
+    unavailable = {"error": {"code": "UNAVAILABLE", "reason": "DATABASE", "message": "db down"}}
+    stub.on("POST /v1/grants", (503, unavailable))
+    stub.on("POST /v1/hosts", (503, unavailable))
+    with _client(stub.url, tls, tries=3) as api:
+        with pytest.raises(ApiRefusedError, match=r"db down \(UNAVAILABLE DATABASE\)"):
+            api.create_grant({"request_id": "r-1"})
+        assert len(stub.requests) == 3
+        with pytest.raises(ApiRefusedError):
+            api.add_host("web1", {})
+    assert len(stub.requests) == 4
+
+
+def test_connection_refused_names_the_url(tls: Tls) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: connect is refused
+        with (
+            _client(f"https://127.0.0.1:{port}", tls, tries=2) as api,
+            pytest.raises(ApiUnreachableError) as caught,
+        ):
+            api.health()
+    assert str(caught.value).startswith(f"broker service at https://127.0.0.1:{port}: ")
+    assert "connection refused" in str(caught.value)
+
+
+def test_server_certificate_from_another_ca(serve: Callable[..., ApiStub], tls: Tls) -> None:
+    stub = serve()
+    with (
+        _client(stub.url, tls, ca=tls.other_ca) as api,
+        pytest.raises(ApiUnreachableError) as caught,
+    ):
+        api.health()
+    message = str(caught.value)
+    assert f"TLS: the service's certificate failed verification against {tls.other_ca}" in message
+    assert stub.requests == []
+
+
+def test_expired_and_missing_client_certificate(serve: Callable[..., ApiStub], tls: Tls) -> None:
+    stub = serve(require_client_cert=True, tls12=True)
+    stub.on("GET /v1/healthz", (200, {"status": "ok"}))
+    with _client(stub.url, tls, cert=tls.client_cert, key=tls.client_key) as api:
+        assert api.health() == {"status": "ok"}
+    with (
+        _client(stub.url, tls, cert=tls.expired_cert, key=tls.expired_key) as api,
+        pytest.raises(ApiUnreachableError) as caught,
+    ):
+        api.health()
+    assert f"refused our client certificate ({tls.expired_cert}): certificate expired" in str(
+        caught.value
+    )
+    with _client(stub.url, tls) as api, pytest.raises(ApiUnreachableError) as caught:
+        api.health()
+    assert "client certificate (none configured: set api.cert and api.key)" in str(caught.value)
+    assert len(stub.requests) == 1
+
+
+def test_answer_without_the_api_error_body(serve: Callable[..., ApiStub], tls: Tls) -> None:
+    stub = serve()
+    stub.on("GET /v1/hosts", (502, b"<html>bad gateway</html>"))
+    with _client(stub.url, tls) as api, pytest.raises(ApiUnreachableError) as caught:
+        api.list_hosts()
+    assert "HTTP 502 without the API's error body: '<html>bad gateway</html>'" in str(caught.value)
+    assert len(stub.requests) == 1  # not a 503: not retried
+
+
+def test_grants_follow_next_after_and_quote_filters(
+    serve: Callable[..., ApiStub], tls: Tls
+) -> None:
+    stub = serve()
+    first = "GET /v1/grants?label=env%3Dprod&host=web1&limit=2"
+    stub.on(first, (200, {"grants": [{"grant_id": "g-1"}, {"grant_id": "g-2"}],
+                          "next_after": "g-2"}))  # fmt: skip
+    stub.on(first + "&after=g-2", (200, {"grants": [{"grant_id": "g-3"}], "next_after": None}))
+    with _client(stub.url, tls) as api:
+        grants = list(api.iter_grants(host="web1", labels=["env=prod"], page_size=2))
+        assert [g["grant_id"] for g in grants] == ["g-1", "g-2", "g-3"]
+        with pytest.raises(ApiRefusedError, match="NOT_FOUND"):  # the id stays one segment
+            api.get_grant("../hosts")
+    assert stub.requests[-1].path == "/v1/grants/..%2Fhosts"
+
+
+def test_token_sources(tmp_path: Path, tls: Tls, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = tmp_path / "token"
+    pki.write_atomic(token, b"  s3cret \n", 0o600)
+    assert read_token(token) == "s3cret"
+    token.chmod(0o640)
+    with pytest.raises(ApiConfigError, match=r"readable by others \(mode 0640\); chmod 600"):
+        read_token(token)
+    token.chmod(0o600)
+    settings = ApiSettings(url="https://127.0.0.1:1", ca_file=tls.ca, token_file=token)
+    monkeypatch.setenv("PORTAGENT_BROKER_TOKEN", "from env")
+    with pytest.raises(ApiConfigError, match="printable ASCII"):
+        ApiClient.from_settings(settings)
+    monkeypatch.delenv("PORTAGENT_BROKER_TOKEN")
+    with pytest.raises(ApiConfigError, match=r"api: no credentials"):
+        ApiClient.from_settings(ApiSettings(url="https://127.0.0.1:1", ca_file=tls.ca))
+    with pytest.raises(ApiConfigError, match=r"api.ca: cannot load"):
+        ApiClient.from_settings(ApiSettings(url="https://x:1", ca_file=tmp_path / "no.pem",
+                                            token_file=token))  # fmt: skip
+
+
+def test_the_service_commands_import_no_grpc_protobuf_or_cryptography() -> None:
+    """What keeps `portagent-broker grants` fast: nothing heavy on its path."""
+    code = (
+        "import sys\n"
+        "from portagent.broker import cli\n"
+        "try:\n    cli.main(['grants', '--help'])\nexcept SystemExit:\n    pass\n"
+        "cli.build_parser().parse_args(['hosts', 'add', 'web1'])\n"
+        "heavy = ('grpc', 'google', 'cryptography', 'sqlalchemy', 'starlette', 'uvicorn',"
+        " 'psycopg', 'alembic')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)  # fmt: skip
+    assert result.stdout.splitlines()[-1] == "[]"
