@@ -13,6 +13,8 @@ Two settings:
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -36,7 +38,7 @@ from portagent.testing.fleet_server import (
     FleetPki,
 )
 from portagent.testing.grants import TestSigner
-from portagent.testing.lab import Lab, environment_ok
+from portagent.testing.lab import BIN, Lab, environment_ok
 from portagent.testing.netns import wait_until
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import fleet_pb2
@@ -52,9 +54,13 @@ class WallClock(FakeClock):
     def __init__(self) -> None:
         pass
 
-    @property  # type: ignore[override]
+    @property
     def now(self) -> float:
         return time.time()
+
+    @now.setter
+    def now(self, value: float) -> None:
+        raise AssertionError("the wall clock is not set")
 
 
 def snapshot(
@@ -388,6 +394,14 @@ def test_snapshots_open_and_close_the_port_gap_and_replay(fleet: FleetLab) -> No
     grant_id = pb.Grant.FromString(grant.grant).grant_id
     fleet.converge(1, [grant])
     assert lab.can_connect(PORT)
+    # The connection's traffic reaches the broker as usage of that grant.
+    usage = broker.wait_for(
+        "usage_report",
+        lambda r: any(
+            g.grant_id == grant_id and g.packets > 0 for g in r.message.usage_report.grants
+        ),
+    )
+    assert usage is not None, lab.log()
     # The broker's next snapshot no longer holds the grant: closed, shown revoked.
     fleet.converge(2, [])
     assert not lab.can_connect(PORT)
@@ -429,5 +443,29 @@ def test_generation_survives_restart_and_broker_outage(fleet: FleetLab) -> None:
     assert hello is not None, lab.log()
     assert hello.message.hello.generation == 3
     assert lab.can_connect(PORT)
-    fleet.converge(4, [])
+    fleet.converge(4, [fleet.grant()])
+    assert lab.can_connect(PORT)
+    # SIGHUP with new [broker] settings: a new stream, a new Hello.
+    config = lab.config.read_text().replace(
+        'reconnect_max = "1s"', 'reconnect_max = "1s"\nlabels = {env = "reloaded"}'
+    )
+    lab.config.write_text(config)
+    os.kill(lab.agent_pid(), signal.SIGHUP)
+    hello = back.wait_for("hello", lambda r: r.message.hello.labels.get("env") == "reloaded")
+    assert hello is not None, lab.log()
+    assert hello.message.hello.generation == 4
+    # The broker's database was replaced: its generations start again at 1, below the
+    # held 4, and are refused until the operator makes the agent forget its generation.
+    back.send(snapshot(fleet.signer, 1, []))
+    assert back.wait_for("refusal", lambda r: r.message.refusal.reason == "GENERATION_REPLAY")
+    assert lab.can_connect(PORT)
+    lab.stop_agent()
+    forget = [str(BIN / "portagentd"), "--config", str(lab.config), "--forget-broker-generation"]
+    result = lab.net.exec_server(forget)
+    assert result.stdout.strip() == "forgot broker generation 4"
+    lab.start_agent()
+    hello = back.wait_for("hello", lambda r: r.message.hello.generation == 0)
+    assert hello is not None, lab.log()
+    back.send(snapshot(fleet.signer, 1, []))
+    assert back.wait_for("ack", acked(1)) is not None
     assert not lab.can_connect(PORT)
