@@ -4,8 +4,8 @@ temp dir too), never the system cluster.
 
 initdb refuses to run as root, so as root the cluster runs as the `postgres` OS user
 (runuser); as anyone else, as that user. fsync is off: a test cluster trades
-durability for speed (a test that kills the server kills it with `stop(mode="immediate")`,
-which is what a crash looks like to the broker).
+durability against power loss for speed; a server killed with `stop("immediate")` (what
+a crash looks like to the broker) still keeps every commit.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ class PostgresCluster:
             options = (
                 f"-c listen_addresses=127.0.0.1 -p {self.port} "
                 f"-c unix_socket_directories={self.root} "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                # fsync off: commits reach the OS, which outlives a killed server (what
+                # tests kill); synchronous_commit stays on, or a kill loses commits.
+                "-c fsync=off -c full_page_writes=off "
                 "-c max_connections=200"
             )
             result = self._run(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, create_engine, event, func, insert, or_, select, text, update
-from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
@@ -722,7 +722,9 @@ class FleetStore:
             assert host is not None
             return host
 
-        return self._write(work)
+        # Two admins adding one host at once: the loser's insert fails on the key and
+        # its retry finds the row (HOST_EXISTS).
+        return self._write(work, retry_integrity=True)
 
     def set_host_labels(
         self, host_id: str, labels: Mapping[str, str], *, actor: str, now: float
