@@ -5,7 +5,7 @@ certificates made in the test; it answers recorded shapes of the API only so the
 client's handling of errors can be tested: connection refused, TLS failures (wrong
 CA, expired or missing client certificate), error bodies, 503 and dropped
 connections with retries. The CLI against the real service is in
-tests/integration/test_broker_cli_service.py.
+tests/unit/test_broker_cli.py.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""The portagent-broker command line, with a fake agent client (no network)."""
+"""The portagent-broker command line: the direct path with a fake agent client (no
+network), the service commands against a real `portagent-broker serve` subprocess."""
 
 from __future__ import annotations
 
 import json
 import re
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,6 +17,7 @@ from portagent.agent.verify import Verifier
 from portagent.broker import cli, pki
 from portagent.broker import client as agent_client
 from portagent.broker.client import AgentRefusedError, AgentUnreachableError, TlsFiles
+from portagent.testing.broker_service import BrokerService, broker_service, make_pki
 from portagent.v1 import agent_pb2 as pb
 from portagent.wire.ports import parse_port_spec
 
@@ -321,3 +324,208 @@ def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
             cli.main(args)
         assert caught.value.code == 0
         assert "example" in capsys.readouterr().out
+
+
+# --- through the broker service: a real `serve` subprocess (portagent.testing.broker_service)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerService]:
+    directory = tmp_path_factory.mktemp("service")
+    with broker_service(directory / "broker", make_pki(directory / "pki")) as broker:
+        yield broker
+
+
+def _service_config(service: BrokerService, directory: Path, *, with_cert: bool = False) -> Path:
+    pki_files = service.pki
+    if with_cert:  # the admin client certificate (CN "ops") instead of a token
+        credentials = f'cert = "{pki_files.admin_cert}"\nkey = "{pki_files.admin_key}"\n'
+    else:
+        token = directory / "admin.token"
+        pki.write_atomic(token, pki_files.admin_token.encode() + b"\n", 0o600)
+        credentials = f'token_file = "{token}"\n'
+    config = directory / "broker.toml"
+    config.write_text(f'[api]\nurl = "{service.api_url}"\nca = "{pki_files.ca_pem}"\n{credentials}')
+    return config
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    status = cli.main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_grant_list_revoke_through_the_service(
+    service: BrokerService, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv(cli.CONFIG_ENV, str(_service_config(service, tmp_path)))
+    monkeypatch.setattr(agent_client, "AgentClient", FakeClient)  # must not be used
+    FakeClient.instances = []
+    assert _run(capsys, "hosts", "add", "svc1", "--label", "env=prod")[0] == 0
+    status, out, err = _run(capsys, *GRANT[:2], "svc1", *GRANT[3:], "--reason", "INC-42")
+    assert (status, err) == (0, "")
+    grant_id = out.strip()
+    assert grant_id.startswith("g-") and FakeClient.instances == []
+
+    status, out, _ = _run(capsys, "grants", "--label", "env=prod", "--state", "active")
+    header, *rows = out.splitlines()
+    assert header.split() == ["GRANT", "HOST", "SUBJECT", "SOURCES", "PORT", "STATE", "EXPIRES",
+                              "CONNS", "BYTES", "LAST", "SEEN"]  # fmt: skip
+    (row,) = [r.split() for r in rows if r.startswith(grant_id)]
+    assert row[1:7] == ["svc1", "alice", "192.0.2.10/32", "22/tcp", "active", "in"]
+    status, out, _ = _run(capsys, "grants", "--host", "svc1", "-o", "json")
+    (listed,) = [g for g in json.loads(out) if g["grant_id"] == grant_id]
+    assert (listed["reason"], listed["created_by"]) == ("INC-42", "admin:tests")
+    assert listed["request_id"].startswith("cli-")
+    assert json.loads(_run(capsys, "grants", "--label", "env=none", "-o", "json")[1]) == []
+
+    assert _run(capsys, "revoke", grant_id, "--reason", "done")[1] == f"{grant_id}: revoked\n"
+    assert _run(capsys, "revoke", grant_id)[1] == f"{grant_id}: revoked\n"  # idempotent
+    out = _run(capsys, "grants", "--host", "svc1", "--state", "revoked", "-o", "json")[1]
+    assert [g["revoke_reason"] for g in json.loads(out)] == ["done"]
+
+    status, out, _ = _run(capsys, "hosts")
+    assert out.splitlines()[0].split() == ["HOST", "LABELS", "VERSION", "CONNECTED", "SINCE",
+                                           "GEN", "ACKED", "DRIFT"]  # fmt: skip
+    (row,) = [r.split() for r in out.splitlines() if r.startswith("svc1 ")]
+    assert row == ["svc1", "env=prod", "-", "-", "2", "0", "no"]  # created + revoked
+    host = json.loads(_run(capsys, "hosts", "label", "svc1", "env=dev", "role=db", "-o", "json")[1])
+    assert host["labels"] == {"env": "dev", "role": "db"}
+    assert _run(capsys, "hosts", "--label", "role=db")[1].count("svc1") == 1
+
+
+def test_service_refusals_and_exit_codes(
+    service: BrokerService, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv(cli.CONFIG_ENV, str(_service_config(service, tmp_path)))
+    assert _run(capsys, "hosts", "add", "svc2")[0] == 0
+    status, _, err = _run(capsys, *GRANT[:2], "svc2", *GRANT[3:7], "--ttl", "0s", *GRANT[9:])
+    assert (status, err) == (
+        2, "portagent-broker: ttl: '0s' must be longer than 0s (INVALID_ARGUMENT INVALID_TTL)\n"
+    )  # fmt: skip
+    status, _, err = _run(capsys, *GRANT[:2], "nohost", *GRANT[3:])
+    assert status == 1 and err.startswith("portagent-broker: host: ") and "UNKNOWN_HOST" in err
+    status, _, err = _run(capsys, "hosts", "add", "svc2")
+    assert status == 1 and "(ALREADY_EXISTS HOST_EXISTS)" in err
+    status, _, err = _run(capsys, "revoke", "g-0000000000000000")
+    assert status == 1 and "NOT_FOUND" in err
+    monkeypatch.setenv("PORTAGENT_BROKER_TOKEN", "not-the-token")
+    status, _, err = _run(capsys, "grants")
+    assert status == 2 and "(UNAUTHENTICATED" in err
+    monkeypatch.delenv("PORTAGENT_BROKER_TOKEN")
+    assert _run(capsys, "hosts", "remove", "svc2")[1] == "svc2: removed\n"
+    status, _, err = _run(capsys, "hosts", "remove", "svc2")
+    assert status == 1 and "NOT_FOUND" in err
+
+
+def test_admin_client_certificate_instead_of_a_token(
+    service: BrokerService, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    config = _service_config(service, tmp_path, with_cert=True)
+    monkeypatch.setenv(cli.CONFIG_ENV, str(config))
+    assert _run(capsys, "hosts", "add", "svc3")[0] == 0
+    grant_id = _run(capsys, *GRANT[:2], "svc3", *GRANT[3:])[1].strip()
+    grant = json.loads(_run(capsys, "grants", "--host", "svc3", "-o", "json")[1])[0]
+    assert (grant["grant_id"], grant["created_by"]) == (grant_id, "admin:ops")
+
+
+def test_audit_export_and_verify_detect_an_edit_and_a_deletion(
+    service: BrokerService, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setenv(cli.CONFIG_ENV, str(_service_config(service, tmp_path)))
+    assert _run(capsys, "hosts", "add", "svc4")[0] == 0
+    _run(capsys, *GRANT[:2], "svc4", *GRANT[3:])
+    status, out, _ = _run(capsys, "audit", "verify")
+    assert status == 0 and out.startswith("audit chain intact: ")
+    count = int(out.split()[3])
+    export = tmp_path / "audit.jsonl"
+    status, _, err = _run(capsys, "audit", "export", "--output", str(export))
+    assert status == 0 and err == f"exported {count} audit records to {export}\n"
+    assert export.stat().st_mode & 0o777 == 0o600
+    status, out, _ = _run(capsys, "audit", "verify", "--file", str(export))
+    assert (status, out.split()[3]) == (0, str(count))
+    assert _run(capsys, "audit", "export", "--output", str(export))[0] == 2  # exists
+    lines = export.read_text().splitlines()
+    assert len(lines) == count
+
+    edited = json.loads(lines[1])
+    edited["reason"] = "nothing to see"
+    (tmp_path / "edited.jsonl").write_text("\n".join([lines[0], json.dumps(edited), *lines[2:]]))
+    status, _, err = _run(capsys, "audit", "verify", "--file", str(tmp_path / "edited.jsonl"))
+    assert status == 1 and err.startswith(
+        f"portagent-broker: audit chain broken at record #{edited['seq']}: "
+    )
+    (tmp_path / "deleted.jsonl").write_text("\n".join([lines[0], *lines[2:]]))
+    status, _, err = _run(capsys, "audit", "verify", "--file", str(tmp_path / "deleted.jsonl"))
+    assert status == 1 and "audit chain broken at record #" in err
+    (tmp_path / "junk.jsonl").write_text(lines[0] + "\n{not json\n")
+    status, _, err = _run(capsys, "audit", "verify", "--file", str(tmp_path / "junk.jsonl"))
+    assert status == 1 and err.startswith(f"portagent-broker: {tmp_path / 'junk.jsonl'}:2: ")
+
+
+def test_path_choice_without_api_or_host(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No [api]: grant goes to the agent; the service commands name the missing setting."""
+    status, _, err = _run(capsys, "grants")
+    assert status == 2 and err.startswith("portagent-broker: api.url: not set in ")
+    status, _, err = _run(capsys, *GRANT[:2], "db9", *GRANT[3:])
+    assert status == 2 and "set [api] url to go through the broker service" in err
+
+
+def test_direct_flag_with_an_api_config(
+    dev: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[api] set: --direct and --agent still deliver straight to the agent."""
+    config = dev / "broker.toml"
+    config.write_text(config.read_text().replace("# [api]", "[api]").replace(
+        '# url = "', 'url = "').replace('# ca = "', 'ca = "').replace(
+        '# token_file = "', 'token_file = "'))  # fmt: skip
+    assert _run(capsys, *GRANT, "--direct")[0] == 0
+    assert _run(capsys, *GRANT, "--agent", "127.0.0.1:1")[0] == 0
+    assert [c.address for c in FakeClient.instances] == ["192.0.2.5:50051", "127.0.0.1:1"]
+    status, _, err = _run(capsys, *GRANT)  # through the service: nothing listens there
+    assert status == 2 and "broker service at https://127.0.0.1:8443: connection refused" in err
+    assert len(FakeClient.instances) == 2
+
+
+def test_version_and_every_command_has_help_with_an_example(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--version"])
+    assert caught.value.code == 0 and capsys.readouterr().out.startswith("portagent-broker ")
+    commands = [["grant"], ["revoke"], ["grants"], ["hosts"], ["hosts", "add"], ["hosts", "label"],
+                ["hosts", "remove"], ["audit"], ["audit", "export"], ["audit", "verify"], ["keys"],
+                ["keys", "generate"], ["keys", "list"], ["init"], ["keygen"], ["pubkey"], ["list"],
+                ["get"], ["watch"]]  # fmt: skip
+    for command in commands:
+        with pytest.raises(SystemExit) as caught:
+            cli.main([*command, "--help"])
+        assert caught.value.code == 0
+        assert "example" in capsys.readouterr().out, command
+
+
+def test_keys_generate_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keys = tmp_path / "keys"
+    status, out, _ = _run(capsys, "keys", "generate", "--dir", str(keys), "-o", "json")
+    first = json.loads(out)
+    assert status == 0 and Path(first["path"]).stat().st_mode & 0o777 == 0o600
+    (trusted,) = tomllib.loads(first["trusted_keys_toml"])["trusted_keys"]
+    assert trusted["key_id"] == first["key_id"] and Path(first["path"]).name.endswith(
+        f"-{first['key_id']}.pem"
+    )
+    status, out, _ = _run(capsys, "keys", "generate", "--dir", str(keys))
+    assert status == 0 and "[[trusted_keys]]" in out
+    second = out.split("key id: ")[1].split()[0]
+    status, out, _ = _run(capsys, "keys", "list", "--dir", str(keys))
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert status == 0 and [(r[1], r[3]) for r in rows] == [
+        (first["key_id"], "no"),
+        (second, "yes"),
+    ]
+    Path(first["path"]).chmod(0o644)  # the service would refuse to start
+    status, out, err = _run(capsys, "keys", "list", "--dir", str(keys))
+    assert status == 1 and first["path"] in err
