@@ -1,4 +1,5 @@
-"""The broker's trust set-up against a real gRPC server on 127.0.0.1 (no root needed).
+"""The broker's trust set-up against a real gRPC server on 127.0.0.1 (no root needed),
+and `init --service`'s set-up running the real broker service.
 
 A small AgentService stands in for the agent: it serves the certificates `init`
 wrote with client authentication required, and verifies grants with the
@@ -8,32 +9,41 @@ Verifier built from the agent.toml `init` wrote, which is the real contract.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from portagent.agent.api.grpc_server import abort
 from portagent.agent.settings import load_settings_file
 from portagent.agent.verify import Verifier
 from portagent.broker import cli, pki
+from portagent.broker.api_client import ApiClient, ApiUnreachableError
 from portagent.broker.client import (
     AgentClient,
     AgentRefusedError,
     AgentUnreachableError,
     TlsFiles,
 )
+from portagent.broker.settings import load_broker_settings_file
 from portagent.broker.signing import Signer, grant_request
+from portagent.testing.broker_service import SimAgent
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import agent_pb2_grpc
 from portagent.wire.errors import PortagentError
+from portagent.wire.hoststate import open_host_state
 from portagent.wire.ports import parse_port_spec
 
 HOST = "web1"
@@ -244,3 +254,97 @@ def test_cli_unreachable_agent_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
                      "--ttl", "5m", "--subject", "alice"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"portagent-broker: cannot reach agent at {address}: ")
+
+
+# --- `init --service`: the set-up runs the real broker service --------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def service_setup(tmp_path: Path) -> Iterator[Path]:
+    """`init --service` on free ports, then `portagent-broker serve` on its service.toml."""
+    directory = tmp_path / "dev"
+    fleet, api = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    assert cli.main(["init", "--dir", str(directory), "--host-id", HOST, "--agent-address",
+                     "127.0.0.1:50051", "--guard", "22/tcp", "--service",
+                     "--fleet-listen", fleet, "--api-listen", api]) == 0  # fmt: skip
+    log = (tmp_path / "serve.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from portagent.broker.cli import main; "
+         "sys.exit(main(sys.argv[1:]))", "serve", "--config", str(directory / "service.toml")],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        settings = load_broker_settings_file(directory / "broker.toml")
+        assert settings.api is not None
+        with ApiClient.from_settings(settings.api, timeout=2, tries=1) as api:
+            deadline = time.monotonic() + 30
+            while True:
+                assert process.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    assert api.health()["status"] == "ok"
+                    break
+                except ApiUnreachableError:
+                    assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                    time.sleep(0.1)
+        yield directory
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        log.close()
+
+
+def test_init_service_setup_serves_the_cli_and_the_agent_stream(
+    service_setup: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = service_setup
+    monkeypatch.setenv(cli.CONFIG_ENV, str(directory / "broker.toml"))
+    assert cli.main(["hosts", "add", HOST, "--label", "env=dev"]) == 0
+    capsys.readouterr()
+    agent_settings = load_settings_file(directory / "agent.toml")
+    assert agent_settings.broker is not None
+    (address,) = agent_settings.broker.addresses
+    assert (agent_settings.broker.cert_file, agent_settings.broker.key_file) == (
+        directory / "agent-client.pem", directory / "agent-client.key"
+    )  # fmt: skip
+    trusted = {k.key_id: Ed25519PublicKey.from_public_bytes(k.public_key)
+               for k in agent_settings.trusted_keys}  # fmt: skip
+    # The agent's client certificate from `init` is accepted as host web1's identity.
+    agent = SimAgent(address, SimpleNamespace(ca_pem=agent_settings.broker.ca_file), HOST,
+                     cert=(agent_settings.broker.cert_file, agent_settings.broker.key_file))  # fmt: skip
+    try:
+        agent.hello(generation=0, trusted_key_ids=tuple(trusted))
+        assert cli.main(["grant", "--host", HOST, "--source", "192.0.2.10", "--port", "22/tcp",
+                         "--ttl", "5m", "--subject", "alice"]) == 0  # fmt: skip
+        grant_id = capsys.readouterr().out.strip()
+        deadline = time.monotonic() + 20
+        delivered = None
+        while delivered is None and time.monotonic() < deadline:
+            message = agent.recv(timeout=max(0.1, deadline - time.monotonic()))
+            if message.WhichOneof("message") == "change":
+                delivered = message.change.grant
+            elif message.WhichOneof("message") == "snapshot":
+                state = open_host_state(message.snapshot, trusted, HOST)
+                if state.grants:
+                    delivered = state.grants[0]
+        assert delivered is not None
+        # Signed by the key ring's key, which the agent.toml of the same set-up trusts.
+        verifier = Verifier(HOST, agent_settings.trusted_keys, agent_settings.policy)
+        grant = verifier.verify_grant(delivered.grant, delivered.signature, delivered.key_id,
+                                      time.time())  # fmt: skip
+        assert grant.grant_id == grant_id
+    finally:
+        agent.close()
+    assert cli.main(["hosts", "-o", "json"]) == 0
+    (host,) = json.loads(capsys.readouterr().out)
+    assert (host["host_id"], host["labels"]["env"], host["generation"]) == (HOST, "dev", 1)
