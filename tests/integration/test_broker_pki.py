@@ -320,8 +320,9 @@ def test_init_service_setup_serves_the_cli_and_the_agent_stream(
     trusted = {k.key_id: Ed25519PublicKey.from_public_bytes(k.public_key)
                for k in agent_settings.trusted_keys}  # fmt: skip
     # The agent's client certificate from `init` is accepted as host web1's identity.
-    agent = SimAgent(address, SimpleNamespace(ca_pem=agent_settings.broker.ca_file), HOST,
-                     cert=(agent_settings.broker.cert_file, agent_settings.broker.key_file))  # fmt: skip
+    broker = agent_settings.broker
+    agent = SimAgent(address, SimpleNamespace(ca_pem=broker.ca_file), HOST,
+                     cert=(broker.cert_file, broker.key_file))  # fmt: skip
     try:
         agent.hello(generation=0, trusted_key_ids=tuple(trusted))
         assert cli.main(["grant", "--host", HOST, "--source", "192.0.2.10", "--port", "22/tcp",
