@@ -306,6 +306,24 @@ def test_changes_in_order_gap_duplicate_and_refusal(
     assert [r.message.ack.generation for r in broker.log.of("ack")] == [1, 2, 3, 4, 8]
 
 
+def test_snapshot_vouches_for_grants_issued_before_the_state_began(
+    loop: tuple[FakeBroker, Agent], signer: TestSigner
+) -> None:
+    broker, agent = loop
+    assert broker.wait_for("hello") is not None
+    # Issued before this agent's state began (its store is new): one by one it could be
+    # a replay of a grant revoked in a lost state; in a snapshot the broker vouches.
+    old = time.time() - 600
+    early = signer.signed_grant_pb(old, ttl=3000.0)
+    broker.send(change_grant(1, signer.signed_grant_pb(old, ttl=3000.0)))
+    refusal = broker.wait_for("refusal")
+    assert refusal is not None and refusal.message.refusal.reason == "GRANT_PREDATES_STATE"
+    assert broker.wait_for("ack", acked(1)) is not None
+    broker.send(snapshot(signer, 2, [early]))
+    assert broker.wait_for("ack", acked(2)) is not None
+    assert agent.active() == {pb.Grant.FromString(early.grant).grant_id}
+
+
 def test_reconnect_says_the_generation_held(
     loop: tuple[FakeBroker, Agent], signer: TestSigner
 ) -> None:

@@ -182,7 +182,13 @@ def check_config(settings: Settings, config: Path) -> int:
     print(
         f"{config}: ok (host {settings.host_id}, api {settings.api.listen}, "
         f"{len(settings.policy.guarded)} guarded port ranges, {len(settings.trusted_keys)} "
-        f"trusted keys, state {settings.state_dir}, admin socket {settings.admin_socket})"
+        f"trusted keys, state {settings.state_dir}, admin socket {settings.admin_socket}"
+        + (
+            f", broker {', '.join(settings.broker.addresses)} (not contacted)"
+            if settings.broker
+            else ""
+        )
+        + ")"
     )
     return 0
 

@@ -219,7 +219,8 @@ class FleetClient:
                 if session is not None:
                     self._serve(session)
             except StreamBroken as exc:
-                self._lost(address, str(exc))
+                if not self._stop.is_set():
+                    self._lost(address, str(exc))
             except grpc.RpcError as exc:
                 if not self._stop.is_set():
                     self._lost(address, _rpc_text(exc))
@@ -419,9 +420,12 @@ class FleetClient:
         if decision.action is Action.REFUSE:
             self._refuse_decision(session, generation, decision)
             return
-        result = self._engine.converge_to(
-            [_signed(g) for g in state.grants], issue_time=seconds_of(state.issue_time)
-        )
+        try:
+            result = self._engine.converge_to(
+                [_signed(g) for g in state.grants], issue_time=seconds_of(state.issue_time)
+            )
+        except EnforcementError as exc:  # shutting down
+            raise StreamBroken(f"snapshot {generation} not enforced: {exc.message}") from None
         refused = 0
         for outcome in result.applied:
             if isinstance(outcome, EnforcementError):
