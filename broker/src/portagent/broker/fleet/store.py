@@ -24,7 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, create_engine, event, func, insert, or_, select, text, update
+from sqlalchemy import (
+    and_,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
@@ -79,6 +90,7 @@ EXPIRE_BATCH = 1000
 # Deadlocks and serialisation failures are retried; anything else is the caller's.
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})
 _WRITE_ATTEMPTS = 3
+WRITE_LOCK_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -205,13 +217,13 @@ class _RowReader:
     """Typed access to one row; a wrong type names the table, key and column."""
 
     def __init__(self, row: _Row, table: str, key_column: str) -> None:
-        self._m = row._mapping
-        self._where = f"{table} row {self._m.get(key_column)!r}"
+        self._m: Mapping[str, Any] = row if isinstance(row, Mapping) else row._mapping
+        self.where = f"{table} row {self._m.get(key_column)!r}"
 
     def _bad(self, column: str, expected: str) -> StoreError:
         value = self._m.get(column)
         return StoreError(
-            f"{self._where}: column {column} holds {type(value).__name__}, expected {expected}"
+            f"{self.where}: column {column} holds {type(value).__name__}, expected {expected}"
         )
 
     def text(self, column: str, limit: int = 1 << 20) -> str:
@@ -263,7 +275,7 @@ class _RowReader:
         try:
             return check_labels(value, column)
         except FleetError as exc:
-            raise StoreError(f"{self._where}: {exc.message}") from None
+            raise StoreError(f"{self.where}: {exc.message}") from None
 
     def str_list(self, column: str, limit: int) -> tuple[str, ...]:
         value = self.json(column)
@@ -300,13 +312,13 @@ def _grant_from_row(row: _Row) -> BrokerGrant:
     r = _RowReader(row, "grants", "grant_id")
     state_text = r.text("state", 8)
     if state_text not in _GRANT_STATES:
-        raise StoreError(f"grants row {row.grant_id!r}: unknown state {state_text!r}")
+        raise StoreError(f"{r.where}: unknown state {state_text!r}")
     protocol = r.text("protocol", 3)
     if protocol not in ("tcp", "udp"):
-        raise StoreError(f"grants row {row.grant_id!r}: unknown protocol {protocol!r}")
+        raise StoreError(f"{r.where}: unknown protocol {protocol!r}")
     port_first, port_last = r.integer("port_first"), r.integer("port_last")
     if not 1 <= port_first <= port_last <= 65535:
-        raise StoreError(f"grants row {row.grant_id!r}: bad port range {port_first}-{port_last}")
+        raise StoreError(f"{r.where}: bad port range {port_first}-{port_last}")
     return BrokerGrant(
         grant_id=r.text("grant_id", 64),
         host_id=r.text("host_id", 253),
@@ -345,7 +357,7 @@ def _change_from_row(row: _Row) -> Change:
     r = _RowReader(row, "changes", "generation")
     kind = r.text("kind", 16)
     if kind not in _CHANGE_KINDS:
-        raise StoreError(f"changes row {row.generation!r}: unknown kind {kind!r}")
+        raise StoreError(f"{r.where}: unknown kind {kind!r}")
     return Change(
         host_id=r.text("host_id", 253),
         generation=r.integer("generation"),
@@ -361,7 +373,7 @@ def _audit_from_row(row: _Row) -> AuditRecord:
     r = _RowReader(row, "audit", "seq")
     detail = r.json("detail")
     if not isinstance(detail, dict):
-        raise StoreError(f"audit row {row.seq!r}: detail is not a JSON object")
+        raise StoreError(f"{r.where}: detail is not a JSON object")
     return AuditRecord(
         seq=r.integer("seq"),
         time=r.number("time"),
@@ -510,6 +522,53 @@ def migrate(engine: Engine, is_postgresql: bool) -> str:
 # ---------------------------------------------------------------- the store
 
 
+# Hot-path statements built once: SQLAlchemy caches their compiled form, and building
+# a statement per call (literal values, fresh bind parameters) cost more CPU than the
+# database did. Bind names carry a p_ prefix: column names are reserved in SET/VALUES.
+_H = schema.hosts.c
+_SEL_HOST = select(schema.hosts).where(_H.host_id == bindparam("p_host"), _H.removed_at.is_(None))
+_SEL_HOST_FOR_UPDATE = _SEL_HOST.with_for_update()
+_SET_GENERATION = (
+    update(schema.hosts)
+    .where(_H.host_id == bindparam("p_host"))
+    .values(generation=bindparam("p_generation"))
+)
+_CONNECT = (
+    update(schema.hosts)
+    .where(_H.host_id == bindparam("p_host"), _H.removed_at.is_(None))
+    .values(
+        agent_version=bindparam("p_version"),
+        agent_labels=bindparam("p_labels"),
+        trusted_key_ids=bindparam("p_key_ids"),
+        acked_generation=bindparam("p_generation"),
+        connected_since=bindparam("p_now"),
+        replica=bindparam("p_replica"),
+        last_seen=bindparam("p_now"),
+    )
+)
+_ACK = (
+    update(schema.hosts)
+    .where(_H.host_id == bindparam("p_host"), _H.removed_at.is_(None))
+    .values(acked_generation=bindparam("p_generation"), last_seen=bindparam("p_now"))
+)
+_SEEN = (
+    update(schema.hosts)
+    .where(_H.host_id == bindparam("p_host"))
+    .values(last_seen=bindparam("p_now"))
+)
+_SEL_GRANT = select(schema.grants).where(schema.grants.c.grant_id == bindparam("p_grant"))
+_SEL_GRANT_FOR_UPDATE = _SEL_GRANT.with_for_update()
+_SEL_REQUEST = select(schema.grants).where(schema.grants.c.request_id == bindparam("p_request"))
+_INSERT_GRANT = insert(schema.grants)
+_INSERT_CHANGE = insert(schema.changes)
+_INSERT_AUDIT = insert(schema.audit)
+_AUDIT_HEAD = (
+    select(schema.audit.c.seq, schema.audit.c.hash).order_by(schema.audit.c.seq.desc()).limit(1)
+)
+_AUDIT_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_NOTIFY = text("SELECT pg_notify(:c, :h)")
+
+
 @dataclass
 class _Audit:
     actor: str
@@ -536,6 +595,11 @@ class FleetStore:
         self.url = url.render_as_string(hide_password=True)
         self._url = url
         self.replica = replica
+        # SQLite: writers of this process queue here (FIFO-ish, no polling) rather than
+        # in SQLite's busy handler, which sleeps and retries and starves some waiters
+        # past busy_timeout when many threads write at once. Other processes still
+        # meet busy_timeout.
+        self._write_lock = None if self.is_postgresql else threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
         self._listeners_lock = threading.Lock()
 
@@ -589,6 +653,18 @@ class FleetStore:
     # ------------------------------------------------------------ transactions
 
     def _write(self, work: Callable[[Connection], T], *, retry_integrity: bool = False) -> T:
+        if self._write_lock is None:
+            return self._write_once(work, retry_integrity)
+        if not self._write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT):
+            raise StoreError(
+                f"database {self.url}: no write slot within {WRITE_LOCK_TIMEOUT:.0f}s (overloaded)"
+            )
+        try:
+            return self._write_once(work, retry_integrity)
+        finally:
+            self._write_lock.release()
+
+    def _write_once(self, work: Callable[[Connection], T], retry_integrity: bool) -> T:
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             try:
                 with self._engine.begin() as connection:
@@ -619,12 +695,8 @@ class FleetStore:
         if not entries:
             return
         if self.is_postgresql:
-            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_KEY})
-        last = connection.execute(
-            select(schema.audit.c.seq, schema.audit.c.hash)
-            .order_by(schema.audit.c.seq.desc())
-            .limit(1)
-        ).first()
+            connection.execute(_AUDIT_LOCK, {"k": AUDIT_LOCK_KEY})
+        last = connection.execute(_AUDIT_HEAD).first()
         seq, prev = (int(last.seq), str(last.hash)) if last is not None else (0, GENESIS)
         rows = []
         for entry in entries:
@@ -643,21 +715,15 @@ class FleetStore:
             digest = record_hash(prev, fields)
             rows.append({**fields, "detail": body, "prev_hash": prev, "hash": digest})
             prev = digest
-        connection.execute(insert(schema.audit), rows)
+        connection.execute(_INSERT_AUDIT, rows)
 
     def _notify(self, connection: Connection, host_id: str) -> None:
         if self.is_postgresql:
             # Inside the transaction: PostgreSQL delivers it exactly when this commits.
-            connection.execute(
-                text("SELECT pg_notify(:c, :h)"), {"c": NOTIFY_CHANNEL, "h": host_id}
-            )
+            connection.execute(_NOTIFY, {"c": NOTIFY_CHANNEL, "h": host_id})
 
     def _lock_host(self, connection: Connection, host_id: str, field: str = "host_id") -> Host:
-        row = connection.execute(
-            select(schema.hosts)
-            .where(schema.hosts.c.host_id == host_id, schema.hosts.c.removed_at.is_(None))
-            .with_for_update()
-        ).first()
+        row = connection.execute(_SEL_HOST_FOR_UPDATE, {"p_host": host_id}).first()
         if row is None:
             raise FleetError(
                 "NOT_FOUND", "UNKNOWN_HOST", f"host {host_id!r} is not in the inventory", field
@@ -665,11 +731,7 @@ class FleetStore:
         return _host_from_row(row)
 
     def _get_host(self, connection: Connection, host_id: str) -> Host | None:
-        row = connection.execute(
-            select(schema.hosts).where(
-                schema.hosts.c.host_id == host_id, schema.hosts.c.removed_at.is_(None)
-            )
-        ).first()
+        row = connection.execute(_SEL_HOST, {"p_host": host_id}).first()
         return None if row is None else _host_from_row(row)
 
     # ------------------------------------------------------------ inventory
@@ -849,17 +911,16 @@ class FleetStore:
         def work(connection: Connection) -> Host:
             # One UPDATE (the row lock) then the audit: the reconnect storm's hot path.
             result = connection.execute(
-                update(schema.hosts)
-                .where(schema.hosts.c.host_id == host_id, schema.hosts.c.removed_at.is_(None))
-                .values(
-                    agent_version=version,
-                    agent_labels=canonical_json(checked),
-                    trusted_key_ids=canonical_json(list(key_ids)),
-                    acked_generation=generation,
-                    connected_since=now,
-                    replica=self.replica,
-                    last_seen=now,
-                )
+                _CONNECT,
+                {
+                    "p_host": host_id,
+                    "p_version": version,
+                    "p_labels": canonical_json(checked),
+                    "p_key_ids": canonical_json(list(key_ids)),
+                    "p_generation": generation,
+                    "p_now": now,
+                    "p_replica": self.replica,
+                },
             )
             if result.rowcount != 1:
                 raise FleetError(
@@ -930,9 +991,7 @@ class FleetStore:
 
         def work(connection: Connection) -> None:
             result = connection.execute(
-                update(schema.hosts)
-                .where(schema.hosts.c.host_id == host_id, schema.hosts.c.removed_at.is_(None))
-                .values(acked_generation=generation, last_seen=now)
+                _ACK, {"p_host": host_id, "p_generation": generation, "p_now": now}
             )
             if result.rowcount != 1:
                 raise FleetError(
@@ -1122,9 +1181,7 @@ class FleetStore:
             # so the second sees the first's row.
             host = self._lock_host(connection, request.host_id, "host")
             if request_id is not None:
-                row = connection.execute(
-                    select(schema.grants).where(schema.grants.c.request_id == request_id)
-                ).first()
+                row = connection.execute(_SEL_REQUEST, {"p_request": request_id}).first()
                 if row is not None:
                     if row.request_hash != fingerprint:
                         raise FleetError(
@@ -1166,23 +1223,22 @@ class FleetStore:
                 "usage_bytes": 0,
                 "usage_last_seen": None,
             }
-            connection.execute(insert(schema.grants).values(**values))
+            connection.execute(_INSERT_GRANT, values)
             connection.execute(
-                update(schema.hosts)
-                .where(schema.hosts.c.host_id == host.host_id)
-                .values(generation=generation)
+                _SET_GENERATION, {"p_host": host.host_id, "p_generation": generation}
             )
             connection.execute(
-                insert(schema.changes).values(
-                    host_id=host.host_id,
-                    generation=generation,
-                    kind=ChangeKind.GRANT.value,
-                    grant_id=grant.grant_id,
-                    payload=signed.grant,
-                    signature=signed.signature,
-                    key_id=signed.key_id,
-                    created_at=now,
-                )
+                _INSERT_CHANGE,
+                {
+                    "host_id": host.host_id,
+                    "generation": generation,
+                    "kind": ChangeKind.GRANT.value,
+                    "grant_id": grant.grant_id,
+                    "payload": signed.grant,
+                    "signature": signed.signature,
+                    "key_id": signed.key_id,
+                    "created_at": now,
+                },
             )
             self._append_audit(
                 connection,
@@ -1215,10 +1271,8 @@ class FleetStore:
                 now,
             )
             self._notify(connection, host.host_id)
-            row = connection.execute(
-                select(schema.grants).where(schema.grants.c.grant_id == grant.grant_id)
-            ).one()
-            return _grant_from_row(row), True
+            # What was inserted, through the same typed parse as a row read back.
+            return _grant_from_row(values), True
 
         result = self._write(work, retry_integrity=request_id is not None)
         if result[1]:
