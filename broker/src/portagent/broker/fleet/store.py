@@ -854,6 +854,8 @@ class FleetStore:
                     replica="",
                 )
             )
+            # NOTIFY before the audit append: the audit lock is held until COMMIT.
+            self._notify(connection, host_id)
             self._append_audit(
                 connection,
                 [
@@ -867,7 +869,6 @@ class FleetStore:
                 ],
                 now,
             )
-            self._notify(connection, host_id)
 
         self._write(work)
         self._changed(host_id)
@@ -929,6 +930,9 @@ class FleetStore:
                     f"host {host_id!r} is not in the inventory",
                     "host_id",
                 )
+            # Read back before the audit append: the audit lock is held to COMMIT.
+            host = self._get_host(connection, host_id)
+            assert host is not None
             self._append_audit(
                 connection,
                 [
@@ -946,8 +950,6 @@ class FleetStore:
                 ],
                 now,
             )
-            host = self._get_host(connection, host_id)
-            assert host is not None
             return host
 
         return self._write(work)
@@ -1240,6 +1242,8 @@ class FleetStore:
                     "created_at": now,
                 },
             )
+            # NOTIFY before the audit append: the audit lock is held until COMMIT.
+            self._notify(connection, host.host_id)
             self._append_audit(
                 connection,
                 [
@@ -1270,7 +1274,6 @@ class FleetStore:
                 ],
                 now,
             )
-            self._notify(connection, host.host_id)
             # What was inserted, through the same typed parse as a row read back.
             return _grant_from_row(values), True
 
@@ -1356,6 +1359,8 @@ class FleetStore:
                     created_at=now,
                 )
             )
+            # NOTIFY before the audit append: the audit lock is held until COMMIT.
+            self._notify(connection, host.host_id)
             self._append_audit(
                 connection,
                 [
@@ -1370,7 +1375,6 @@ class FleetStore:
                 ],
                 now,
             )
-            self._notify(connection, host.host_id)
             changed.append(host.host_id)
             updated = connection.execute(
                 select(schema.grants).where(schema.grants.c.grant_id == grant_id)
