@@ -31,6 +31,9 @@ SCENARIOS: dict[str, str] = {
     "expiry": "4. expiry precision",
     "sustained": "5. sustained load, 50 clients",
     "restart": "6. restart with 100k grants",
+    "broker-fleet": "7. broker service: 10,000 simulated agents, grant delivery, storms",
+    "broker-agents": "8. broker service: real agents, API grant -> port open vs direct",
+    "broker-failover": "9. broker service: two replicas on PostgreSQL, failover",
 }
 ALIASES = {str(i + 1): name for i, name in enumerate(SCENARIOS)}
 PEERS = ("portagent", "fwknop", "fail2ban", "firewalld")
@@ -47,6 +50,10 @@ def scenario_runner(name: str) -> Callable[[Context], None]:
         from bench import packet_path
 
         return packet_path.run
+    if name.startswith("broker-"):
+        from bench import broker_fleet
+
+        return broker_fleet.SCENARIOS[name]
     from bench import daemon_scenarios
 
     return {"bulk": daemon_scenarios.bulk, "expiry": daemon_scenarios.expiry,
