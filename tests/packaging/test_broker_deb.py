@@ -1,6 +1,8 @@
 """The broker's and the wire's Debian packages on their own, in a fresh bookworm root
 without the agent: each installs with apt (offline, Depends: resolved from the cached
-rootfs), the broker runs on Debian's modules alone, and purge leaves nothing.
+rootfs), the broker runs on Debian's modules alone (the service for real, as its
+system user, on bookworm's SQLAlchemy 1.4, Starlette 0.26, uvicorn 0.17, Alembic 1.8
+and psycopg 3.1), and purge leaves nothing.
 
 The steps share one never-booted overlay (the `offline_root` fixture) and run in file
 order. `make test-packaging` runs them; see tests/packaging/conftest.py.
@@ -8,6 +10,8 @@ order. `make test-packaging` runs them; see tests/packaging/conftest.py.
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 from pathlib import Path
 
@@ -64,8 +68,15 @@ def test_broker_installs_without_the_agent_and_runs(
     files = package_files(offline_root, BROKER)
     for path in ("/usr/bin/portagent-broker", "/usr/share/man/man1/portagent-broker.1.gz",
                  "/usr/share/bash-completion/completions/portagent-broker",
-                 "/usr/share/doc/portagent-broker/broker.md"):
+                 "/usr/share/doc/portagent-broker/broker.md",
+                 "/lib/systemd/system/portagent-broker.service",
+                 "/usr/lib/sysusers.d/portagent-broker.conf",
+                 "/etc/portagent-broker/service.toml",
+                 f"{DIST}/portagent/broker/fleet/openapi.json"):
         assert path in files, path
+    # The service's system user exists (sysusers at install), with no login shell.
+    user = sh(offline_root, "getent passwd portagent-broker").stdout.split(":")
+    assert user[0] == "portagent-broker" and user[6].strip().endswith("nologin"), user
     ours = {f.split(f"{DIST}/portagent/")[1].split("/")[0]
             for f in files if f.startswith(f"{DIST}/portagent/")}
     assert ours == {"broker"}, ours
@@ -86,6 +97,83 @@ def test_broker_installs_without_the_agent_and_runs(
         assert f"No module named '{module}'" in probe.stdout + probe.stderr, (module, probe)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# Run inside the (not booted) root, which shares this machine's network namespace: the
+# service listens on loopback only. Every wait is bounded; the service is always killed.
+SERVICE_SCRIPT = r"""
+set -u
+dir=/var/lib/portagent-broker/dev
+portagent-broker init --dir "$dir" --host-id web1 --agent-address 127.0.0.1:50051     --guard 22/tcp --service --fleet-listen 127.0.0.1:FLEET --api-listen 127.0.0.1:API >/dev/null
+chown -R portagent-broker:portagent-broker /var/lib/portagent-broker
+setpriv --reuid portagent-broker --regid portagent-broker --clear-groups     portagent-broker serve --config "$dir/service.toml" --check >/tmp/check.out 2>&1 || {
+    echo "CHECK FAILED"; cat /tmp/check.out; exit 1; }
+setpriv --reuid portagent-broker --regid portagent-broker --clear-groups     portagent-broker serve --config "$dir/service.toml" >/tmp/serve.log 2>&1 &
+serve=$!
+trap 'kill $serve 2>/dev/null; wait $serve 2>/dev/null' EXIT
+export PORTAGENT_BROKER_CONFIG=$dir/broker.toml
+up=no
+for i in $(seq 1 150); do
+    if portagent-broker hosts >/dev/null 2>&1; then up=yes; break; fi
+    kill -0 $serve 2>/dev/null || break
+    sleep 0.2
+done
+if [ $up != yes ]; then echo "SERVE NOT UP"; cat /tmp/serve.log; exit 1; fi
+python3 -I - <<'PY'
+import json, ssl, urllib.request
+ctx = ssl.create_default_context(cafile="/var/lib/portagent-broker/dev/ca.pem")
+for path in ("/v1/healthz", "/v1/openapi.json"):
+    with urllib.request.urlopen("https://127.0.0.1:API" + path, context=ctx, timeout=10) as r:
+        body = json.load(r)
+        print("HTTP", path, r.status, json.dumps(body.get("status") or body.get("openapi")))
+import sqlalchemy, starlette, uvicorn, alembic, psycopg
+print("VERSIONS", json.dumps({m.__name__: m.__version__ for m in
+                              (sqlalchemy, starlette, uvicorn, alembic, psycopg)}))
+PY
+portagent-broker hosts add web1 --label env=test >/dev/null
+portagent-broker grant --host web1 --source 192.0.2.10 --port 22/tcp --ttl 15m     --subject alice --reason PKG-1 >/tmp/grant.out
+echo "GRANT $(cat /tmp/grant.out)"
+echo "GRANTS $(portagent-broker grants -o json | tr -d '
+')"
+portagent-broker audit verify
+echo "OWNER $(stat -c %U "$dir/broker.db")"
+"""
+
+
+def test_broker_service_runs_as_its_user_on_bookworm_modules(offline_root: Container) -> None:
+    fleet, api = _free_port(), _free_port()
+    script = SERVICE_SCRIPT.replace("FLEET", str(fleet)).replace("API", str(api))
+    result = sh(offline_root, script)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines()
+             if line.split(" ", 1)[0] in ("HTTP", "VERSIONS", "GRANT", "GRANTS", "OWNER")}
+    assert '/v1/healthz 200 "ok"' in out and '/v1/openapi.json 200 "3.' in out, out
+    versions = json.loads(lines["VERSIONS"])
+    assert versions["sqlalchemy"].startswith("1.4.") and versions["starlette"].startswith("0.26.")
+    assert versions["uvicorn"].startswith("0.17.") and versions["alembic"].startswith("1.8.")
+    assert versions["psycopg"].startswith("3.1."), versions
+    grant_id = lines["GRANT"].strip()
+    (grant,) = json.loads(lines["GRANTS"])
+    assert (grant["grant_id"], grant["host_id"], grant["state"]) == (grant_id, "web1", "active")
+    assert grant["created_by"] == "admin:admin" and grant["reason"] == "PKG-1"
+    assert "audit chain intact: " in out and lines["OWNER"].strip() == "portagent-broker"
+
+
+def test_shipped_service_toml_is_checked_and_names_what_is_missing(
+        offline_root: Container) -> None:
+    """The example service.toml parses (no unknown keys); `serve --check` refuses it
+    with exit 78 until the files it names exist, naming the first of them."""
+    result = sh(offline_root, "portagent-broker serve --check; echo rc=$?")
+    out = result.stdout + result.stderr
+    assert "rc=78" in out and "/etc/portagent-broker/" in out and "unknown" not in out, out
+
+
 def test_broker_and_wire_purge_leaves_nothing(offline_root: Container) -> None:
     result = offline_root.run_offline(["apt-get", "purge", "-y", BROKER, WIRE], timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -93,5 +181,8 @@ def test_broker_and_wire_purge_leaves_nothing(offline_root: Container) -> None:
     left = sh(offline_root, f"ls -d {DIST}/portagent* /usr/bin/portagent-broker "
               "/usr/share/man/man1/portagent-broker.1.gz "
               "/usr/share/bash-completion/completions/portagent-broker "
+              "/lib/systemd/system/portagent-broker.service "
+              "/usr/lib/sysusers.d/portagent-broker.conf "
+              "/etc/portagent-broker /var/lib/portagent-broker "
               f"/usr/share/doc/{BROKER} /usr/share/doc/{WIRE} 2>/dev/null").stdout.split()
     assert left == []
