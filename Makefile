@@ -17,7 +17,8 @@ APT_PACKAGES := nftables libnftables1 conntrack iproute2 protobuf-compiler proto
 APT_PACKAGING := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all \
 	python3-setuptools python3-build python3-installer scdoc lintian debootstrap \
 	systemd-container python3-grpcio python3-protobuf python3-nftables python3-pyroute2 \
-	python3-psutil python3-systemd python3-cryptography git
+	python3-psutil python3-systemd python3-cryptography git \
+	python3-starlette python3-uvicorn python3-sqlalchemy python3-alembic python3-psycopg
 STAMP_APT_PKG := .cache/apt-packaging.stamp
 
 # Peers for `make bench` only; installed with service start blocked and their units disabled:
