@@ -18,10 +18,13 @@ from portagent.agent.fleet_sync import (
     usage_changes,
     usage_interval,
 )
-from portagent.agent.settings import Policy, load_settings
+from portagent.agent.preflight import check_runtime
+from portagent.agent.settings import Policy, load_settings, load_settings_file
 from portagent.agent.store import Store
 from portagent.agent.verify import Verifier
 from portagent.agent.writer import MAX_BATCH, Writer
+from portagent.broker.pki import init_dev_setup
+from portagent.testing.fleet_server import FleetPki
 from portagent.testing.grants import TestSigner
 from portagent.v1 import fleet_pb2
 from portagent.wire.errors import ConfigError, GrantDenied, InvalidGrant
@@ -357,3 +360,31 @@ def test_store_keeps_the_broker_generation(tmp_path: Path) -> None:
     assert store.broker_state() == (0, b"")
     assert not store.forget_broker_state()
     store.close()
+
+
+# ---- pre-flight of the [broker] files -----------------------------------------------------
+
+
+def test_preflight_checks_the_broker_files(tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    init_dev_setup(
+        dev, host_id="host-a", agent_address="127.0.0.1:7443", guarded=[parse_port_spec("22/tcp")]
+    )
+    pki = FleetPki.create(tmp_path / "pki", "host-a")
+    base = (dev / "agent.toml").read_text()
+
+    def findings(section: str) -> list[str]:
+        (dev / "agent.toml").write_text(base + "\n" + section)
+        return [f.line() for f in check_runtime(load_settings_file(dev / "agent.toml"))]
+
+    good = findings(pki.agent_toml(["broker.test:7443"]))
+    assert not [line for line in good if "broker" in line]
+    # The dev set-up's API certificate is for serving only: a warning, the start goes on.
+    default = findings(f'[broker]\naddresses = ["b:7443"]\nca = "{pki.ca}"\n')
+    assert any("clientAuth" in line for line in default)
+    missing = findings(
+        f'[broker]\naddresses = ["b:7443"]\nca = "{tmp_path / "none.pem"}"\n'
+        f'cert = "{pki.agent_cert}"\nkey = "{pki.broker_key}"\n'
+    )
+    assert any("none.pem" in line for line in missing)
+    assert any("does not belong to the certificate" in line for line in missing)
