@@ -8,7 +8,9 @@ Tampering is done the way an intruder would: plain SQL on the audit table.
 
 from __future__ import annotations
 
+import select
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,12 @@ from portagent.broker.fleet.model import (
     StoreError,
     UsageRow,
 )
-from portagent.broker.fleet.store import NOTIFY_CHANNEL, FleetStore
+from portagent.broker.fleet.store import (
+    NOTIFY_CHANNEL,
+    POSTGRESQL_DRIVER,
+    FleetStore,
+    normalise_url,
+)
 from portagent.broker.signing import GrantRequest, grant_request
 from portagent.testing.postgres import PostgresCluster, postgres_available, postgres_cluster
 from portagent.v1 import agent_pb2 as pb
@@ -74,7 +81,7 @@ def keyring(tmp_path: Path) -> KeyRing:
 @pytest.fixture
 def raw(url: str) -> Iterator[Engine]:
     """A plain engine on the same database: the intruder's (or the inspector's) view."""
-    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    engine = create_engine(normalise_url(url))
     try:
         yield engine
     finally:
@@ -161,11 +168,11 @@ def test_an_unreachable_postgresql_is_named(pg: PostgresCluster) -> None:
             FleetStore.open(f"postgresql://postgres@127.0.0.1:{port}/portagent")
 
 
-def test_postgresql_url_is_rewritten_to_psycopg(pg: PostgresCluster) -> None:
+def test_postgresql_url_is_rewritten_to_the_driver_at_hand(pg: PostgresCluster) -> None:
     url = pg.create_database().replace("postgresql+psycopg://", "postgresql://")
     store = FleetStore.open(url)
     try:
-        assert store.is_postgresql and store.url.startswith("postgresql+psycopg://")
+        assert store.is_postgresql and store.url.startswith(f"{POSTGRESQL_DRIVER}://")
     finally:
         store.close()
 
@@ -762,12 +769,27 @@ def test_sqlite_column_of_the_wrong_type_is_a_store_error(tmp_path: Path) -> Non
 # ------------------------------------------------------------------ PostgreSQL only
 
 
-def _notifications(conn: psycopg.Connection[Any], wait: float) -> list[str]:
-    """Payloads on our channel within `wait` seconds (bounded)."""
+def _notifications(conn: psycopg.Connection[Any], expected: int) -> list[str]:
+    """Payloads on our channel, waiting (at most 10 s) until `expected` have come, plus
+    any that arrived with them. Works on psycopg 3.1 (Debian) and later: a notify
+    handler, fed whenever the connection reads."""
     found: list[str] = []
-    for note in conn.notifies(timeout=wait, stop_after=None):
+
+    def handler(note: psycopg.Notify) -> None:
         if note.channel == NOTIFY_CHANNEL:
             found.append(note.payload)
+
+    conn.add_notify_handler(handler)
+    try:
+        deadline = time.monotonic() + 10
+        conn.execute("SELECT 1")
+        while len(found) < expected and time.monotonic() < deadline:
+            readable, _, _ = select.select([conn.fileno()], [], [], deadline - time.monotonic())
+            if readable:
+                conn.execute("SELECT 1")
+        conn.execute("SELECT 1")
+    finally:
+        conn.remove_notify_handler(handler)
     return found
 
 
@@ -789,7 +811,7 @@ def test_notify_is_delivered_on_commit_only(
             store.create_grant(
                 request_for("web2"), keyring=keyring, actor="a", request_id=None, now=T0
             )
-            assert _notifications(listener, 2.0) == ["web1", "web1", "web2"]
+            assert _notifications(listener, 3) == ["web1", "web1", "web2"]
 
             # the transaction fails after its NOTIFY: nothing is delivered, nothing kept
             original = FleetStore._notify
@@ -807,7 +829,8 @@ def test_notify_is_delivered_on_commit_only(
             store.create_grant(
                 request_for("web2"), keyring=keyring, actor="a", request_id=None, now=T0
             )
-            assert _notifications(listener, 2.0) == ["web2"]
+            # Commit order is delivery order: a NOTIFY of the failed create would come first.
+            assert _notifications(listener, 1) == ["web2"]
             assert store.get_host("web1").generation == 2  # type: ignore[union-attr]
             assert store.count("grants") == 3
             chain_ok(store)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import sqlalchemy
 from sqlalchemy import (
     and_,
     bindparam,
@@ -395,8 +396,18 @@ def _labels_match(labels: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
 # ---------------------------------------------------------------- engine set-up
 
 
+# SQLAlchemy has a psycopg 3 dialect from 2.0 on; Debian 12's SQLAlchemy 1.4 reaches
+# PostgreSQL through psycopg2 (python3-psycopg2). The SQL is the same either way.
+POSTGRESQL_DRIVER = (
+    "postgresql+psycopg"
+    if int(sqlalchemy.__version__.split(".")[0]) >= 2
+    else "postgresql+psycopg2"
+)
+
+
 def normalise_url(url: str) -> URL:
-    """sqlite:///file or postgresql[+psycopg]://...; StoreError for anything else."""
+    """sqlite:///file or postgresql[+psycopg|+psycopg2]://... (the driver this
+    SQLAlchemy has: POSTGRESQL_DRIVER); StoreError for anything else."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -404,8 +415,8 @@ def normalise_url(url: str) -> URL:
             f"{url!r} is not a database URL (sqlite:///PATH or postgresql://...)"
         ) from None
     driver = parsed.drivername
-    if driver in ("postgresql", "postgres", "postgresql+psycopg"):
-        return parsed.set(drivername="postgresql+psycopg")
+    if driver in ("postgresql", "postgres", "postgresql+psycopg", "postgresql+psycopg2"):
+        return parsed.set(drivername=POSTGRESQL_DRIVER)
     if driver in ("sqlite", "sqlite+pysqlite"):
         database = parsed.database or ""
         if not database or database == ":memory:" or database.startswith("file:"):
@@ -674,7 +685,8 @@ class FleetStore:
                     continue  # a concurrent writer won a unique key: look again
                 raise StoreError(f"database {self.url}: {_one_line(exc)}") from None
             except DBAPIError as exc:
-                code = getattr(exc.orig, "sqlstate", None)
+                # psycopg 3 names it sqlstate, psycopg2 pgcode.
+                code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
                 if code in _RETRY_SQLSTATES and attempt < _WRITE_ATTEMPTS:
                     time.sleep(0.005 * attempt)
                     continue
