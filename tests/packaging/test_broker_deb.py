@@ -109,11 +109,14 @@ def _free_port() -> int:
 SERVICE_SCRIPT = r"""
 set -u
 dir=/var/lib/portagent-broker/dev
-portagent-broker init --dir "$dir" --host-id web1 --agent-address 127.0.0.1:50051     --guard 22/tcp --service --fleet-listen 127.0.0.1:FLEET --api-listen 127.0.0.1:API >/dev/null
+listen="--fleet-listen 127.0.0.1:FLEET --api-listen 127.0.0.1:API"
+portagent-broker init --dir "$dir" --host-id web1 --agent-address 127.0.0.1:50051 \
+    --guard 22/tcp --service $listen >/dev/null
 chown -R portagent-broker:portagent-broker /var/lib/portagent-broker
-setpriv --reuid portagent-broker --regid portagent-broker --clear-groups     portagent-broker serve --config "$dir/service.toml" --check >/tmp/check.out 2>&1 || {
+as_user="setpriv --reuid portagent-broker --regid portagent-broker --clear-groups"
+$as_user portagent-broker serve --config "$dir/service.toml" --check >/tmp/check.out 2>&1 || {
     echo "CHECK FAILED"; cat /tmp/check.out; exit 1; }
-setpriv --reuid portagent-broker --regid portagent-broker --clear-groups     portagent-broker serve --config "$dir/service.toml" >/tmp/serve.log 2>&1 &
+$as_user portagent-broker serve --config "$dir/service.toml" >/tmp/serve.log 2>&1 &
 serve=$!
 trap 'kill $serve 2>/dev/null; wait $serve 2>/dev/null' EXIT
 export PORTAGENT_BROKER_CONFIG=$dir/broker.toml
@@ -136,7 +139,8 @@ print("VERSIONS", json.dumps({m.__name__: m.__version__ for m in
                               (sqlalchemy, starlette, uvicorn, alembic, psycopg)}))
 PY
 portagent-broker hosts add web1 --label env=test >/dev/null
-portagent-broker grant --host web1 --source 192.0.2.10 --port 22/tcp --ttl 15m     --subject alice --reason PKG-1 >/tmp/grant.out
+portagent-broker grant --host web1 --source 192.0.2.10 --port 22/tcp --ttl 15m \
+    --subject alice --reason PKG-1 >/tmp/grant.out
 echo "GRANT $(cat /tmp/grant.out)"
 echo "GRANTS $(portagent-broker grants -o json | tr -d '
 ')"
