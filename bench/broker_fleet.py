@@ -289,11 +289,15 @@ def fleet(ctx: Context) -> None:
     env.CLEANUP.push("fleet sim", sim.close)
     sim.setup(broker.fleet_address, "", pki.ca_pem, cert_dir)
 
-    # Cold start: every agent dials at once and must receive its snapshot.
+    # First connection, paced (at most 100 dials in progress per worker): the steady state
+    # to measure from. Every agent must receive its grant (a change or a snapshot).
     t_cold = time.monotonic()
-    figures.cold = sim.connect(min_generation=1, timeout=300)
+    figures.cold = sim.connect(min_generation=1, timeout=600, max_dialing=100)
     print(f"  fleet: cold start: {figures.cold.describe()}", flush=True)
-    figures.cold_broker_s = wait_broker_connected(api, agents, t_cold, timeout=300)
+    figures.cold_broker_s = wait_broker_connected(api, agents, t_cold, timeout=120)
+    # Only agents that converged take part in the latency trials (a missing one would
+    # only measure the 10 s wait).
+    ready = sim.converged(1) or hosts
 
     # Idle: every stream open, nothing to deliver (keepalive pings only).
     time.sleep(5)
@@ -308,7 +312,7 @@ def fleet(ctx: Context) -> None:
     api_latencies: list[float] = []
     with profiled(broker.pid, "broker-fleet-grants"):
         for _ in range(trials):
-            host = ctx.rng.choice(hosts)
+            host = ctx.rng.choice(ready)
             time.sleep(ctx.rng.uniform(0.005, 0.03))
             t0 = time.monotonic()
             grant = api.create_grant(host)
@@ -370,7 +374,7 @@ def report_fleet(ctx: Context, f: FleetFigures) -> None:
                       f"; broker lists all connected+acked after {broker_s:.1f} s"
                       if broker_s is not None else ""))
 
-    storm("Cold start (all dial at once, generation 0)", f.cold, f.cold_broker_s)
+    storm("First connection (≤ 100 dials in flight per process)", f.cold, f.cold_broker_s)
     storm("Reconnect storm, agents lost state", f.storm_snapshot, None)
     storm("Reconnect storm, agents resume", f.storm_resume, f.storm_resume_broker_s)
     table.add("Broker RSS, no streams (MB)", fmt(f.empty_rss_mb), "", "", "after start")

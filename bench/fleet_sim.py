@@ -111,6 +111,7 @@ class _Worker:
         self.server_name = ""
         self.write_lock = threading.Lock()
         self.stopping = False
+        self.dialing: asyncio.Semaphore | None = None
 
     # -- requests --
 
@@ -129,12 +130,15 @@ class _Worker:
         return {"agents": len(self.agents)}
 
     async def op_connect(self, start_at: float = 0.0, forget: bool = False,
-                         min_generation: int = 0, timeout: float = 120.0) -> dict[str, Any]:
+                         min_generation: int = 0, timeout: float = 120.0,
+                         max_dialing: int = 0) -> dict[str, Any]:
         """Open every agent's stream (at `start_at`, monotonic). forget: the agents say
         they hold generation 0 (they lost their state), so the broker must bring each
         back to at least the generation it held (changes or a signed snapshot).
         min_generation: wait until every agent holds at least that. Replies once every
-        stream is open and every agent converged, or at the deadline."""
+        stream is open and every agent converged, or at the deadline. max_dialing: at
+        most that many dials in progress at once (0: all at once, a storm)."""
+        self.dialing = asyncio.Semaphore(max_dialing) if max_dialing else None
         for agent in self.agents.values():
             agent.connected = asyncio.Event()
             agent.converged = asyncio.Event()
@@ -233,8 +237,13 @@ class _Worker:
             channel = grpc.aio.secure_channel(self.address, self.creds[agent.host], options)
             try:
                 call = fleet_pb2_grpc.FleetServiceStub(channel).Connect()
-                await call.write(fleet_pb2.ConnectRequest(hello=fleet_pb2.Hello(
-                    host_id=agent.host, generation=agent.held, agent_version=AGENT_VERSION)))
+                hello = fleet_pb2.ConnectRequest(hello=fleet_pb2.Hello(
+                    host_id=agent.host, generation=agent.held, agent_version=AGENT_VERSION))
+                if self.dialing is None:
+                    await call.write(hello)
+                else:
+                    async with self.dialing:
+                        await call.write(hello)
                 if agent.connected_at is None:
                     agent.connected_at = time.monotonic()
                 agent.connected.set()
@@ -426,12 +435,13 @@ class FleetSim:
             self._check(f.result(300))
 
     def connect(self, *, forget: bool = False, min_generation: int = 0,
-                timeout: float = 180.0, delay: float = 0.5) -> SimSummary:
+                timeout: float = 180.0, delay: float = 0.5, max_dialing: int = 0) -> SimSummary:
         """Every agent dials at the same moment (now + delay); returns when all streams are
         open and every agent converged (see op_connect), or at `timeout`."""
         start_at = time.monotonic() + delay
         futures = [w.submit("connect", start_at=start_at, forget=forget,
-                            min_generation=min_generation, timeout=timeout)
+                            min_generation=min_generation, timeout=timeout,
+                            max_dialing=max_dialing)
                    for w in self.workers]
         replies = [self._check(f.result(timeout + 60)) for f in futures]
         return SimSummary.of(start_at, replies)
@@ -446,6 +456,11 @@ class FleetSim:
                                       grant_id=grant_id, timeout=timeout)
         t = reply.get("t")
         return float(t) if t is not None else None
+
+    def converged(self, generation: int = 1) -> list[str]:
+        """Hosts whose simulated agent holds at least `generation`."""
+        held, _ = self.held()
+        return sorted(h for h, g in held.items() if g >= generation)
 
     def held(self) -> tuple[dict[str, int], dict[str, list[str]]]:
         held: dict[str, int] = {}
