@@ -10,6 +10,7 @@ import pytest
 from portagent.broker.settings import (
     load_broker_settings,
     parse_address,
+    parse_api_url,
     render_broker_toml,
     toml_string,
 )
@@ -174,3 +175,55 @@ def test_rendered_broker_toml_parses() -> None:
     settings = load_broker_settings(text, base_dir=Path("/d"))
     assert settings.hosts["web.1"].address == "[2001:db8::5]:50051"
     assert settings.signing_key_id == "broker-00000000"
+
+
+def test_api_only_config_needs_no_direct_tables() -> None:
+    text = '[api]\nurl = "https://broker.example:8443/x/"\nca = "ca.pem"\ntoken_file = "t"\n'
+    settings = load_broker_settings(text, base_dir=Path("/srv/pb"))
+    assert settings.api is not None
+    assert (settings.api.url, settings.api.ca_file) == (
+        "https://broker.example:8443/x/", Path("/srv/pb/ca.pem"))  # fmt: skip
+    assert (settings.api.token_file, settings.api.cert_file) == (Path("/srv/pb/t"), None)
+    assert settings.ca_file is None and settings.signing_key_file is None
+    assert parse_api_url(settings.api.url) == ("broker.example", 8443, "/x")
+    assert parse_api_url("https://[::1]") == ("::1", 443, "")
+
+
+@pytest.mark.parametrize(
+    ("api", "problem"),
+    [
+        ('url = "http://b:1"', "api.url: 'http://b:1': expected https://HOST[:PORT]"),
+        ('url = "https://u:p@b:1"', "api.url: 'https://u:p@b:1': no user or password"),
+        ('url = "https://b:1/?t=x"', "api.url: 'https://b:1/?t=x': no query or fragment"),
+        ('url = "https://b:99999"', "api.url: 'https://b:99999' is not a URL"),
+        ('url = "https://-b-:1"', "api.url: '-b-' in 'https://-b-:1' is neither"),
+        ('url = "https://b:1"\ncert = "c.pem"', "api.cert, api.key: set both"),
+        ('url = "https://b:1"\ntoken = "x"', 'api.token: unknown setting; did you mean'),
+        ('ca = "x"', "api.url: required"),
+    ],
+)
+def test_api_table_refusals(api: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_broker_settings(f"[api]\n{api}\n")
+    assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
+
+
+def test_without_api_the_direct_tables_are_required() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_broker_settings("default_ttl = \"1h\"\n")
+    # The same as before [api] existed: the tables and each of their keys.
+    assert caught.value.problems[:2] == ["tls: required", "signing: required"]
+    assert "signing.key_file: required" in caught.value.problems
+
+
+@pytest.mark.parametrize("use_service", [False, True])
+def test_rendered_api_table_is_commented_unless_the_service_is_used(use_service: bool) -> None:
+    text = render_broker_toml(
+        host_id="web1", address="192.0.2.5:1", signing_key_id="k", use_service=use_service
+    )
+    api = load_broker_settings(text, base_dir=Path("/d")).api
+    if use_service:
+        assert api is not None and api.url == "https://127.0.0.1:8443"
+        assert (api.ca_file, api.token_file) == (Path("/d/ca.pem"), Path("/d/admin.token"))
+    else:
+        assert api is None and "# url = " in text
