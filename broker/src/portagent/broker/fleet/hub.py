@@ -40,7 +40,14 @@ from google.protobuf.message import DecodeError
 from grpc.aio import EOF  # type: ignore[attr-defined]  # not in grpc-stubs
 
 from portagent.broker.fleet.keyring import KeyRing
-from portagent.broker.fleet.model import Change, ChangeKind, FleetError, GrantState, UsageRow
+from portagent.broker.fleet.model import (
+    Change,
+    ChangeKind,
+    FleetError,
+    GrantState,
+    StoreError,
+    UsageRow,
+)
 from portagent.broker.fleet.store import FleetStore
 from portagent.broker.settings import HOST_ID_PATTERN
 from portagent.v1 import agent_pb2, fleet_pb2
@@ -55,6 +62,8 @@ STORE_THREADS = 8
 MAX_INBOUND_BYTES = 1024 * 1024
 MAX_USAGE_ROWS = 10_000
 HELLO_TIMEOUT = 15.0
+DELIVERY_ATTEMPTS = 5
+DELIVERY_RETRY_DELAY = 0.5
 # Token bucket per stream: an agent sends usage at most once a second, acks per change.
 RATE_PER_SECOND = 50.0
 RATE_BURST = 500.0
@@ -294,8 +303,17 @@ class Hub:
             await asyncio.wait(list(self._background), timeout=3.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _spawn(self, coro: Any, what: str) -> None:
+        """Bookkeeping that must not hold up the stream (delivery and disconnect
+        records); a failure is logged, never lost as "exception never retrieved"."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                self._log("bookkeeping_failed", what=what, error=repr(exc)[:300])
+
+        task = asyncio.get_running_loop().create_task(guarded())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -334,6 +352,11 @@ class Hub:
                 message=exc.message,
             )
             await context.abort(exc.code, exc.message)
+        except StoreError as exc:
+            self._log("stream_store_error", peer=context.peer(), error=str(exc)[:300])
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the broker's database is unavailable; retry later"
+            )
         except TimeoutError:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {HELLO_TIMEOUT:g}s"
@@ -444,10 +467,19 @@ class Hub:
             del self._streams[stream.host_id]
             self._log("agent_disconnected", host_id=stream.host_id)
             self._spawn(
-                self.run_db(self.store.agent_disconnected, stream.host_id, now=self._clock())
+                self.run_db(self.store.agent_disconnected, stream.host_id, now=self._clock()),
+                "disconnect",
             )
 
     async def _handle(self, stream: _Stream, message: fleet_pb2.ConnectRequest) -> None:
+        try:
+            await self._handle_one(stream, message)
+        except StoreError as exc:
+            # An ack or a usage report not recorded is superseded by the next one; the
+            # agent's stream is worth more than one row.
+            self._log("record_failed", host_id=stream.host_id, error=str(exc)[:300])
+
+    async def _handle_one(self, stream: _Stream, message: fleet_pb2.ConnectRequest) -> None:
         kind = message.WhichOneof("message")
         now = self._clock()
         if kind == "ack":
@@ -509,10 +541,22 @@ class Hub:
             stream.delivering = asyncio.get_running_loop().create_task(self._deliver(stream))
 
     async def _deliver(self, stream: _Stream) -> None:
+        failures = 0
         try:
             while stream.dirty:
                 stream.dirty = False
-                await self._push(stream)
+                try:
+                    await self._push(stream)
+                    failures = 0
+                except StoreError as exc:
+                    # The database is busy or down for a moment: try again (the stream
+                    # stays; ending it would only add a reconnect to the load).
+                    failures += 1
+                    if failures > DELIVERY_ATTEMPTS:
+                        raise
+                    self._log("delivery_retry", host_id=stream.host_id, error=str(exc)[:300])
+                    stream.dirty = True
+                    await asyncio.sleep(DELIVERY_RETRY_DELAY * failures)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the stream is useless now: end it, the agent reconnects
@@ -552,7 +596,8 @@ class Hub:
                     generation=change.generation,
                     kind=change.kind.value,
                     now=self._clock(),
-                )
+                ),
+                "deliver",
             )
 
     def _all_active(self, changes: list[Change]) -> bool:
@@ -597,5 +642,6 @@ class Hub:
                 generation=generation,
                 kind="snapshot",
                 now=self._clock(),
-            )
+            ),
+            "deliver",
         )
