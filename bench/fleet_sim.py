@@ -234,16 +234,26 @@ class _Worker:
         backoff = 0.2
         for _ in range(MAX_ATTEMPTS):
             agent.attempts += 1
+            # Pacing gates the whole dial: the channel connects and the call starts as soon
+            # as the call object exists, so the permit is taken before either.
+            gate = self.dialing
+            if gate is not None:
+                await gate.acquire()
             channel = grpc.aio.secure_channel(self.address, self.creds[agent.host], options)
             try:
                 call = fleet_pb2_grpc.FleetServiceStub(channel).Connect()
-                hello = fleet_pb2.ConnectRequest(hello=fleet_pb2.Hello(
-                    host_id=agent.host, generation=agent.held, agent_version=AGENT_VERSION))
-                if self.dialing is None:
-                    await call.write(hello)
-                else:
-                    async with self.dialing:
-                        await call.write(hello)
+                try:
+                    await call.write(fleet_pb2.ConnectRequest(hello=fleet_pb2.Hello(
+                        host_id=agent.host, generation=agent.held,
+                        agent_version=AGENT_VERSION)))
+                    if gate is not None and agent.expect > agent.held:
+                        # Something will be sent: hold the permit until the broker
+                        # answers, so pacing bounds the broker's work in progress.
+                        await call.initial_metadata()
+                finally:
+                    if gate is not None:
+                        gate.release()
+                        gate = None
                 if agent.connected_at is None:
                     agent.connected_at = time.monotonic()
                 agent.connected.set()
