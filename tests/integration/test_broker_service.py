@@ -16,6 +16,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from portagent.broker.fleet.service_settings import load_service_settings
 from portagent.testing.broker_service import (
     BrokerPki,
     BrokerService,
@@ -26,6 +27,7 @@ from portagent.testing.broker_service import (
 )
 from portagent.testing.postgres import postgres_available, postgres_cluster
 from portagent.v1 import agent_pb2, fleet_pb2
+from portagent.wire.errors import ConfigError
 from portagent.wire.hoststate import open_host_state
 
 GRANT = {
@@ -269,6 +271,8 @@ def test_usage_reports_reach_the_grant(
     [
         ({"ttl": "0s"}, "ttl"),
         ({"ttl": True}, "ttl"),
+        ({"ttl": 10**40}, "ttl"),
+        ({"ttl": "9999999d"}, "ttl"),
         ({"sources": ["not-an-address"]}, "sources"),
         ({"sources": "10.0.0.1"}, "sources"),
         ({"port": "70000/tcp"}, "port"),
@@ -429,6 +433,70 @@ def test_sigterm_stops_cleanly_and_check_validates(tmp_path: Path, pki: BrokerPk
     assert result.returncode == 78
     assert "service.colour: unknown setting" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sighup_reloads_keys_for_a_rotation(tmp_path: Path, agents: list[SimAgent]) -> None:
+    own = make_pki(tmp_path / "pki")
+    with broker_service(tmp_path / "b", own) as service:
+        assert service.request("POST", "/v1/hosts", {"host_id": "web1"})[0] == 201
+        old_id = next(iter(own.public_keys()))
+        _grant(service)
+        new_path = own.new_signing_key()
+        new_id = next(k for k in own.public_keys() if k != old_id)
+        assert new_id in new_path.name
+        service.hup()
+        for _ in range(200):  # bounded wait for the reload to be logged
+            if any(e["event"] == "reloaded" for e in service.log_events()):
+                break
+            threading.Event().wait(0.05)
+        # An agent that trusts only the old key still gets state signed by it; one that
+        # already trusts the new key gets the new key's signature.
+        old_agent = _connect(service, own, agents, trusted_key_ids=(old_id,))
+        assert old_agent.recv().snapshot.key_id == old_id
+        old_agent.close()
+        new_agent = _connect(service, own, agents, trusted_key_ids=(old_id, new_id))
+        snapshot = new_agent.recv().snapshot
+        assert snapshot.key_id == new_id
+        open_host_state(snapshot, own.public_keys(), "web1")
+        status, body = service.request("POST", "/v1/grants", GRANT)
+        assert status == 201
+        assert body["grant"]["key_id"] == new_id  # the host reported trusting it
+
+
+def test_service_settings_defaults_and_problems() -> None:
+    settings = load_service_settings(
+        """
+[service]
+[service.fleet]
+cert = "f.pem"
+key = "f.key"
+client_ca = "ca.pem"
+[service.api]
+cert = "a.pem"
+key = "a.key"
+tokens_file = "tokens"
+""",
+        base_dir=Path("/etc/pb"),
+    )
+    assert settings.database == "sqlite:////var/lib/portagent-broker/broker.db"
+    assert settings.fleet.listen == "[::]:7443" and settings.api.listen == "127.0.0.1:8443"
+    assert settings.fleet.cert == Path("/etc/pb/f.pem") and settings.api.client_ca is None
+    assert settings.replica
+    with pytest.raises(ConfigError) as caught:
+        load_service_settings(
+            '[service]\ndatabase = "mysql://x"\nreplica = "a b"\n'
+            '[service.fleet]\nlisten = "nowhere"\ncert = "c"\nkey = "k"\nclient_ca = "ca"\n'
+            '[service.api]\ncert = "c"\nkey = "k"\ntokenfile = "t"\n'
+        )
+    problems = "\n".join(caught.value.problems)
+    for expected in (
+        "service.database:",
+        "service.replica:",
+        "service.fleet.listen:",
+        'service.api.tokenfile: unknown setting; did you mean "tokens_file"?',
+        "service.api.tokens_file: required",
+    ):
+        assert expected in problems
 
 
 # --- replicas on PostgreSQL -------------------------------------------------------------------

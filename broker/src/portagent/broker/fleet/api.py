@@ -49,7 +49,7 @@ from portagent.broker.fleet.keyring import KeyRing
 from portagent.broker.fleet.model import BrokerGrant, FleetError, GrantState, Host, StoreError
 from portagent.broker.fleet.store import FleetStore
 from portagent.broker.signing import InputError, check_grant_id, grant_request
-from portagent.wire.config import read_config_text
+from portagent.wire.config import MAX_DURATION, read_config_text
 from portagent.wire.errors import ConfigError
 from portagent.wire.records import rfc3339
 from portagent.wire.timestamps import timestamp
@@ -548,6 +548,8 @@ async def create_grant(ctx: ApiContext, request: Request, actor: str) -> Respons
     ttl = body.obj.get("ttl")
     if not isinstance(ttl, str | int | float) or isinstance(ttl, bool):
         raise _bad("ttl", 'required: a duration ("15m") or seconds')
+    if not isinstance(ttl, str) and not 0 < ttl <= MAX_DURATION:  # also keeps float() finite
+        raise _bad("ttl", f"{ttl!r} is not more than 0 and at most {MAX_DURATION:g} seconds")
     request_id = body.optional_text("request_id")
     if request_id is not None and not REQUEST_ID_PATTERN.fullmatch(request_id):
         raise _bad("request_id", "not 1-64 of [A-Za-z0-9._-]", "INVALID_REQUEST_ID")
@@ -563,6 +565,10 @@ async def create_grant(ctx: ApiContext, request: Request, actor: str) -> Respons
         keep_established=body.boolean("keep_established"),
         max_connections=body.integer("max_connections"),
     )
+    if grant_req.ttl > MAX_DURATION:
+        raise _bad(
+            "ttl", f"at most {MAX_DURATION:g}s (the agent's policy caps it further)", "INVALID_TTL"
+        )
     now = ctx.clock()
     grant, created = await ctx.db(
         ctx.store.create_grant,
