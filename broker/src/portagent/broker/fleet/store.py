@@ -611,6 +611,13 @@ class FleetStore:
         # past busy_timeout when many threads write at once. Other processes still
         # meet busy_timeout.
         self._write_lock = None if self.is_postgresql else threading.Lock()
+        # PostgreSQL: this process's threads take the audit lock in turn here before
+        # asking the server for it, and keep it to COMMIT. Without it, the thread
+        # holding the server's lock competes for the GIL with every waiting thread
+        # between its round trips, and the lock's hold time (so the whole broker's
+        # write rate) grows with the number of threads.
+        self._audit_mutex = threading.Lock()
+        self._audit_held = threading.local()
         self._listeners: list[Callable[[str], None]] = []
         self._listeners_lock = threading.Lock()
 
@@ -678,8 +685,13 @@ class FleetStore:
     def _write_once(self, work: Callable[[Connection], T], retry_integrity: bool) -> T:
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             try:
-                with self._engine.begin() as connection:
-                    return work(connection)
+                try:
+                    with self._engine.begin() as connection:
+                        return work(connection)
+                finally:
+                    if getattr(self._audit_held, "held", False):
+                        self._audit_held.held = False
+                        self._audit_mutex.release()
             except IntegrityError as exc:
                 if retry_integrity and attempt < _WRITE_ATTEMPTS:
                     continue  # a concurrent writer won a unique key: look again
@@ -707,6 +719,12 @@ class FleetStore:
         if not entries:
             return
         if self.is_postgresql:
+            if not getattr(self._audit_held, "held", False):
+                if not self._audit_mutex.acquire(timeout=WRITE_LOCK_TIMEOUT):
+                    raise StoreError(
+                        f"database {self.url}: no audit slot within {WRITE_LOCK_TIMEOUT:.0f}s"
+                    )
+                self._audit_held.held = True  # released by _write_once after COMMIT
             connection.execute(_AUDIT_LOCK, {"k": AUDIT_LOCK_KEY})
         last = connection.execute(_AUDIT_HEAD).first()
         seq, prev = (int(last.seq), str(last.hash)) if last is not None else (0, GENESIS)
