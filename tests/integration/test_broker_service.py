@@ -5,6 +5,7 @@ replicas sharing one real PostgreSQL cluster (no root needed)."""
 from __future__ import annotations
 
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -532,7 +533,40 @@ def test_a_grant_created_on_one_replica_reaches_an_agent_on_another(
             )
             assert status == 200
             assert agent.recv(timeout=20).change.WhichOneof("change") == "revocation"
+
+            # PostgreSQL restarts: b's LISTEN connection is lost, b reconnects and, since
+            # a notification may have been missed, re-checks every stream it holds.
+            cluster.stop("fast")
+            cluster.start()
+            for _ in range(100):  # a's pool meets the restart too: retry (bounded)
+                status, body = replica_a.request(
+                    "POST", "/v1/grants", {**GRANT, "request_id": "pg-1"}
+                )
+                if status in (200, 201):
+                    break
+                assert status == 503, body
+                threading.Event().wait(0.2)
+            change = agent.recv(timeout=60).change
+            assert (
+                agent_pb2.Grant.FromString(change.grant.grant).grant_id == body["grant"]["grant_id"]
+            )
+            assert any(e["event"] == "bus_lost" for e in replica_b.log_events())
             agent.close()
+
+
+def test_ready_is_notified_to_systemd(tmp_path: Path, pki: BrokerPki) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        service = BrokerService(tmp_path / "b", pki, env={"NOTIFY_SOCKET": str(path)})
+        try:
+            service.start()
+            assert sock.recv(4096).startswith(b"READY=1\n")
+            assert service.terminate() == 0
+            assert sock.recv(4096) == b"STOPPING=1"
+        finally:
+            service.close()
 
 
 def test_stream_ended_is_reported(broker: BrokerService, pki: BrokerPki) -> None:

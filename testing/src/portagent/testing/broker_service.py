@@ -15,7 +15,7 @@
 
 `BrokerService`: the subprocess (`python -m portagent.broker.fleet.serve`) on free
 loopback ports; `.start() / .terminate() / .kill() / .close()`, `.fleet_address`,
-`.api_url`, `.request(method, path, body=None, *, token=..., cert=False)`,
+`.api_url`, `.request(method, path, body=None, *, token=..., cert=False)`, `.hup()`,
 `.log_text()` (its stderr: one JSON line per event), `.config_path`.
 
 `SimAgent`: a synchronous fleet stream client (grpc, own certificate) with bounded
@@ -195,9 +195,16 @@ class BrokerService:
     """One `serve` subprocess; ports and config stay the same across restarts."""
 
     def __init__(
-        self, directory: Path, pki: BrokerPki, *, database: str | None = None, replica: str = "a"
+        self,
+        directory: Path,
+        pki: BrokerPki,
+        *,
+        database: str | None = None,
+        replica: str = "a",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.env = dict(env or {})
         self.directory = directory
         self.pki = pki
         self.database = database or f"sqlite:///{directory / 'broker.db'}"
@@ -238,7 +245,7 @@ class BrokerService:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
