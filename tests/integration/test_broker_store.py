@@ -37,7 +37,12 @@ from portagent.broker.fleet.store import (
     normalise_url,
 )
 from portagent.broker.signing import GrantRequest, grant_request
-from portagent.testing.postgres import PostgresCluster, postgres_available, postgres_cluster
+from portagent.testing.postgres import (
+    PostgresCluster,
+    free_port,
+    postgres_available,
+    postgres_cluster,
+)
 from portagent.v1 import agent_pb2 as pb
 
 pytestmark = [pytest.mark.root]
@@ -159,13 +164,9 @@ def test_unusable_databases_are_named(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_postgresql_is_named(pg: PostgresCluster) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # bound, not listening: connection refused
-        with pytest.raises(StoreError, match=rf"127\.0\.0\.1:{port}"):
-            FleetStore.open(f"postgresql://postgres@127.0.0.1:{port}/portagent")
+    port = free_port()  # nothing listens there: connection refused
+    with pytest.raises(StoreError, match=rf"127\.0\.0\.1:{port}"):
+        FleetStore.open(f"postgresql://postgres@127.0.0.1:{port}/portagent")
 
 
 def test_postgresql_url_is_rewritten_to_the_driver_at_hand(pg: PostgresCluster) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -44,10 +45,19 @@ def postgres_available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port() -> int:
+    """A port below Linux's ephemeral range (32768-60999 by default), so it never
+    collides with client connections' source ports, nor fails when a load test has
+    used the ephemeral range up."""
+    for _ in range(100):
+        port = random.randint(20000, 32767)  # noqa: S311 - not a secret
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port on 127.0.0.1 in 20000-32767")
 
 
 class PostgresCluster:
@@ -119,7 +129,7 @@ class PostgresCluster:
         attempts = 1 if self.port else 3
         for attempt in range(attempts):
             if not self.port or attempt:
-                self.port = _free_port()
+                self.port = free_port()
             options = (
                 f"-c listen_addresses=127.0.0.1 -p {self.port} "
                 f"-c unix_socket_directories={self.root} "
