@@ -690,6 +690,66 @@ def test_concurrent_creates_on_one_host(url: str, keyring: KeyRing) -> None:
             s.close()
 
 
+def test_one_request_id_raced_from_two_replicas(url: str, keyring: KeyRing) -> None:
+    """The same request (a CLI retry) reaching two replicas at once: one grant, both
+    answers name it, exactly one says created; the same for a host added twice."""
+    stores = [FleetStore.open(url, replica="r1"), FleetStore.open(url, replica="r2")]
+    try:
+        stores[0].add_host("web1", {}, actor="a", now=T0)
+        for round_ in range(5):
+            barrier = threading.Barrier(2, timeout=30)
+            results: list[tuple[str, bool] | BaseException] = []
+
+            def create(
+                store: FleetStore,
+                rid: str = f"race-{round_}",
+                barrier: threading.Barrier = barrier,
+                results: list[tuple[str, bool] | BaseException] = results,
+            ) -> None:
+                barrier.wait()
+                try:
+                    grant, created = store.create_grant(
+                        request_for(), keyring=keyring, actor="a", request_id=rid, now=T0
+                    )
+                    results.append((grant.grant_id, created))
+                except BaseException as exc:
+                    results.append(exc)
+
+            threads = [threading.Thread(target=create, args=(s,)) for s in stores]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            assert all(isinstance(r, tuple) for r in results), results
+            ids = {r[0] for r in results if isinstance(r, tuple)}
+            assert len(ids) == 1 and sorted(r[1] for r in results if isinstance(r, tuple)) == [
+                False,
+                True,
+            ]
+        assert stores[1].count("grants") == 5 and stores[1].get_host("web1").generation == 5  # type: ignore[union-attr]
+
+        errors: list[FleetError] = []
+        barrier = threading.Barrier(2, timeout=30)
+
+        def add(store: FleetStore) -> None:
+            barrier.wait()
+            try:
+                store.add_host("web2", {}, actor="a", now=T0)
+            except FleetError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=add, args=(s,)) for s in stores]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert [(e.status, e.reason) for e in errors] == [("ALREADY_EXISTS", "HOST_EXISTS")]
+        chain_ok(stores[0])
+    finally:
+        for s in stores:
+            s.close()
+
+
 # ------------------------------------------------------------------ audit tampering
 
 
