@@ -112,7 +112,7 @@ BOOT_PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,iproute2
 # -sqlalchemy, -alembic and -psycopg; portagent also nftables, python3-nftables,
 # -pyroute2, -psutil and -systemd (and systemd-sysusers, from systemd: in BOOT_PACKAGES).
 DEPENDS="python3 python3-grpcio python3-protobuf python3-cryptography
-python3-starlette python3-uvicorn python3-sqlalchemy python3-alembic python3-psycopg
+python3-starlette python3-uvicorn python3-sqlalchemy python3-alembic python3-psycopg python3-psycopg2
 python3-nftables python3-pyroute2 python3-psutil python3-systemd nftables adduser"
 
 here=$(cd "$(dirname "$0")" && pwd)

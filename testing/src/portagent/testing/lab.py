@@ -1,5 +1,9 @@
 """A lab: two namespaces, the real daemon in "server", echo services, and a broker
-set-up whose commands run in "client". Used by the e2e tests and `make demo`."""
+set-up whose commands run in "client". Used by the e2e tests and `make demo`.
+
+With `service=True` the broker is the real service (`portagent-broker serve`, SQLite in
+the lab's directory) running in "client": the agent dials out to it, the broker CLI
+talks to its HTTPS API, and the host is in its inventory before the agent starts."""
 
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from portagent.wire.ports import parse_port_spec
 BIN = Path(sys.executable).parent
 HOST_ID = "host-a"
 API_PORT = 7443
+FLEET_PORT = 7444  # the broker service's fleet stream (service=True), in "client"
+SERVICE_API_PORT = 8443
 
 
 class Lab:
@@ -31,6 +37,7 @@ class Lab:
         udp_ports: list[int] | None = None,
         extra_config: str = "",
         wrapper: list[str] | None = None,
+        service: bool = False,
     ) -> None:
         self.workdir = workdir
         self.dir = workdir / "dev"
@@ -41,6 +48,9 @@ class Lab:
         self.extra_config = extra_config
         # Runs the daemon through this, e.g. nsenter into a journald sandbox.
         self.wrapper = wrapper or []
+        self.service = service
+        self.broker_proc: subprocess.Popen[bytes] | None = None
+        self.broker_log_path = workdir / "broker-serve.log"
         self.agent: subprocess.Popen[bytes] | None = None
         self.echo: subprocess.Popen[bytes] | None = None
         self.key_id = ""
@@ -58,6 +68,9 @@ class Lab:
                 host_id=HOST_ID,
                 agent_address=f"{self.net.server_ip}:{API_PORT}",
                 guarded=[parse_port_spec(g) for g in self.guarded],
+                use_service=self.service,
+                fleet_listen=f"{self.net.client_ip}:{FLEET_PORT}",
+                api_listen=f"{self.net.client_ip}:{SERVICE_API_PORT}",
             )
             if self.extra_config:
                 with (self.dir / "agent.toml").open("a") as config:
@@ -69,6 +82,9 @@ class Lab:
                 self.echo = self.net.popen(self.net.server, argv, stdout=subprocess.PIPE)
                 assert self.echo.stdout is not None
                 self.echo.stdout.readline()  # "ready"
+            if self.service:
+                self.start_broker()
+                self.broker("hosts", "add", HOST_ID)
             self.start_agent()
         except BaseException:
             self.close()
@@ -86,7 +102,7 @@ class Lab:
             for stream in (held.stdin, held.stdout):
                 if stream is not None:
                     stream.close()
-        for proc in (self.agent, self.echo):
+        for proc in (self.agent, self.echo, self.broker_proc):
             if proc is not None:
                 if proc.poll() is None:
                     proc.kill()
@@ -127,6 +143,39 @@ class Lab:
         )
         if wait and not wait_until(self._ready, 15):
             raise RuntimeError(f"portagentd did not become ready; log:\n{self.log()}")
+
+    def start_broker(self) -> None:
+        """`portagent-broker serve` in the client namespace; ready once its API answers."""
+        with self.broker_log_path.open("ab") as log:  # the child keeps its own copy
+            self.broker_proc = self.net.popen(
+                self.net.client,
+                [str(BIN / "portagent-broker"), "serve", "--config", str(self.dir / "service.toml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+        def answers() -> bool:
+            assert self.broker_proc is not None
+            if self.broker_proc.poll() is not None:
+                raise RuntimeError(
+                    f"broker serve exited {self.broker_proc.returncode}; log:\n"
+                    + self.broker_log_path.read_text(errors="replace")[-3000:]
+                )
+            return self.broker("hosts", check=False).returncode == 0
+
+        if not wait_until(answers, 20):
+            raise RuntimeError(
+                "broker serve did not answer; log:\n"
+                + self.broker_log_path.read_text(errors="replace")[-3000:]
+            )
+
+    def stop_broker(self, sig: int = signal.SIGTERM) -> None:
+        assert self.broker_proc is not None
+        self.broker_proc.send_signal(sig)
+        self.broker_proc.wait(10)
+
+    def broker_json(self, *args: str) -> Any:
+        return json.loads(self.broker(*args, "-o", "json").stdout)
 
     def _ready(self) -> bool:
         if self.agent is not None and self.agent.poll() is not None:
