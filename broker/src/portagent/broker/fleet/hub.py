@@ -56,7 +56,7 @@ from portagent.wire.hoststate import MAX_FLEET_MESSAGE_BYTES
 from portagent.wire.timestamps import seconds_of
 
 SERVICE = "portagent.v1.FleetService"
-STORE_THREADS = 8
+STORE_THREADS = 4  # per pool: writers and delivery readers
 # Nothing an agent sends is large: a UsageReport of every grant of a busy host is the
 # biggest, and 1 MiB holds ~10,000 entries.
 MAX_INBOUND_BYTES = 1024 * 1024
@@ -255,7 +255,8 @@ class Hub:
         self.keyring = keyring  # replaced on SIGHUP; read once per snapshot
         self._log = log
         self._clock = clock
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fleet-store")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fleet-write")
+        self._read_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fleet-read")
         self._streams: dict[str, _Stream] = {}
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -275,8 +276,17 @@ class Hub:
         return list(self._streams)
 
     async def run_db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A store write (connect, ack, usage, audit) in the writers' pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, partial(fn, *args, **kwargs))
+
+    async def run_read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A delivery read (changes, snapshot) in its own pool: during a reconnect storm
+        thousands of connect records queue for the writers, and a new grant's delivery
+        must not wait behind them (SQLite WAL and PostgreSQL readers never block on
+        the writer)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._read_pool, partial(fn, *args, **kwargs))
 
     def notify(self, host_id: str) -> None:
         """A change for `host_id` committed (bus subscriber; never blocks)."""
@@ -302,6 +312,7 @@ class Hub:
         if self._background:
             await asyncio.wait(list(self._background), timeout=3.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._read_pool.shutdown(wait=False, cancel_futures=True)
 
     def _spawn(self, coro: Any, what: str) -> None:
         """Bookkeeping that must not hold up the stream (delivery and disconnect
@@ -573,12 +584,12 @@ class Hub:
             stream.want_snapshot = False
             await self._send_snapshot(stream)
             return
-        changes = await self.run_db(self.store.changes_since, host_id, stream.sent_generation)
-        if changes is None or (resuming and not await self.run_db(self._all_active, changes)):
+        changes = await self.run_read(self.store.changes_since, host_id, stream.sent_generation)
+        if changes is None or (resuming and not await self.run_read(self._all_active, changes)):
             await self._send_snapshot(stream)
             return
         if resuming and not changes:
-            host = await self.run_db(self.store.get_host, host_id)
+            host = await self.run_read(self.store.get_host, host_id)
             if host is not None and host.generation < stream.sent_generation:
                 # The agent holds a generation this broker never reached (its database
                 # was reset): the snapshot is refused by the agent and logged there.
@@ -628,7 +639,7 @@ class Hub:
         return generation, data
 
     async def _send_snapshot(self, stream: _Stream) -> None:
-        generation, data = await self.run_db(
+        generation, data = await self.run_read(
             self._build_snapshot, stream.host_id, stream.trusted_key_ids
         )
         if generation == 0:

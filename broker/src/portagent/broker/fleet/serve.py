@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -240,7 +241,23 @@ async def _serve(settings: ServiceSettings) -> int:
     return status
 
 
+def raise_open_files_limit() -> int:
+    """Every agent stream is a socket: lift the soft RLIMIT_NOFILE to the hard one
+    (what systemd's LimitNOFILE= sets), so 10,000 agents do not meet EMFILE at 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def run_service(settings: ServiceSettings) -> int:
+    open_files = raise_open_files_limit()
+    log("starting", replica=settings.replica, open_files_limit=open_files)
     return asyncio.run(_serve(settings))
 
 
