@@ -525,8 +525,8 @@ class SimSummary:
 
     def describe(self) -> str:
         converged = (f", {len(self.converged_s)} converged (last "
-                     f"{max(self.converged_s):.2f} s), {self.waiting} still waiting"
-                     if self.converged_s or self.waiting else "")
+                     f"{max(self.converged_s, default=float('nan')):.2f} s), "
+                     f"{self.waiting} still waiting" if self.converged_s or self.waiting else "")
         return (f"{self.connected}/{self.agents} streams open{converged} (p50 "
                 f"{percentile(self.connect_s, 50):.2f} s, last {max(self.connect_s, default=0):.2f}"
                 f" s), {self.attempts} attempts, {self.errors} errors {self.last_errors}")
