@@ -57,7 +57,10 @@ def test_openapi_names_exactly_the_apps_routes(
     spec: dict[str, Any], app_routes: set[tuple[str, str]]
 ) -> None:
     described = {
-        (path, method) for path, item in spec["paths"].items() for method in item if method in METHODS
+        (path, method)
+        for path, item in spec["paths"].items()
+        for method in item
+        if method in METHODS
     }
     assert described == app_routes
 
