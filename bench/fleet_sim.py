@@ -48,6 +48,14 @@ AGENT_VERSION = "fleet-sim"
 MAX_MESSAGE = 65 * 1024 * 1024
 # At most this many Connect attempts per agent per `connect` (bounded reconnects).
 MAX_ATTEMPTS = 50
+MAX_WORKER_RSS_MB = 2000
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 # --- certificates ---------------------------------------------------------------------------
@@ -159,9 +167,24 @@ class _Worker:
             agent.task = asyncio.create_task(self._run(agent))
         waits = [a.connected.wait() for a in self.agents.values()]
         waits += [a.converged.wait() for a in self.agents.values()]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*waits), timeout)
-        return self._summary(t0)
+        everything = asyncio.ensure_future(asyncio.gather(*waits))
+        # A guard, not a measurement: in a 10,000-agent storm two workers once grew to
+        # ~10 GB each and the kernel's OOM killer ended them (a shared machine). Past
+        # MAX_WORKER_RSS_MB the worker ends its streams and says so.
+        deadline = t0 + timeout
+        over = False
+        while not everything.done() and time.monotonic() < deadline:
+            await asyncio.wait([everything], timeout=0.5)
+            if _rss_mb() > MAX_WORKER_RSS_MB:
+                over = True
+                break
+        everything.cancel()
+        summary = self._summary(t0)
+        if over:
+            await self.op_disconnect()
+            summary["last_errors"] = [f"worker RSS over {MAX_WORKER_RSS_MB} MB: storm cut "
+                                      "short", *summary["last_errors"]][:5]
+        return summary
 
     def _summary(self, t0: float) -> dict[str, Any]:
         agents = list(self.agents.values())
@@ -206,11 +229,7 @@ class _Worker:
 
     async def op_stats(self) -> dict[str, Any]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        rss_kb = 0
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss_kb = int(line.split()[1])
-        return {"rss_mb": rss_kb / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
+        return {"rss_mb": _rss_mb(), "cpu_s": usage.ru_utime + usage.ru_stime,
                 "streams": sum(1 for a in self.agents.values() if a.connected_at is not None
                                and a.task is not None and not a.task.done())}
 
