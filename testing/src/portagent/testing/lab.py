@@ -118,6 +118,10 @@ class Lab:
         return self.dir / "agent.toml"
 
     @property
+    def service_config(self) -> Path:
+        return self.dir / "service.toml"
+
+    @property
     def admin_socket(self) -> Path:
         return self.dir / "admin.sock"
 
@@ -149,7 +153,7 @@ class Lab:
         with self.broker_log_path.open("ab") as log:  # the child keeps its own copy
             self.broker_proc = self.net.popen(
                 self.net.client,
-                [str(BIN / "portagent-broker"), "serve", "--config", str(self.dir / "service.toml")],
+                [str(BIN / "portagent-broker"), "serve", "--config", str(self.service_config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
