@@ -121,7 +121,7 @@ def chain_ok(store: FleetStore) -> None:
 def test_open_migrates_an_empty_database_and_reopens_at_head(url: str, raw: Engine) -> None:
     FleetStore.open(url).close()
     with raw.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
     # already at head: opens again, nothing to do, data kept
     store = FleetStore.open(url)
     store.add_host("web1", {}, actor="admin:a", now=T0)
@@ -138,6 +138,55 @@ def test_migrations_build_exactly_the_schema(store: FleetStore, raw: Engine) -> 
     with raw.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
     assert diff == []
+
+
+def test_a_database_at_0001_is_upgraded_with_its_rows(url: str, raw: Engine) -> None:
+    from alembic import command
+
+    from portagent.broker.fleet.store import _migrations_config
+
+    with raw.connect() as conn:
+        command.upgrade(_migrations_config(conn), "0001")
+        conn.commit()
+        conn.execute(
+            text(
+                "INSERT INTO hosts (host_id, broker_labels, agent_labels, agent_version,"
+                " trusted_key_ids, generation, acked_generation, replica, created_at)"
+                " VALUES ('old1', '{}', '{}', '', '[]', 7, 7, '', 1)"
+            )
+        )
+        conn.commit()
+    store = FleetStore.open(url)
+    try:
+        host = store.get_host("old1")
+        assert host is not None and host.generation == 7
+    finally:
+        store.close()
+    with raw.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+
+
+def test_the_snapshot_query_uses_the_host_index_on_sqlite(tmp_path: Path) -> None:
+    """Without statistics SQLite once planned host_state through (state, expire_time),
+    a scan of the whole fleet's active grants (docs/benchmarks.md, scenario 7)."""
+    url = f"sqlite:///{tmp_path}/broker.db"
+    FleetStore.open(url).close()
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            plan = " ".join(
+                str(row[-1])
+                for row in conn.execute(
+                    text(
+                        "EXPLAIN QUERY PLAN SELECT g.grant_id FROM hosts h LEFT OUTER JOIN"
+                        " grants g ON g.host_id = h.host_id AND g.state = 'active'"
+                        " AND g.expire_time > 5 WHERE h.host_id = 'web1'"
+                    )
+                )
+            )
+    finally:
+        engine.dispose()
+    assert "ix_grants_host_state_expire" in plan, plan
 
 
 def test_a_newer_schema_is_refused(url: str, raw: Engine) -> None:

@@ -69,7 +69,7 @@ grants = Table(
     Column("usage_packets", BigInteger, nullable=False),
     Column("usage_bytes", BigInteger, nullable=False),
     Column("usage_last_seen", Float, nullable=True),
-    Index("ix_grants_host_state", "host_id", "state"),
+    Index("ix_grants_host_state_expire", "host_id", "state", "expire_time"),
     Index("ix_grants_state_expire", "state", "expire_time"),
 )
 
