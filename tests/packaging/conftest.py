@@ -18,6 +18,7 @@ from pkglab import (
     CACHE,
     PACKAGES,
     REPO,
+    BrokerServiceLab,
     Container,
     PackagingLab,
     Timings,
@@ -107,6 +108,26 @@ def lab(built_debs: tuple[dict[str, Path], str], base_rootfs: Path,
         try:
             with timings.phase("teardown"):
                 packaging_lab.close()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def broker_lab(built_debs: tuple[dict[str, Path], str], base_rootfs: Path,
+               timings: Timings) -> Iterator[BrokerServiceLab]:
+    """A booted container with all three packages (broker and agent units), its own
+    run-* directory and namespaces, swept like the lab's."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sweep_stale_runs()
+    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
+    service_lab = BrokerServiceLab(built_debs[0], base_rootfs, workdir, timings)
+    try:
+        service_lab.setup()
+        yield service_lab
+    finally:
+        try:
+            with timings.phase("teardown (broker)"):
+                service_lab.close()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

@@ -180,13 +180,13 @@ class Container:
     def sh(self, script: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return self.exec(["/bin/sh", "-c", script], **kwargs)
 
-    def unit(self, *props: str) -> dict[str, str]:
-        out = self.exec(["systemctl", "show", "portagent.service",
+    def unit(self, *props: str, service: str = "portagent.service") -> dict[str, str]:
+        out = self.exec(["systemctl", "show", service,
                          *(f"--property={p}" for p in props)]).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
-    def journal(self, *matches: str) -> list[dict[str, Any]]:
-        out = self.exec(["journalctl", "--no-pager", "-o", "json", "-u", "portagent",
+    def journal(self, *matches: str, service: str = "portagent") -> list[dict[str, Any]]:
+        out = self.exec(["journalctl", "--no-pager", "-o", "json", "-u", service,
                          *matches], check=False).stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -387,6 +387,71 @@ max_ttl = "1h"
     def service_log(self) -> str:
         return self.container.exec(["journalctl", "--no-pager", "-n", "60", "-u", "portagent"],
                                    check=False).stdout
+
+
+class BrokerServiceLab(PackagingLab):
+    """All three packages in one booted container: the broker's unit and the agent's,
+    the agent dialing out to the broker on the container's own loopback (the server
+    namespace's, never the host's). The trust set-up is the tests' to write, inside
+    the container with the packaged CLI (tests/packaging/test_broker_systemd.py)."""
+
+    def setup(self) -> None:
+        self._record_owner()
+        with self.timings.phase("namespaces + overlay (broker)"):
+            self.net.create()
+            self.container.mount()
+        with self.timings.phase("apt install all three (offline)"):
+            install_debs(self.container, dict(self.debs), self.workdir, "apt-install-all.log")
+        # The guarded port's listener, as in PackagingLab: real traffic from the client
+        # namespace shows the grant the agent got from the broker is enforced.
+        self.echo = self.net.popen(
+            self.net.server, [str(BIN / "python"), "-m", "portagent.testing.echo", "--tcp",
+                              str(GUARDED_PORT)], stdout=subprocess.PIPE)
+        assert self.echo.stdout is not None
+        self.echo.stdout.readline()  # "ready"
+        with self.timings.phase("boot (broker)"):
+            self.container.boot()
+        self._record_owner()
+
+    def broker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """The packaged CLI as the admin, inside the container, against the service."""
+        return self.container.exec(["portagent-broker", "--config", "/root/dev/broker.toml",
+                                    *args], check=check)
+
+    def broker_json(self, *args: str) -> Any:
+        return json.loads(self.broker(*args, "-o", "json").stdout)
+
+    def broker_unit(self, *props: str) -> dict[str, str]:
+        return self.container.unit(*props, service="portagent-broker.service")
+
+    def broker_journal(self, *matches: str) -> list[dict[str, Any]]:
+        return self.container.journal(*matches, service="portagent-broker")
+
+    def broker_events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The service's JSON event lines, as journald stored them (MESSAGE)."""
+        events = []
+        for record in self.broker_journal():
+            message = record.get("MESSAGE")
+            if not isinstance(message, str) or not message.startswith("{"):
+                continue
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(message)
+                if isinstance(parsed, dict) and (event is None or parsed.get("event") == event):
+                    events.append(parsed)
+        return events
+
+    def broker_log(self) -> str:
+        return self.container.exec(["journalctl", "--no-pager", "-n", "60", "-u",
+                                    "portagent-broker"], check=False).stdout
+
+    def wait_broker_active(self, timeout: float = 30) -> dict[str, str]:
+        def active() -> dict[str, str] | None:
+            unit = self.broker_unit("ActiveState", "SubState", "MainPID", "NRestarts")
+            if unit.get("ActiveState") == "failed":
+                raise AssertionError(f"portagent-broker.service failed:\n{self.broker_log()}")
+            return unit if unit.get("ActiveState") == "active" else None
+        unit: dict[str, str] = wait_for(active, timeout, "portagent-broker.service to be active")
+        return unit
 
 
 def install_debs(container: Container, debs: dict[str, Path], workdir: Path,
