@@ -8,6 +8,7 @@ Tampering is done the way an intruder would: plain SQL on the audit table.
 
 from __future__ import annotations
 
+import os
 import select
 import threading
 import time
@@ -981,3 +982,13 @@ def test_the_store_survives_a_postgresql_restart(tmp_path: Path, keyring: KeyRin
             chain_ok(store)
         finally:
             store.close()
+
+
+def test_a_new_sqlite_database_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        FleetStore.open(f"sqlite:///{tmp_path}/broker.db").close()
+    finally:
+        os.umask(old)
+    for path in tmp_path.glob("broker.db*"):
+        assert path.stat().st_mode & 0o077 == 0, path

@@ -13,9 +13,11 @@ the way out: a damaged row is a StoreError here, not a crash somewhere else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -425,7 +427,19 @@ def normalise_url(url: str) -> URL:
     raise StoreError(f"{url!r}: unsupported database (sqlite:///PATH or postgresql://...)")
 
 
+def _create_private(path: str | None) -> None:
+    """A new database file is created 0600 whatever the umask: it holds every grant.
+    SQLite gives its -wal and -shm files the database file's mode."""
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        # It exists, or its directory is missing or not writable: opening it next
+        # reports that by name.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _sqlite_engine(url: URL, pool_size: int, max_overflow: int) -> Engine:
+    _create_private(url.database)
     engine = create_engine(
         url,
         future=True,
