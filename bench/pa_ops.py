@@ -49,6 +49,9 @@ def _grant_id(signed: pb.SignedGrant) -> str:
 
 def pa_init(broker_toml: str, host: str) -> dict[str, Any]:
     settings = load_broker_settings_file(Path(broker_toml))
+    # The direct path signs here; `init` always writes [signing] (only [api]-only
+    # broker.toml files may omit it, and those never reach the bench).
+    assert settings.signing_key_file is not None, "broker.toml has no [signing] key_file"
     _STATE.update(settings=settings, host=host,
                   signer=Signer.from_file(settings.signing_key_file, settings.signing_key_id))
     _STATE["client"] = _new_client()
