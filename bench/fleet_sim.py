@@ -39,7 +39,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from bench.stats import percentile
 
@@ -66,7 +65,7 @@ def make_agent_certs(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     """Write `<host>.key` / `<host>.pem` for every host id missing from `directory`
     (ECDSA P-256, DNS SAN = host id, clientAuth, from the CA the broker trusts for
     agents). Returns the seconds it took (~0.6 ms per certificate here)."""
-    from portagent.broker.pki import cert_pem, issue_leaf, private_key_pem
+    from portagent.broker.pki import cert_pem, issue_agent_client, private_key_pem
 
     t0 = time.monotonic()
     directory.mkdir(parents=True, exist_ok=True)
@@ -76,9 +75,7 @@ def make_agent_certs(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
         if cert_path.exists():
             continue
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = issue_leaf(ca_key, ca_cert, key.public_key(), common_name=host,
-                          usage=ExtendedKeyUsageOID.CLIENT_AUTH, sans=[x509.DNSName(host)],
-                          now=now, days=2)
+        cert = issue_agent_client(ca_key, ca_cert, key.public_key(), host, now)
         key_path = directory / f"{host}.key"
         fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as handle:

@@ -188,6 +188,26 @@ def agent_sans(host: str) -> list[x509.GeneralName]:
     return names
 
 
+def issue_agent_client(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    public_key: ec.EllipticCurvePublicKey,
+    host_id: str,
+    now: dt.datetime,
+) -> x509.Certificate:
+    """An agent's identity towards the broker service: clientAuth, CN and the only DNS
+    name = the host id (the service reads the host from the DNS SAN; docs/broker.md)."""
+    return issue_leaf(
+        ca_key,
+        ca,
+        public_key,
+        common_name=host_id,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        sans=[x509.DNSName(host_id)],
+        now=now,
+    )
+
+
 def service_sans(hosts: Sequence[str]) -> list[x509.GeneralName]:
     """SANs for the broker service listening on `hosts`: wildcard addresses (0.0.0.0,
     ::) name no host and are left out; loopback names are added for local use."""
@@ -439,16 +459,7 @@ def init_dev_setup(
         sans=agent_sans(host),
         now=now,
     )
-    # The agent's identity towards the service: one DNS name, the host id.
-    agent_client_cert = issue_leaf(
-        ca_key,
-        ca,
-        agent_client_key.public_key(),
-        common_name=host_id,
-        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        sans=[x509.DNSName(host_id)],
-        now=now,
-    )
+    agent_client_cert = issue_agent_client(ca_key, ca, agent_client_key.public_key(), host_id, now)
     broker_cert = issue_leaf(
         ca_key,
         ca,

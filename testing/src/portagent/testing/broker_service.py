@@ -90,12 +90,11 @@ class BrokerPki:
     def agent_cert(self, host_id: str) -> tuple[Path, Path]:
         """A client certificate for `host_id` (DNS SAN = host id), from this CA."""
         if host_id not in self._agents:
-            self._agents[host_id] = self._leaf(
-                f"agent-{host_id}",
-                host_id,
-                ExtendedKeyUsageOID.CLIENT_AUTH,
-                [x509.DNSName(host_id)],
+            key = pkilib.new_tls_key()
+            cert = pkilib.issue_agent_client(
+                self.ca_key, self.ca, key.public_key(), host_id, dt.datetime.now(dt.UTC)
             )
+            self._agents[host_id] = self._write(f"agent-{host_id}", cert, key)
         return self._agents[host_id]
 
     def _leaf(
@@ -115,6 +114,11 @@ class BrokerPki:
             sans=sans,
             now=dt.datetime.now(dt.UTC),
         )
+        return self._write(stem, cert, key)
+
+    def _write(
+        self, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+    ) -> tuple[Path, Path]:
         cert_path, key_path = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
         pkilib.write_atomic(cert_path, pkilib.cert_pem(cert), 0o644)
         pkilib.write_atomic(key_path, pkilib.private_key_pem(key), 0o600)

@@ -37,6 +37,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from portagent.broker.pki import (
     cert_pem,
+    issue_agent_client,
     issue_leaf,
     make_ca,
     new_tls_key,
@@ -74,15 +75,7 @@ class FleetPki:
             sans=[x509.DNSName(BROKER_NAME)],
             now=now,
         )
-        agent = issue_leaf(
-            ca_key,
-            ca,
-            agent_key.public_key(),
-            common_name=host_id,
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-            sans=[x509.DNSName(host_id)],
-            now=now,
-        )
+        agent = issue_agent_client(ca_key, ca, agent_key.public_key(), host_id, now)
         pki = FleetPki(
             directory / "fleet-ca.pem",
             directory / "fleet-broker.pem",
