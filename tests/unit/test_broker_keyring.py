@@ -161,3 +161,14 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
     write_key(tmp_path / "k.pem", Ed25519PrivateKey.generate(), 0o000)
     with pytest.raises(ConfigError, match=r"k\.pem: cannot open"):
         KeyRing.load(tmp_path)
+
+
+def test_keys_made_in_one_second_keep_their_order(tmp_path: Path) -> None:
+    """The newest key is the last by name: never an order by key id."""
+    made = [generate_key(tmp_path / "keys", now=T0) for _ in range(5)]
+    assert sorted(p.name for p in made) == [p.name for p in made]
+    ring = KeyRing.load(tmp_path / "keys")
+    assert ring.newest.key_id == made[-1].name.split("-", 1)[1].removesuffix(".pem")
+    # A clock that went back does not make a key older than the latest either.
+    behind = generate_key(tmp_path / "keys", now=T0 - 3600)
+    assert behind.name > made[-1].name

@@ -8,6 +8,7 @@ its owner is refused, like sshd refuses a private key with loose permissions.
 
 from __future__ import annotations
 
+import calendar
 import os
 import stat
 import time
@@ -162,7 +163,18 @@ def _read_key(path: Path, problems: list[str]) -> Ed25519PrivateKey | None:
 
 
 def key_file_name(key_id: str, now: float) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{key_id}.pem"
+    return time.strftime(_STAMP, time.gmtime(now)) + f"-{key_id}.pem"
+
+
+_STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def _stamp_of(name: str) -> int | None:
+    """The POSIX second a key file's name starts with, None for another name."""
+    try:
+        return calendar.timegm(time.strptime(name[:16], _STAMP))
+    except ValueError:
+        return None
 
 
 def generate_key(directory: Path, *, now: float) -> Path:
@@ -171,7 +183,17 @@ def generate_key(directory: Path, *, now: float) -> Path:
     an existing file is never replaced."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    path = directory / key_file_name(key_id_for(key.public_key()), now)
+    # The newest key is the last by name: a key made in the same second as another
+    # (or with the clock behind) takes the next second after the latest, so that the
+    # order never falls back to the key ids.
+    names = [p.name for p in directory.iterdir() if p.name.endswith(".pem")]
+    key_id = key_id_for(key.public_key())
+    if any(name.endswith(f"-{key_id}.pem") for name in names):
+        raise FileExistsError(f"{directory}: a key with id {key_id} exists already")
+    stamp = _stamp_of(max(names, default=""))
+    if stamp is not None and stamp >= int(now):
+        now = stamp + 1
+    path = directory / key_file_name(key_id, now)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
