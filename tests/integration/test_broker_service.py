@@ -295,6 +295,14 @@ def test_bad_grant_requests_name_the_field(
     assert body["error"]["message"].startswith(field)
 
 
+@pytest.mark.parametrize("ttl", ["0s", 10**40, -5, 0, "9999999d"])
+def test_a_ttl_out_of_range_is_invalid_ttl_in_either_spelling(
+    broker: BrokerService, ttl: object
+) -> None:
+    status, body = broker.request("POST", "/v1/grants", {**GRANT, "ttl": ttl})
+    assert status == 400 and body["error"]["reason"] == "INVALID_TTL", body
+
+
 def test_api_refusals(broker: BrokerService) -> None:
     status, body = broker.request("GET", "/v1/grants", token=None)
     assert status == 401 and body["error"]["reason"] == "UNAUTHENTICATED"

@@ -549,7 +549,8 @@ async def create_grant(ctx: ApiContext, request: Request, actor: str) -> Respons
     if not isinstance(ttl, str | int | float) or isinstance(ttl, bool):
         raise _bad("ttl", 'required: a duration ("15m") or seconds')
     if not isinstance(ttl, str) and not 0 < ttl <= MAX_DURATION:  # also keeps float() finite
-        raise _bad("ttl", f"{ttl!r} is not more than 0 and at most {MAX_DURATION:g} seconds")
+        limit = f"must be more than 0 and at most {MAX_DURATION:.0f}"
+        raise _bad("ttl", f"{ttl!r} seconds: {limit}", "INVALID_TTL")
     request_id = body.optional_text("request_id")
     if request_id is not None and not REQUEST_ID_PATTERN.fullmatch(request_id):
         raise _bad("request_id", "not 1-64 of [A-Za-z0-9._-]", "INVALID_REQUEST_ID")
