@@ -6,12 +6,14 @@ Opt-in: these tests run only when the `packaging` marker is selected
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from pkglab import (
@@ -25,6 +27,8 @@ from pkglab import (
     record_owner,
     sweep_stale_runs,
 )
+
+L = TypeVar("L", bound=PackagingLab)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -94,42 +98,40 @@ def base_rootfs(timings: Timings) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="session")
-def lab(built_debs: tuple[dict[str, Path], str], base_rootfs: Path,
-        timings: Timings) -> Iterator[PackagingLab]:
+@contextlib.contextmanager
+def _booted(lab_class: type[L], built_debs: dict[str, Path], base_rootfs: Path,
+            timings: Timings, teardown: str) -> Iterator[L]:
+    """A lab of `lab_class` in its own run-* directory (stale ones swept first), set
+    up, and closed and removed on every path."""
     CACHE.mkdir(parents=True, exist_ok=True)
     sweep_stale_runs()
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
-    packaging_lab = PackagingLab(built_debs[0], base_rootfs, workdir, timings)
+    booted = lab_class(built_debs, base_rootfs, workdir, timings)
     try:
-        packaging_lab.setup()
-        yield packaging_lab
+        booted.setup()
+        yield booted
     finally:
         try:
-            with timings.phase("teardown"):
-                packaging_lab.close()
+            with timings.phase(teardown):
+                booted.close()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lab(built_debs: tuple[dict[str, Path], str], base_rootfs: Path,
+        timings: Timings) -> Iterator[PackagingLab]:
+    with _booted(PackagingLab, built_debs[0], base_rootfs, timings, "teardown") as booted:
+        yield booted
 
 
 @pytest.fixture(scope="module")
 def broker_lab(built_debs: tuple[dict[str, Path], str], base_rootfs: Path,
                timings: Timings) -> Iterator[BrokerServiceLab]:
-    """A booted container with all three packages (broker and agent units), its own
-    run-* directory and namespaces, swept like the lab's."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    sweep_stale_runs()
-    workdir = Path(tempfile.mkdtemp(prefix="run-", dir=CACHE))
-    service_lab = BrokerServiceLab(built_debs[0], base_rootfs, workdir, timings)
-    try:
-        service_lab.setup()
-        yield service_lab
-    finally:
-        try:
-            with timings.phase("teardown (broker)"):
-                service_lab.close()
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+    """A booted container with all three packages (broker and agent units)."""
+    with _booted(BrokerServiceLab, built_debs[0], base_rootfs, timings,
+                 "teardown (broker)") as booted:
+        yield booted
 
 
 @pytest.fixture(scope="module")
