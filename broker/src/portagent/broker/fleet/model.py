@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from portagent.broker.identity.model import Identity
+
 
 class GrantState(Enum):
     ACTIVE = "active"
@@ -93,6 +95,10 @@ class BrokerGrant:
     revoked_by: str | None = None
     revoke_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
+    # Who the grant is for, verified (ADR 0008): the requester of an access request,
+    # or the admin who made a break-glass grant. None only for grants made before 0003.
+    identity: Identity | None = None
+    access_request_id: str | None = None  # the request that produced it, if one did
 
     def state_at(self, now: float) -> GrantState:
         if self.state is GrantState.ACTIVE and self.expire_time <= now:
@@ -134,3 +140,51 @@ class AuditRecord:
     detail: dict[str, object]
     prev_hash: str
     hash: str
+
+
+class RequestState(Enum):
+    PENDING = "pending"  # waiting for approvals; expires at `expires_at`
+    GRANTED = "granted"  # the grant exists (see its own state for active/expired/revoked)
+    DENIED = "denied"  # an approver denied it (policy denials are refused, never stored)
+    EXPIRED = "expired"  # not enough approvals in time
+    CANCELLED = "cancelled"  # the requester withdrew it while pending
+    CLOSED = "closed"  # the requester ended it after the grant (the grant is revoked)
+
+
+@dataclass(frozen=True)
+class Approval:
+    approver: Identity
+    approve: bool  # False: a denial
+    time: float
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class AccessRequest:
+    """A request for access by a verified identity, the policy rule that allowed it,
+    and the approvals it collected. Its grant is created (in the same transaction)
+    when the rule needs no approval or the last needed approval arrives."""
+
+    request_id: str  # "r-" + 16 hex
+    requester: Identity
+    host_id: str
+    protocol: str  # "tcp" | "udp"
+    port_first: int
+    port_last: int
+    sources: tuple[str, ...]  # CIDRs, canonical
+    ttl: float  # seconds, counted from when the grant is made
+    reason: str  # the requester's reason (ticket, free text)
+    rule: str  # the permit rule that allowed it
+    approvals_required: int
+    approvers: str  # the group whose members may approve ("" when none required)
+    state: RequestState
+    created_at: float
+    expires_at: float  # a pending request expires then
+    decided_at: float | None = None
+    approvals: tuple[Approval, ...] = ()
+    grant_id: str | None = None
+    client_request_id: str | None = None  # the caller's idempotency key
+
+    @property
+    def approved_count(self) -> int:
+        return len({a.approver.key for a in self.approvals if a.approve})
