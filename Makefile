@@ -36,8 +36,8 @@ PROTOS := proto/portagent/v1/agent.proto proto/portagent/v1/fleet.proto \
 PB_OUT := wire/src/portagent/v1/agent_pb2.py wire/src/portagent/v1/fleet_pb2.py \
 	wire/src/portagent/health/v1/health_pb2.py \
 	wire/src/google/rpc/status_pb2.py wire/src/google/rpc/error_details_pb2.py
-# The four distributions of the PEP 420 namespace `portagent`, installed editable.
-DISTS := wire agent broker testing
+# The five distributions of the PEP 420 namespace `portagent`, installed editable.
+DISTS := wire agent broker client testing
 
 .PHONY: all deps venv proto test test-unit test-soak lint proto-lint demo deb test-packaging \
 	test-clean-root bench clean

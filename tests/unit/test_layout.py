@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DISTS = {"wire": "portagent-wire", "agent": "portagent-agent", "broker": "portagent-broker",
-         "testing": "portagent-testing"}
+         "client": "portagent-request", "testing": "portagent-testing"}
 
 
 def _project(path: Path) -> dict[str, object]:
@@ -79,7 +79,9 @@ def test_console_scripts_keep_their_names() -> None:
         "portagentd": "portagent.agent.daemon:main",
         "portagent": "portagent.agent.cli:main",
         "portagent-broker": "portagent.broker.cli:main",
+        "portagent-request": "portagent.request.cli:main",
     }
     assert metadata.distribution("portagent-agent").entry_points.names == {"portagentd",
                                                                           "portagent"}
     assert metadata.distribution("portagent-broker").entry_points.names == {"portagent-broker"}
+    assert metadata.distribution("portagent-request").entry_points.names == {"portagent-request"}

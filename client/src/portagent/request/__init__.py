@@ -1,0 +1,1 @@
+"""portagent-request: the requester's light client (standard library only)."""
