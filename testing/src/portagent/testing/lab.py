@@ -38,6 +38,7 @@ class Lab:
         extra_config: str = "",
         wrapper: list[str] | None = None,
         service: bool = False,
+        service_extra: str = "",
     ) -> None:
         self.workdir = workdir
         self.dir = workdir / "dev"
@@ -49,6 +50,8 @@ class Lab:
         # Runs the daemon through this, e.g. nsenter into a journald sandbox.
         self.wrapper = wrapper or []
         self.service = service
+        # Appended to service.toml before the broker starts ([[service.issuers]], ...).
+        self.service_extra = service_extra
         self.broker_proc: subprocess.Popen[bytes] | None = None
         self.broker_log_path = workdir / "broker-serve.log"
         self.agent: subprocess.Popen[bytes] | None = None
@@ -83,6 +86,9 @@ class Lab:
                 assert self.echo.stdout is not None
                 self.echo.stdout.readline()  # "ready"
             if self.service:
+                if self.service_extra:
+                    with self.service_config.open("a") as config:
+                        config.write("\n" + self.service_extra + "\n")
                 self.start_broker()
                 self.broker("hosts", "add", HOST_ID)
             self.start_agent()
