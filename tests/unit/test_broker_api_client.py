@@ -370,3 +370,257 @@ def test_the_service_commands_import_no_grpc_protobuf_or_cryptography() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=True)  # fmt: skip
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+# --- access requests, whoami, policy (ADR 0008): the CLI against the recorded API --------
+
+PENDING = {
+    "request_id": "r-0123456789abcdef",
+    "state": "pending",
+    "requester": {"kind": "github", "label": "gh:repo:octo/app:environment:prod"},
+    "host_id": "db-1",
+    "protocol": "tcp",
+    "port_first": 5432,
+    "port_last": 5432,
+    "sources": ["192.0.2.7/32"],
+    "ttl": 900,
+    "reason": "INC-42",
+    "rule": "dba-db",
+    "approvals_required": 2,
+    "approvers": "dba",
+    "approvals": [
+        {"approver": {"label": "corp:bob@example.com"}, "approve": True,
+         "time": "2026-11-30T12:00:05Z", "comment": "ok"},
+    ],
+    "created_at": "2026-11-30T12:00:00Z",
+    "expires_at": "2026-11-30T13:00:00Z",
+    "decided_at": None,
+    "grant_id": None,
+}  # fmt: skip
+CAROL = {"approver": {"label": "corp:carol@example.com"}, "approve": True,
+         "time": "2026-11-30T12:01:00Z"}  # fmt: skip
+GRANTED = {**PENDING, "state": "granted", "grant_id": "g-00000000000000aa",
+           "approvals": [*PENDING["approvals"], CAROL]}  # fmt: skip
+GRANT = {"grant_id": "g-00000000000000aa", "state": "active", "host_id": "db-1"}
+
+
+@pytest.fixture
+def broker_toml(
+    tmp_path: Path, tls: Tls, monkeypatch: pytest.MonkeyPatch, serve: Callable[..., ApiStub]
+) -> ApiStub:
+    """A recorded API and a broker.toml whose [api] holds the admin token "t0ken"."""
+    stub = serve()
+    token = tmp_path / "admin.token"
+    pki.write_atomic(token, b"t0ken\n", 0o600)
+    config = tmp_path / "broker.toml"
+    config.write_text(f'[api]\nurl = "{stub.url}"\nca = "{tls.ca}"\ntoken_file = "{token}"\n')
+    monkeypatch.setenv(cli.CONFIG_ENV, str(config))
+    monkeypatch.delenv("PORTAGENT_TOKEN", raising=False)
+    monkeypatch.delenv("PORTAGENT_BROKER_TOKEN", raising=False)
+    return stub
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    status = cli.main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _jwt_file(path: Path, claims: dict[str, Any], mode: int = 0o600) -> Path:
+    """A JWT-shaped token (unsigned: the recorded API and offline explain do not verify)."""
+    import base64
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    pki.write_atomic(path, f"{part({'alg': 'RS256', 'kid': 'k1'})}.{part(claims)}.c2ln\n"
+                     .encode(), mode)  # fmt: skip
+    return path
+
+
+def test_requests_list_pages_filters_and_prints_the_table(
+    broker_toml: ApiStub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stub = broker_toml
+    first = "GET /v1/requests?state=pending&host=db-1&limit=1000"
+    other = {**PENDING, "request_id": "r-00000000000000bb", "approvals_required": 0,
+             "approvals": [], "port_last": 5440, "protocol": "udp", "reason": ""}  # fmt: skip
+    stub.on(first, (200, {"requests": [PENDING], "next_after": "r-0123456789abcdef"}))
+    stub.on(first + "&after=r-0123456789abcdef", (200, {"requests": [other], "next_after": None}))
+    status, out, err = _cli(capsys, "requests", "--state", "pending", "--host", "db-1")
+    assert (status, err) == (0, "")
+    header, *rows = out.splitlines()
+    assert header.split() == ["ID", "STATE", "REQUESTER", "HOST", "PORT", "TTL", "APPROVALS",
+                              "REASON", "AGE"]  # fmt: skip
+    first_row, second_row = (row.split() for row in rows)
+    assert first_row[:8] == ["r-0123456789abcdef", "pending", "gh:repo:octo/app:environment:prod",
+                             "db-1", "5432/tcp", "15m", "1/2", "INC-42"]  # fmt: skip
+    assert second_row[4:8] == ["5432-5440/udp", "15m", "-", "-"]
+    assert stub.requests[0].headers["Authorization"] == "Bearer t0ken"  # the admin's
+    # `requests list` is the same command; -o json is the API's objects as they came.
+    status, out, _ = _cli(capsys, "requests", "list", "--state", "pending", "--host", "db-1",
+                          "-o", "json")  # fmt: skip
+    assert (status, json.loads(out)) == (0, [PENDING, other])
+
+
+def test_requests_state_choice_is_checked_before_sending(
+    broker_toml: ApiStub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["requests", "--state", "approved"])
+    assert caught.value.code == 2
+    assert "invalid choice: 'approved'" in capsys.readouterr().err
+    assert broker_toml.requests == []
+
+
+def test_approve_acts_with_the_person_token_and_prints_the_outcome(
+    broker_toml: ApiStub, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    stub = broker_toml
+    route = "POST /v1/requests/r-0123456789abcdef/approve"
+    stub.on(route, (200, {"request": GRANTED, "grant": GRANT, "applied": False}))
+    alice = _jwt_file(tmp_path / "alice.jwt", {"iss": "https://sso", "sub": "alice"})
+    status, out, err = _cli(capsys, "requests", "approve", "r-0123456789abcdef",
+                            "--token-file", str(alice), "--comment", "INC-42 ok")  # fmt: skip
+    assert (status, err) == (0, "")
+    assert out == "r-0123456789abcdef: granted (2/2 approvals), grant g-00000000000000aa active\n"
+    (sent,) = stub.requests
+    assert sent.headers["Authorization"] == f"Bearer {alice.read_text().strip()}"
+    assert sent.body == {"comment": "INC-42 ok"}
+    # $PORTAGENT_TOKEN stands in for --token-file; -o json prints the answer.
+    monkeypatch.setenv("PORTAGENT_TOKEN", "eyJh.eyJi.c2ln")
+    status, out, _ = _cli(capsys, "requests", "approve", "r-0123456789abcdef", "-o", "json")
+    assert json.loads(out) == {"request": GRANTED, "grant": GRANT, "applied": False}
+    assert stub.requests[-1].headers["Authorization"] == "Bearer eyJh.eyJi.c2ln"
+    assert stub.requests[-1].body == {}
+
+
+def test_vote_refusals_print_code_reason_and_exit_status(
+    broker_toml: ApiStub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stub = broker_toml
+    self_approval = {"code": "PERMISSION_DENIED", "reason": "SELF_APPROVAL",
+                     "message": "the requester cannot approve its own request"}  # fmt: skip
+    stub.on("POST /v1/requests/r-0123456789abcdef/approve", (403, {"error": self_approval}))
+    expired = {"code": "UNAUTHENTICATED", "reason": "TOKEN_EXPIRED", "field": "authorization",
+               "message": "the token expired 5m ago"}  # fmt: skip
+    stub.on("POST /v1/requests/r-0123456789abcdef/deny", (401, {"error": expired}))
+    status, out, err = _cli(capsys, "requests", "approve", "r-0123456789abcdef")
+    assert (status, out) == (1, "")
+    assert err == ("portagent-broker: the requester cannot approve its own request "
+                   "(PERMISSION_DENIED SELF_APPROVAL)\n")  # fmt: skip
+    status, _, err = _cli(capsys, "requests", "deny", "r-0123456789abcdef", "--comment", "no")
+    assert status == 2 and err == (
+        "portagent-broker: authorization: the token expired 5m ago "
+        "(UNAUTHENTICATED TOKEN_EXPIRED)\n"
+    )
+    assert len(stub.requests) == 2  # a refused vote is never sent again
+    # A token file others can read is refused before anything is sent.
+    loose = _jwt_file(tmp_path / "loose.jwt", {"iss": "x", "sub": "y"}, mode=0o644)
+    status, _, err = _cli(capsys, "requests", "deny", "r-1", "--token-file", str(loose))
+    assert status == 2 and err.startswith(f"portagent-broker: --token-file: {loose} is readable")
+    assert len(stub.requests) == 2
+
+
+def test_show_close_and_whoami(broker_toml: ApiStub, capsys: pytest.CaptureFixture[str]) -> None:
+    stub = broker_toml
+    stub.on("GET /v1/requests/r-0123456789abcdef",
+            (200, {"request": GRANTED, "grant": GRANT, "applied": True}))  # fmt: skip
+    closed = {**GRANTED, "state": "closed"}
+    revoked = {**GRANT, "state": "revoked"}
+    stub.on("POST /v1/requests/r-0123456789abcdef/close",
+            (200, {"request": closed, "grant": revoked, "applied": False}))  # fmt: skip
+    identity = {"kind": "admin", "issuer": "portagent:admin-token", "issuer_name": "admin",
+                "subject": "tests", "label": "admin:tests", "email": "", "groups": [],
+                "claims": {}}  # fmt: skip
+    stub.on("GET /v1/whoami", (200, {"identity": identity}))
+    status, out, _ = _cli(capsys, "requests", "show", "r-0123456789abcdef")
+    fields = dict(line.split(None, 1) for line in out.splitlines())
+    assert status == 0 and fields["state:"] == "granted" and fields["approvals:"] == "2/2"
+    assert fields["grant:"] == "g-00000000000000aa active" and fields["applied:"] == "yes"
+    assert fields["rule:"] == "dba-db" and fields["sources:"] == "192.0.2.7/32"
+    assert "vote:       corp:bob@example.com approved at 2026-11-30T12:00:05Z: ok" in out
+    status, out, _ = _cli(capsys, "requests", "close", "r-0123456789abcdef")
+    assert (status, out) == (0, "r-0123456789abcdef: closed (2/2 approvals), "
+                                "grant g-00000000000000aa revoked\n")  # fmt: skip
+    assert stub.requests[-1].body == {}
+    status, out, _ = _cli(capsys, "whoami")
+    assert status == 0 and out.splitlines()[0].split() == ["label:", "admin:tests"]
+    assert json.loads(_cli(capsys, "whoami", "-o", "json")[1]) == {"identity": identity}
+    # An id is one path segment, whatever it holds.
+    assert _cli(capsys, "requests", "show", "../grants")[0] == 1
+    assert stub.requests[-1].path == "/v1/requests/..%2Fgrants"
+
+
+def test_policy_show_and_online_explain(
+    broker_toml: ApiStub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stub = broker_toml
+    rules = [{"rule": "dba-db", "max_ttl": 900, "approvals": 1, "approvers": "dba",
+              "sources": "requester", "max_grants": 3},
+             {"rule": "ci-prod", "max_ttl": 3600, "approvals": 0, "approvers": "",
+              "sources": "explicit", "max_grants": 10}]  # fmt: skip
+    stub.on("GET /v1/policy", (200, {"digest": "ab" * 32, "source": "/etc/p.cedar",
+                                     "rules": rules}))  # fmt: skip
+    status, out, _ = _cli(capsys, "policy", "show")
+    lines = out.splitlines()
+    assert status == 0 and lines[:2] == ["policy: /etc/p.cedar", f"digest: {'ab' * 32}"]
+    assert lines[3].split() == ["RULE", "MAX", "TTL", "APPROVALS", "APPROVERS", "SOURCES", "MAX",
+                                "GRANTS"]  # fmt: skip
+    assert lines[4].split() == ["dba-db", "15m", "1", "dba", "requester", "3"]
+    assert lines[5].split() == ["ci-prod", "1h", "0", "-", "explicit", "10"]
+
+    denied = {"decision": {"allowed": False, "rule": "", "reason": "POLICY_DENIED",
+                           "message": "no permit rule matches"},
+              "rules": [{"rule": "dba-db", "effect": "permit", "applies": False, "line": 3,
+                         "note": "scope: principal not in Group::\"dba\""}]}  # fmt: skip
+    stub.on("POST /v1/policy/explain", (200, denied))
+    status, out, _ = _cli(capsys, "policy", "explain", "--kind", "person", "--subject", "alice",
+                          "--issuer-name", "corp", "--email", "alice@example.com",
+                          "--host", "db-1", "--port", "5432/tcp", "--ttl", "15m")  # fmt: skip
+    assert status == 1
+    assert out.splitlines()[:2] == ["DENIED (POLICY_DENIED)", "  no permit rule matches"]
+    last = '  - permit dba-db  line 3    scope: principal not in Group::"dba"'
+    assert out.splitlines()[-1] == last
+    body = stub.requests[-1].body
+    assert body["identity"]["kind"] == "person" and body["identity"]["subject"] == "alice"
+    assert body["identity"]["email"] == "alice@example.com"
+    assert "labels" not in body  # the service takes the host's labels from its inventory
+    assert (body["host"], body["port"], body["ttl"]) == ("db-1", "5432/tcp", "15m")
+    # With a token: the service verifies it (it is sent, not decoded here).
+    token = _jwt_file(tmp_path / "job.jwt", {"iss": "https://gh", "sub": "repo:x"})
+    allowed = {"decision": {"allowed": True, "rule": "ci-prod", "message": "allowed"},
+               "rules": []}  # fmt: skip
+    stub.script["POST /v1/policy/explain"] = [(200, allowed)]
+    status, out, _ = _cli(capsys, "policy", "explain", "--token-file", str(token),
+                          "--host", "db-1", "--label", "role=db", "--port", "5432",
+                          "--ttl", "1h", "-o", "json")  # fmt: skip
+    assert (status, json.loads(out)) == (0, allowed)
+    body = stub.requests[-1].body
+    assert body["token"] == token.read_text().strip() and "identity" not in body
+    assert body["labels"] == {"role": "db"}
+    assert stub.requests[-1].headers["Authorization"] == "Bearer t0ken"  # an admin call
+    status, _, err = _cli(capsys, "policy", "explain", "--host", "h", "--port", "1", "--ttl", "1m")
+    assert status == 2 and err.startswith("portagent-broker: --subject: required")
+
+
+def test_the_request_commands_import_nothing_heavy() -> None:
+    """`requests`, `whoami` and `policy show` stay on the standard-library path too:
+    no Cedar engine, no PyJWT, no grpc."""
+    code = (
+        "import sys\n"
+        "from portagent.broker import cli\n"
+        "for argv in (['requests', '--help'], ['policy', 'explain', '--help']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+        "p = cli.build_parser()\n"
+        "p.parse_args(['requests', 'approve', 'r-1'])\n"
+        "p.parse_args(['whoami'])\n"
+        "p.parse_args(['policy', 'show'])\n"
+        "heavy = ('grpc', 'google', 'cryptography', 'sqlalchemy', 'starlette', 'uvicorn',"
+        " 'psycopg', 'alembic', 'cedarpy', 'jwt')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=True)  # fmt: skip
+    assert result.stdout.splitlines()[-1] == "[]"

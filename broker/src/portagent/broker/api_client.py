@@ -40,10 +40,15 @@ FIRST_BACKOFF = 0.25
 # An answer of the API is at most a page of 1,000 records; this bounds what is read.
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_TOKEN_BYTES = 4096
+# An OIDC ID token (JWT) is longer than an admin token; ADR 0008 bounds it at 16 KiB.
+MAX_JWT_BYTES = 16 * 1024
 # Bounds every paged listing (pages x page size): a server that never stops paging
 # cannot keep the CLI looping.
 MAX_PAGES = 10_000
 TOKEN_ENV = "PORTAGENT_BROKER_TOKEN"  # noqa: S105 - a variable name, not a token
+# A person's (or a job's) OIDC token for the commands that act as that identity
+# (requests approve/deny/close, whoami): the same variable portagent-request reads.
+PERSON_TOKEN_ENV = "PORTAGENT_TOKEN"  # noqa: S105 - a variable name, not a token
 _RETRY_STATUSES = frozenset({503})
 _SAFE_METHODS = frozenset({"GET", "PUT"})
 # TLS alerts a server sends about *our* certificate, by OpenSSL reason: the message
@@ -90,38 +95,52 @@ class ApiUnreachableError(ApiError):
         self.maybe_done = maybe_done
 
 
-def read_token(path: Path) -> str:
-    """A bearer token from a file only its owner can read; ApiConfigError otherwise."""
+def read_token(
+    path: Path, *, where: str = "api.token_file", max_bytes: int = MAX_TOKEN_BYTES
+) -> str:
+    """A bearer token from a file only its owner can read; ApiConfigError otherwise.
+    `where` names the setting or flag in messages."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ApiConfigError(f"api.token_file: cannot read {path}: {exc.strerror}") from None
+        raise ApiConfigError(f"{where}: cannot read {path}: {exc.strerror}") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ApiConfigError(f"api.token_file: {path} is not a regular file")
+            raise ApiConfigError(f"{where}: {path} is not a regular file")
         # Like ssh with a private key: a token others can read is a token others have.
         if info.st_mode & 0o077:
             raise ApiConfigError(
-                f"api.token_file: {path} is readable by others "
+                f"{where}: {path} is readable by others "
                 f"(mode {info.st_mode & 0o777:04o}); chmod 600 it"
             )
-        data = os.read(fd, MAX_TOKEN_BYTES + 1)
+        data = os.read(fd, max_bytes + 2)  # + a final newline, + 1 to see "too long"
     finally:
         os.close(fd)
-    return check_token(data.decode("utf-8", "replace"), f"api.token_file: {path}")
+    return check_token(data.decode("utf-8", "replace"), f"{where}: {path}", max_bytes=max_bytes)
 
 
-def check_token(text: str, where: str) -> str:
+def check_token(text: str, where: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> str:
     token = text.strip()
     if not token:
         raise ApiConfigError(f"{where}: empty token")
     # It goes into an HTTP header: printable ASCII without blanks, bounded.
-    if len(token) > MAX_TOKEN_BYTES or not all(0x21 <= ord(c) <= 0x7E for c in token):
+    if len(token) > max_bytes or not all(0x21 <= ord(c) <= 0x7E for c in token):
         raise ApiConfigError(
-            f"{where}: a token is at most {MAX_TOKEN_BYTES} printable ASCII characters, no blanks"
+            f"{where}: a token is at most {max_bytes} printable ASCII characters, no blanks"
         )
     return token
+
+
+def person_token(token_file: Path | None) -> str | None:
+    """The OIDC token a command acts with instead of the admin credentials of [api]:
+    `--token-file`, else $PORTAGENT_TOKEN, else None (the admin credentials)."""
+    if token_file is not None:
+        return read_token(token_file, where="--token-file", max_bytes=MAX_JWT_BYTES)
+    env = os.environ.get(PERSON_TOKEN_ENV)
+    if env:
+        return check_token(env, f"${PERSON_TOKEN_ENV}", max_bytes=MAX_JWT_BYTES)
+    return None
 
 
 def ssl_context(
@@ -184,13 +203,20 @@ class ApiClient:
 
     @classmethod
     def from_settings(
-        cls, api: ApiSettings, *, timeout: float = DEFAULT_TIMEOUT, tries: int = DEFAULT_TRIES
+        cls,
+        api: ApiSettings,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        tries: int = DEFAULT_TRIES,
+        token: str | None = None,
     ) -> ApiClient:
-        """The token comes from $PORTAGENT_BROKER_TOKEN, else `[api] token_file`;
-        a client certificate may stand in for it (or come with it)."""
-        token: str | None = None
+        """The token comes from `token` (a person's OIDC token, see person_token), else
+        $PORTAGENT_BROKER_TOKEN, else `[api] token_file`; a client certificate may stand
+        in for it (or come with it)."""
         env = os.environ.get(TOKEN_ENV)
-        if env:
+        if token is not None:
+            pass  # the service reads a bearer token before the client certificate
+        elif env:
             token = check_token(env, f"${TOKEN_ENV}")
         elif api.token_file is not None:
             token = read_token(api.token_file)
@@ -421,6 +447,50 @@ class ApiClient:
 
     def remove_host(self, host_id: str) -> None:
         self.request("DELETE", f"/v1/hosts/{_segment(host_id)}")
+
+    # ---- access requests, policy, identity (ADR 0008) ---------------------------------
+
+    def whoami(self) -> dict[str, Any]:
+        return _object(self.request("GET", "/v1/whoami"), "identity")
+
+    def get_policy(self) -> dict[str, Any]:
+        """GET /v1/policy: {digest, source, rules: [...]}."""
+        return self.request("GET", "/v1/policy")
+
+    def explain(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /v1/policy/explain: the explanation (it changes nothing: safe to resend)."""
+        return self.request("POST", "/v1/policy/explain", body=body, idempotent=True)
+
+    def iter_requests(
+        self, *, state: str | None = None, host: str | None = None, page_size: int = 1000
+    ) -> Iterator[dict[str, Any]]:
+        query: list[tuple[str, str]] = []
+        for name, value in (("state", state), ("host", host)):
+            if value is not None:
+                query.append((name, value))
+        yield from self._pages("/v1/requests", "requests", query, page_size)
+
+    def get_request(self, request_id: str) -> dict[str, Any]:
+        """{"request": {...}, "grant": {...} | null, "applied": bool}."""
+        answer = self.request("GET", f"/v1/requests/{_segment(request_id)}")
+        _object(answer, "request")
+        return answer
+
+    def decide_request(
+        self, request_id: str, *, approve: bool, comment: str = ""
+    ) -> dict[str, Any]:
+        """POST /v1/requests/{id}/approve | /deny. Not resent: a second vote of the same
+        identity is refused (ALREADY_DECIDED), which would hide that the first counted."""
+        verb = "approve" if approve else "deny"
+        body = {"comment": comment} if comment else {}
+        answer = self.request("POST", f"/v1/requests/{_segment(request_id)}/{verb}", body=body)
+        _object(answer, "request")
+        return answer
+
+    def close_request(self, request_id: str) -> dict[str, Any]:
+        answer = self.request("POST", f"/v1/requests/{_segment(request_id)}/close", body={})
+        _object(answer, "request")
+        return answer
 
     def iter_audit(self, *, after: int = 0, page_size: int = 1000) -> Iterator[dict[str, Any]]:
         cursor: int | None = after

@@ -6,15 +6,18 @@ Two ways to deliver a grant or a revocation (docs/broker.md, "Which path"):
   * straight to one agent's AgentService (mutual TLS gRPC), with `--agent ADDR` or
     `--direct` (then `[tls]`, `[signing]` and `[hosts.HOST]` of broker.toml are used),
     or when broker.toml has no `[api]`.
-`grants`, `hosts` and `audit` always use the service; `list`, `get` and `watch` always
-ask an agent directly; `init`, `keygen`, `pubkey` and `keys` work on local files.
+`grants`, `hosts`, `audit`, `requests`, `whoami` and `policy show` always use the
+service; `list`, `get` and `watch` always ask an agent directly; `init`, `keygen`,
+`pubkey`, `keys` and `policy validate` work on local files; `policy explain` does
+either (ADR 0008).
 
 Start-up cost matters for a command line: the service commands import only the
-standard library (api_client.py); grpc, protobuf and cryptography are imported by
-the commands that need them, when they run.
+standard library (api_client.py); grpc, protobuf, cryptography and the Cedar policy
+engine (cedarpy) are imported by the commands that need them, when they run.
 
 Exit status: 0 done; 1 refused (by the service or the agent), or `audit verify`
-found the chain broken; 2 bad input or configuration, or no usable answer.
+found the chain broken, `policy validate` an invalid file, `policy explain` a denial;
+2 bad input or configuration, or no usable answer.
 """
 
 from __future__ import annotations
@@ -30,11 +33,14 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from portagent.broker.api_client import (
+    MAX_JWT_BYTES,
     ApiClient,
     ApiConfigError,
     ApiError,
     ApiRefusedError,
     ApiUnreachableError,
+    person_token,
+    read_token,
 )
 from portagent.broker.settings import (
     BrokerSettings,
@@ -75,14 +81,23 @@ examples (the broker service, `[api]` in broker.toml):
   {PROG} revoke g-0123456789abcdef --reason done
   {PROG} audit verify
 
+examples (identity, policy and access requests):
+  {PROG} policy validate /etc/portagent-broker/policy.cedar
+  {PROG} policy explain --policy policy.cedar --kind person --subject alice \\
+      --issuer-name corp --group dba --host db-1 --label role=db --port 5432/tcp --ttl 15m
+  {PROG} requests --state pending
+  {PROG} requests approve r-0123456789abcdef --token-file ~/.alice.jwt --comment INC-42
+  {PROG} whoami
+
 examples (straight to one agent, no service):
   {PROG} grant --direct --host web1 --source 2001:db8::/64 --port 8000-8010 --ttl 1h \\
       --subject ci --reason TICKET-42 -o json
   {PROG} list --host web1
   {PROG} revoke --direct --host web1 g-0123456789abcdef --reason "done"
 
-exit status: 0 done; 1 refused (by the service or the agent), or a broken audit
-chain; 2 bad input or configuration, or the service/agent could not be reached.
+exit status: 0 done; 1 refused (by the service or the agent), a broken audit
+chain, an invalid policy or a denied `policy explain`; 2 bad input or configuration,
+or the service/agent could not be reached.
 """
 
 
@@ -240,14 +255,14 @@ def _load_config(args: argparse.Namespace) -> BrokerSettings:
         raise UsageError(f"{path}:\n  " + "\n  ".join(exc.problems)) from None
 
 
-def _api(settings: BrokerSettings) -> ApiClient:
+def _api(settings: BrokerSettings, *, token: str | None = None) -> ApiClient:
     if settings.api is None:
         raise UsageError(
             f"api.url: not set in {settings.source_path}; add an [api] table "
             '(url = "https://broker.example:8443", ca, token_file) to use the broker service'
         )
     try:
-        return ApiClient.from_settings(settings.api, timeout=settings.timeout)
+        return ApiClient.from_settings(settings.api, timeout=settings.timeout, token=token)
     except ApiConfigError as exc:
         raise UsageError(str(exc)) from None
 
@@ -879,6 +894,549 @@ def cmd_serve(argv: Sequence[str]) -> int:
     return int(serve.main(list(argv)))
 
 
+# --- policy, access requests, identity (ADR 0008) -----------------------------------------
+
+# What a request command acts as: a person's OIDC token (approve, deny) or the admin
+# credentials of [api].
+ACTING_HELP = (
+    "act as the identity of this OIDC token (a person approving, a job closing its "
+    "request) instead of the admin credentials of [api]; default: $PORTAGENT_TOKEN if set"
+)
+REQUEST_STATES = ("pending", "granted", "denied", "expired", "cancelled", "closed")
+IDENTITY_KINDS = ("person", "github", "buildkite", "admin")
+# Bounds what `policy explain` reads from --identity (an Identity.to_json object).
+MAX_IDENTITY_FILE = 64 * 1024
+# The issuer a token of each kind names when --issuer is not given (offline explain).
+_DEFAULT_ISSUERS = {
+    "github": "https://token.actions.githubusercontent.com",
+    "buildkite": "https://agent.buildkite.com",
+}
+# query_from_json's field names, as the operator typed them.
+_EXPLAIN_FLAGS = {
+    "identity": "--identity",
+    "host": "--host",
+    "labels": "--label",
+    "port": "--port",
+    "ttl": "--ttl",
+    "sources": "--source",
+    "active_grants": "--active-grants",
+    "reason": "--reason",
+}
+
+
+def _acting_api(settings: BrokerSettings, args: argparse.Namespace) -> ApiClient:
+    """The service, as the identity of --token-file / $PORTAGENT_TOKEN when given."""
+    try:
+        token = person_token(Path(args.token_file) if args.token_file else None)
+    except ApiConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return _api(settings, token=token)
+
+
+def cmd_policy_validate(args: argparse.Namespace) -> int:
+    """Loads the file as the service would; every problem on its own line."""
+    from portagent.broker.policy.cedar import Policy, limits_json
+    from portagent.broker.policy.model import PolicyError
+
+    try:
+        policy = Policy.load(Path(args.file))
+    except PolicyError as exc:
+        if args.output == "json":
+            _print_json({"file": args.file, "valid": False, "problems": list(exc.problems)})
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_REFUSED
+    except ImportError as exc:  # the policy engine is not installed
+        raise UsageError(str(exc)) from None
+    ids = [rule.rule_id for rule in policy.rules]
+    if args.output == "json":
+        _print_json(
+            {
+                "file": args.file,
+                "valid": True,
+                "digest": policy.digest,
+                "rules": [limits_json(rule) for rule in policy.rules],
+                "problems": [],
+            }
+        )
+    else:
+        print(f"{args.file}: valid ({len(ids)} rules: {', '.join(ids) or '-'}; "
+              f"digest {policy.digest})")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_policy_show(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    with _api(settings) as api:
+        answer = api.get_policy()
+    if args.output == "json":
+        _print_json(answer)
+        return EXIT_OK
+    print(f"policy: {_text(answer.get('source'))}")
+    print(f"digest: {_text(answer.get('digest'))}")
+    rules = answer.get("rules")
+    rows = []
+    for rule in rules if isinstance(rules, list) else []:
+        if not isinstance(rule, dict):
+            continue
+        explicit = rule.get("explicit_sources")
+        sources = rule.get("sources", "explicit" if explicit else "requester")
+        rows.append(
+            (
+                _text(rule.get("rule", rule.get("id"))),
+                _duration_text(rule.get("max_ttl")),
+                str(_number(rule.get("approvals"))),
+                _text(rule.get("approvers")),
+                _text(sources),
+                _text(rule.get("max_grants")),
+            )
+        )
+    print()
+    _print_rows(("RULE", "MAX TTL", "APPROVALS", "APPROVERS", "SOURCES", "MAX GRANTS"), rows)
+    return EXIT_OK
+
+
+def _duration_text(value: object) -> str:
+    """Seconds as the service sends them (a number), or a duration it already wrote."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return format_duration(value)
+    return _text(value)
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    """Offline (--policy FILE) with the engine here, or the service's answer."""
+    query: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "ttl": args.ttl,
+        "labels": _labels(args.label, "--label"),
+        "active_grants": args.active_grants,
+        "reason": args.reason,
+    }
+    if args.source:
+        query["sources"] = list(args.source)
+    if args.policy is not None:
+        query["identity"] = _explain_identity(args)
+        return _explain_offline(args, query)
+    if args.token_file is not None:
+        # The service verifies it: what it would decide for the real token.
+        try:
+            query["token"] = read_token(Path(args.token_file), where="--token-file",
+                                        max_bytes=MAX_JWT_BYTES)  # fmt: skip
+        except ApiConfigError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        query["identity"] = _explain_identity(args)
+    if not args.label:
+        del query["labels"]  # the service uses the host's labels from its inventory
+    settings = _load_config(args)
+    with _api(settings) as api:
+        answer = api.explain(query)
+    if args.output == "json":
+        _print_json(answer)
+    else:
+        print(_explanation_text(answer), end="")
+    return EXIT_OK if _allowed(answer) else EXIT_REFUSED
+
+
+def _explain_offline(args: argparse.Namespace, query: dict[str, Any]) -> int:
+    from portagent.broker.policy.cedar import (
+        Policy,
+        explanation_json,
+        explanation_text,
+        query_from_json,
+    )
+    from portagent.broker.policy.model import PolicyError
+
+    try:
+        policy = Policy.load(Path(args.policy))
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise UsageError(f"--policy: {args.policy} is not a valid policy") from None
+    except ImportError as exc:  # the policy engine is not installed
+        raise UsageError(str(exc)) from None
+    try:
+        access = query_from_json(query, now=time.time())
+    except ValueError as exc:
+        raise UsageError(_explain_flag(str(exc), _identity_flag(args))) from None
+    explanation = policy.explain(access)
+    if args.output == "json":
+        _print_json(explanation_json(explanation))
+    else:
+        text = explanation_text(explanation)
+        print(text, end="" if text.endswith("\n") else "\n")
+    return EXIT_OK if explanation.decision.allowed else EXIT_REFUSED
+
+
+def _explain_flag(message: str, identity_flag: str) -> str:
+    """'ttl: ...' from query_from_json becomes '--ttl: ...'; 'identity.email: ...'
+    names the option the identity came from."""
+    field, sep, rest = message.partition(":")
+    head = field.split(".")[0]
+    if sep and head in _EXPLAIN_FLAGS:
+        flag = identity_flag if head == "identity" else _EXPLAIN_FLAGS[head]
+        return f"{flag}: {rest.strip()}" if field == head else f"{flag} ({field}):{rest}"
+    return message
+
+
+def _identity_flag(args: argparse.Namespace) -> str:
+    if args.identity is not None:
+        return "--identity"
+    if args.token_file is not None:
+        return "--token-file"
+    return "--kind/--subject/--claim"
+
+
+def _explain_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """The identity to explain for, as Identity.to_json writes it: from --identity,
+    from --token-file (offline: decoded WITHOUT verification), or the quick flags."""
+    if args.identity is not None:
+        return _identity_file(Path(args.identity))
+    if args.token_file is not None:
+        return _unverified_token_identity(Path(args.token_file), args)
+    if args.subject is None:
+        raise UsageError(
+            "--subject: required (or give the identity with --identity FILE.json "
+            "or --token-file FILE)"
+        )
+    kind = args.kind or "person"
+    name = args.issuer_name or kind
+    claims = _labels(args.claim, "--claim")
+    if kind != "admin":
+        claims.setdefault("sub", args.subject)
+    identity: dict[str, Any] = {
+        "kind": kind,
+        "issuer": args.issuer or _default_issuer(kind, name),
+        "issuer_name": name,
+        "subject": args.subject,
+        "email": args.email or "",
+        "groups": list(args.group or ()),
+        "claims": _typed_claims(kind, claims),
+    }
+    if kind == "person":
+        identity["claims"]["groups"] = list(identity["groups"])
+        if args.email:
+            identity["claims"]["email"] = args.email
+    return identity
+
+
+def _default_issuer(kind: str, name: str) -> str:
+    if kind == "admin":
+        from portagent.broker.identity.model import ADMIN_TOKEN_ISSUER
+
+        return ADMIN_TOKEN_ISSUER
+    return _DEFAULT_ISSUERS.get(kind, f"https://{name}.invalid")
+
+
+def _typed_claims(kind: str, claims: Mapping[str, str]) -> dict[str, Any]:
+    """Claims as a real token carries them: Buildkite's build_number is a number."""
+    typed: dict[str, Any] = dict(claims)
+    if kind == "buildkite" and "build_number" in typed:
+        try:
+            typed["build_number"] = int(typed["build_number"])
+        except ValueError:
+            raise UsageError(
+                f"--claim: build_number must be a number, got {claims['build_number']!r}"
+            ) from None
+    return typed
+
+
+def _identity_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_IDENTITY_FILE + 1)
+    except OSError as exc:
+        raise UsageError(f"--identity: cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_IDENTITY_FILE:
+        raise UsageError(f"--identity: {path} is larger than {MAX_IDENTITY_FILE} bytes")
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(f"--identity: {path} is not JSON: {exc}") from None
+    # `whoami -o json` prints {"identity": {...}}: accept that file as is.
+    if isinstance(value, dict) and isinstance(value.get("identity"), dict):
+        value = value["identity"]
+    if not isinstance(value, dict):
+        raise UsageError(f"--identity: {path} is not a JSON object (Identity.to_json)")
+    return value
+
+
+def _unverified_token_identity(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """An identity from a JWT's claims, NOT verified (no signature, issuer or time
+    check): only to ask an offline policy what it would decide for such a token."""
+    import base64
+    import binascii
+
+    from portagent.broker.identity.model import FIRST_CLASS_CLAIMS, IdentityKind
+
+    try:
+        token = read_token(path, where="--token-file", max_bytes=MAX_JWT_BYTES)
+    except ApiConfigError as exc:
+        raise UsageError(str(exc)) from None
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise UsageError(f"--token-file: {path} does not hold a JWT (three dot-separated parts)")
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        raise UsageError(f"--token-file: {path}: the JWT's payload is not base64url JSON") from None
+    if not isinstance(payload, dict):
+        raise UsageError(f"--token-file: {path}: the JWT's payload is not a JSON object")
+    issuer, subject = payload.get("iss"), payload.get("sub")
+    if not isinstance(issuer, str) or not isinstance(subject, str) or not issuer or not subject:
+        raise UsageError(f"--token-file: {path}: the JWT has no iss or sub claim")
+    inferred = {v: k for k, v in _DEFAULT_ISSUERS.items()}.get(issuer.rstrip("/"), "person")
+    kind = args.kind or inferred
+    if kind == "admin":
+        raise UsageError("--kind: admin identities have no OIDC token")
+    claims = {
+        name: payload[name]
+        for name in FIRST_CLASS_CLAIMS[IdentityKind(kind)]
+        if name in payload and payload[name] is not None
+    }
+    groups = payload.get("groups", []) if kind == "person" else []
+    email = payload.get("email", "") if kind == "person" else ""
+    return {
+        "kind": kind,
+        "issuer": issuer,
+        "issuer_name": args.issuer_name or (kind if kind != "person" else _host_of(issuer)),
+        "subject": subject,
+        "email": email,
+        "groups": groups,
+        "claims": claims,
+    }
+
+
+def _host_of(url: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.urlsplit(url).hostname or "oidc"
+
+
+def _allowed(answer: Mapping[str, Any]) -> bool:
+    decision = answer.get("decision")
+    return isinstance(decision, dict) and decision.get("allowed") is True
+
+
+def _explanation_text(answer: Mapping[str, Any]) -> str:
+    """The service's explanation (explanation_json), for a human, in the layout of
+    policy.cedar.explanation_text (which needs the policy engine: not on this path)."""
+    decision = answer.get("decision")
+    decision = decision if isinstance(decision, dict) else {}
+    rule = decision.get("rule")
+    by = f" by rule {rule}" if rule else ""
+    if decision.get("allowed") is True:
+        lines = [f"ALLOWED{by}"]
+    else:
+        lines = [f"DENIED ({_text(decision.get('reason'))}){by}"]
+    lines.append(f"  {_text(decision.get('message'))}")
+    limits = decision.get("limits")
+    if isinstance(limits, dict):
+        lines.append(f"  limits: {_limits_text(limits)}")
+    context = answer.get("context")
+    if isinstance(context, dict) and context:
+        lines.append("  context: " + _pairs(context))
+    entities = answer.get("entities")
+    principal = entities[0] if isinstance(entities, list) and entities else None
+    if isinstance(principal, dict) and isinstance(principal.get("uid"), dict):
+        lines.append(f"  principal: {_uid_text(principal['uid'])}")
+        attrs = principal.get("attrs")
+        if isinstance(attrs, dict) and attrs:
+            lines.append("    " + _pairs(attrs))
+        parents = principal.get("parents")
+        if isinstance(parents, list) and parents:
+            lines.append("    in " + ", ".join(_uid_text(p) for p in parents))
+    rules = [r for r in answer.get("rules") or () if isinstance(r, dict)]
+    if rules:
+        lines.append("rules:")
+        ids = [_text(r.get("rule", r.get("id"))) for r in rules]
+        width = max(len(i) for i in ids)
+        for rule_id, r in zip(ids, rules, strict=True):
+            mark = "*" if r.get("applies") is True else "-"
+            where = f"line {r['line']}" if r.get("line") else "line ?"
+            note = r.get("note") if isinstance(r.get("note"), str) else ""
+            effect = _text(r.get("effect"))
+            lines.append(f"  {mark} {effect:<6} {rule_id:<{width}}  {where:<9} {note}".rstrip())
+    else:
+        lines.append("rules: (none: everything is denied)")
+    return "\n".join(lines) + "\n"
+
+
+def _pairs(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in values.items())
+
+
+def _uid_text(uid: object) -> str:
+    if not isinstance(uid, dict):
+        return _text(uid)
+    return f"{_text(uid.get('type'))}::{json.dumps(uid.get('id'), ensure_ascii=False)}"
+
+
+def _limits_text(limits: Mapping[str, Any]) -> str:
+    """A permit rule's limits (limits_json) in one line."""
+    parts = [f"max_ttl {_duration_text(limits.get('max_ttl'))}"]
+    approvals = _number(limits.get("approvals"))
+    if approvals:
+        parts.append(f"{approvals} approval(s) from {_text(limits.get('approvers'))}")
+    else:
+        parts.append("no approval")
+    explicit = limits.get("sources") == "explicit"
+    parts.append("explicit sources" if explicit else "requester's address only")
+    parts.append(f"max_grants {_text(limits.get('max_grants'))}")
+    return ", ".join(parts)
+
+
+def _request_fields(r: Mapping[str, Any], now: float) -> dict[str, str]:
+    """One access request (the API's request object) as table cells."""
+    requester = r.get("requester")
+    who = requester.get("label") if isinstance(requester, dict) else requester
+    ports = r.get("ports")
+    if ports is None:
+        first, last = r.get("port_first"), r.get("port_last")
+        ports = first if first == last or last is None else f"{first}-{last}"
+    required = _number(r.get("approvals_required"))
+    approvals = r.get("approvals")
+    approved = r.get("approved_count")
+    if not isinstance(approved, int) and isinstance(approvals, list):
+        approved = len([a for a in approvals if isinstance(a, dict) and a.get("approve")])
+    ttl = r.get("ttl_seconds", r.get("ttl"))
+    created = r.get("created_at", r.get("created"))
+    age = _ago(created, now)
+    return {
+        "id": _text(r.get("request_id", r.get("id"))),
+        "state": _text(r.get("state")),
+        "requester": _text(who),
+        "host": _text(r.get("host_id", r.get("host"))),
+        "port": f"{_text(ports)}/{_text(r.get('protocol'))}",
+        "ttl": _duration_text(ttl),
+        "approvals": f"{_number(approved)}/{required}" if required else "-",
+        "reason": _text(r.get("reason")),
+        "age": age[: -len(" ago")] if age.endswith(" ago") else age,
+    }
+
+
+def _print_requests(requests: Sequence[Mapping[str, Any]], now: float) -> None:
+    header = ("ID", "STATE", "REQUESTER", "HOST", "PORT", "TTL", "APPROVALS", "REASON", "AGE")
+    keys = [h.lower() for h in header]
+    rows = []
+    for r in requests:
+        cells = _request_fields(r, now)
+        rows.append([cells[k] for k in keys])
+    _print_rows(header, rows)
+
+
+def _print_request(answer: Mapping[str, Any], now: float) -> None:
+    """`requests show`: the request, its votes, and its grant when there is one."""
+    r = answer.get("request")
+    r = r if isinstance(r, dict) else {}
+    cells = _request_fields(r, now)
+    lines = [(name, cells[name]) for name in ("id", "state", "requester", "host", "port", "ttl")]
+    lines += [
+        ("sources", _text(r.get("sources"))),
+        ("reason", cells["reason"]),
+        ("rule", _text(r.get("rule"))),
+        ("approvals", cells["approvals"]),
+        ("approvers", _text(r.get("approvers"))),
+        ("created", _text(r.get("created_at"))),
+        ("expires", _text(r.get("expires_at"))),
+        ("decided", _text(r.get("decided_at"))),
+    ]
+    votes = r.get("approvals")
+    for vote in votes if isinstance(votes, list) else []:
+        if isinstance(vote, dict):
+            approver = vote.get("approver")
+            name = approver.get("label") if isinstance(approver, dict) else approver
+            verb = "approved" if vote.get("approve") else "denied"
+            comment = f": {vote['comment']}" if vote.get("comment") else ""
+            lines.append(("vote", f"{_text(name)} {verb} at {_text(vote.get('time'))}{comment}"))
+    grant = answer.get("grant")
+    if isinstance(grant, dict):
+        lines.append(("grant", f"{_text(grant.get('grant_id'))} {_text(grant.get('state'))}"))
+        lines.append(("applied", _text(bool(answer.get("applied")))))
+    else:
+        lines.append(("grant", _text(r.get("grant_id"))))
+    for name, value in lines:
+        print(f"{name + ':':<11} {value}")
+
+
+def cmd_requests_list(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    with _acting_api(settings, args) as api:
+        requests = list(api.iter_requests(state=args.state, host=args.host))
+    if args.output == "json":
+        _print_json(requests)
+    else:
+        _print_requests(requests, time.time())
+    return EXIT_OK
+
+
+def cmd_requests_show(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    with _acting_api(settings, args) as api:
+        answer = api.get_request(args.request_id)
+    if args.output == "json":
+        _print_json(answer)
+    else:
+        _print_request(answer, time.time())
+    return EXIT_OK
+
+
+def _print_decided(args: argparse.Namespace, answer: Mapping[str, Any]) -> None:
+    if args.output == "json":
+        _print_json(answer)
+        return
+    r = answer.get("request")
+    r = r if isinstance(r, dict) else {}
+    cells = _request_fields(r, time.time())
+    text = f"{cells['id']}: {cells['state']}"
+    if cells["approvals"] != "-":
+        text += f" ({cells['approvals']} approvals)"
+    grant = answer.get("grant")
+    if isinstance(grant, dict) and grant.get("grant_id"):
+        text += f", grant {grant['grant_id']} {_text(grant.get('state'))}"
+    print(text)
+
+
+def cmd_requests_approve(args: argparse.Namespace) -> int:
+    return _decide(args, approve=True)
+
+
+def cmd_requests_deny(args: argparse.Namespace) -> int:
+    return _decide(args, approve=False)
+
+
+def _decide(args: argparse.Namespace, *, approve: bool) -> int:
+    settings = _load_config(args)
+    with _acting_api(settings, args) as api:
+        answer = api.decide_request(args.request_id, approve=approve, comment=args.comment)
+    _print_decided(args, answer)
+    return EXIT_OK
+
+
+def cmd_requests_close(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    with _acting_api(settings, args) as api:
+        answer = api.close_request(args.request_id)
+    _print_decided(args, answer)
+    return EXIT_OK
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    settings = _load_config(args)
+    with _acting_api(settings, args) as api:
+        identity = api.whoami()
+    if args.output == "json":
+        _print_json({"identity": identity})
+        return EXIT_OK
+    for name in ("label", "kind", "issuer", "issuer_name", "subject", "email", "groups"):
+        print(f"{name + ':':<13} {_text(identity.get(name))}")
+    claims = identity.get("claims")
+    for key, value in sorted(claims.items()) if isinstance(claims, dict) else ():
+        print(f"{'claim:':<13} {key}={_text(value)}")
+    return EXIT_OK
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -1170,6 +1728,183 @@ def build_parser() -> argparse.ArgumentParser:
             default=DEFAULT_KEYS_DIR,
             help=f"the service's keys_dir (default {DEFAULT_KEYS_DIR})",
         )
+
+    # ---- policy, access requests, identity
+    policy = add(
+        "policy",
+        None,
+        "check the Cedar policy file, see the service's policy, explain a decision",
+        [],
+        f"examples:\n  {PROG} policy validate /etc/portagent-broker/policy.cedar\n"
+        f"  {PROG} policy explain --policy policy.cedar --kind person --subject alice \\\n"
+        "      --issuer-name corp --group dba --host db-1 --label role=db --port 5432/tcp "
+        "--ttl 15m\n"
+        f"  {PROG} policy show",
+    )
+    policy_sub = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+    p = add(
+        "validate",
+        cmd_policy_validate,
+        "load a policy file as the service would: exit 0 if valid, 1 listing each problem",
+        [output],
+        f"example:\n  {PROG} policy validate /etc/portagent-broker/policy.cedar",
+        into=policy_sub,
+    )
+    p.add_argument("file", metavar="FILE", help="the Cedar policy file")
+    p = add(
+        "explain",
+        cmd_policy_explain,
+        "would this identity get this access, and which rule decides? exit 0 allowed, 1 denied",
+        [common, output],
+        f"examples (offline, with the policy engine here):\n"
+        f"  {PROG} policy explain --policy policy.cedar --kind github --subject \\\n"
+        "      repo:octo/app:environment:prod --claim repository=octo/app "
+        "--claim environment=prod \\\n"
+        "      --host db-1 --label role=db --port 5432/tcp --ttl 15m\n"
+        f"  {PROG} policy explain --policy policy.cedar --identity alice.json "
+        "--host db-1 --port 5432/tcp --ttl 1h\n"
+        f"  {PROG} policy explain --policy policy.cedar --token-file job.jwt "
+        "--host db-1 --port 5432 --ttl 15m\n"
+        "examples (the service's policy, host labels from its inventory):\n"
+        f"  {PROG} policy explain --kind person --subject alice --issuer-name corp "
+        "--group dba \\\n      --host db-1 --port 5432/tcp --ttl 15m -o json\n\n"
+        "The identity comes from --identity (an Identity JSON, e.g. `whoami -o json`),\n"
+        "--token-file, or the quick flags (--kind, --subject, --issuer-name, --issuer,\n"
+        "--email, --group, --claim). With --policy, a --token-file is only DECODED, NOT\n"
+        "VERIFIED (no signature, issuer or expiry check): the answer says what the policy\n"
+        "would decide for such a token, nothing more. Without --policy the service verifies\n"
+        "the token and answers with its loaded policy (an admin call).",
+        into=policy_sub,
+    )
+    p.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="explain offline against this policy file (default: ask the service)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="FILE.json",
+        help="the identity: a JSON object as `whoami -o json` prints it",
+    )
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the identity of this OIDC token (offline: decoded, not verified)",
+    )
+    p.add_argument(
+        "--kind",
+        choices=IDENTITY_KINDS,
+        help="quick identity: its kind (default person; with --token-file: from iss)",
+    )
+    p.add_argument("--subject", help="quick identity: the token's sub (an admin's name)")
+    p.add_argument(
+        "--issuer-name",
+        metavar="NAME",
+        help="quick identity: the issuer's short name in service.toml (default: kind)",
+    )
+    p.add_argument("--issuer", metavar="URL", help="quick identity: the token's iss")
+    p.add_argument("--email", help="quick identity: a person's email")
+    p.add_argument(
+        "--group",
+        action="append",
+        metavar="GROUP",
+        help="quick identity: a person's group (repeat)",
+    )
+    p.add_argument(
+        "--claim",
+        action="append",
+        metavar="NAME=VALUE",
+        help="quick identity: a first-class claim, e.g. repository=octo/app (repeat)",
+    )
+    p.add_argument("--host", required=True, metavar="HOST", help="the host asked for")
+    p.add_argument(
+        "--label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the host's labels (repeat; online default: the inventory's)",
+    )
+    p.add_argument("--port", required=True, metavar="PORTSPEC", help="e.g. 5432/tcp, 8000-8010")
+    p.add_argument("--ttl", required=True, metavar="DURATION", help="e.g. 15m, 1h")
+    p.add_argument(
+        "--source",
+        action="append",
+        metavar="IP|CIDR",
+        help="explicit sources (repeat; default: the requester's own address)",
+    )
+    p.add_argument(
+        "--active-grants",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the identity's active grants now (default 0)",
+    )
+    p.add_argument("--reason", default="explain", help="the request's reason (policy context)")
+    add(
+        "show",
+        cmd_policy_show,
+        "the service's loaded policy: its file, digest and each permit rule's limits",
+        [common, output],
+        f"example:\n  {PROG} policy show -o json",
+        into=policy_sub,
+    )
+
+    requests = add(
+        "requests",
+        cmd_requests_list,
+        "access requests: list, show, approve, deny, close (the service)",
+        [common, output],
+        f"examples:\n  {PROG} requests --state pending\n"
+        f"  {PROG} requests show r-0123456789abcdef\n"
+        f"  {PROG} requests approve r-0123456789abcdef --token-file ~/.alice.jwt "
+        "--comment INC-42\n"
+        f"  {PROG} requests deny r-0123456789abcdef --comment 'not during the freeze'\n"
+        f"  {PROG} requests close r-0123456789abcdef\n\n"
+        "columns: ID STATE REQUESTER HOST PORT TTL APPROVALS REASON AGE\n"
+        "Approving takes a person's OIDC token (--token-file, or $PORTAGENT_TOKEN): an admin\n"
+        "may deny but not approve, and nobody approves their own request. An admin lists\n"
+        "every request; a person sees their own and the pending ones they may approve.",
+    )
+
+    def request_filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state", choices=REQUEST_STATES, help="only requests in this state")
+        p.add_argument("--host", metavar="HOST", help="only requests for this host")
+
+    def acting(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--token-file", metavar="FILE", help=ACTING_HELP)
+
+    request_filters(requests)
+    acting(requests)
+    requests_sub = requests.add_subparsers(dest="requests_command", metavar="ACTION")
+    p = add("list", cmd_requests_list, "list requests (the default)", [common, output],
+            f"example:\n  {PROG} requests list --state pending --host db-1",
+            into=requests_sub)  # fmt: skip
+    request_filters(p)
+    acting(p)
+    for name, handler, text, example in (
+        ("show", cmd_requests_show, "one request: its votes and its grant", "show"),
+        ("approve", cmd_requests_approve, "approve a pending request (as a person in the "
+         "rule's @approvers group)", "approve --token-file ~/.alice.jwt"),
+        ("deny", cmd_requests_deny, "deny a pending request: it never makes a grant",
+         "deny --comment 'use the replica'"),
+        ("close", cmd_requests_close, "end a request: pending -> cancelled; granted -> its "
+         "grant is revoked (closed)", "close"),
+    ):  # fmt: skip
+        p = add(name, handler, text, [common, output],
+                f"example:\n  {PROG} requests {example} r-0123456789abcdef",
+                into=requests_sub)  # fmt: skip
+        p.add_argument("request_id", metavar="REQUEST_ID")
+        acting(p)
+        if name in ("approve", "deny"):
+            p.add_argument("--comment", default="", help="why (recorded in the audit chain)")
+
+    p = add(
+        "whoami",
+        cmd_whoami,
+        "the identity the service sees for these credentials",
+        [common, output],
+        f"examples:\n  {PROG} whoami\n  {PROG} whoami --token-file ~/.alice.jwt -o json",
+    )
+    acting(p)
 
     # ---- local set-up
     p = add(
