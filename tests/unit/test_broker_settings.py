@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from portagent.broker.fleet.notify import EVENTS, Webhook
+from portagent.broker.fleet.service_settings import (
+    PolicySettings,
+    ServiceSettings,
+    check_files,
+    load_service_settings,
+)
 from portagent.broker.settings import (
     load_broker_settings,
     parse_address,
@@ -198,7 +205,7 @@ def test_api_only_config_needs_no_direct_tables() -> None:
         ('url = "https://b:99999"', "api.url: 'https://b:99999' is not a URL"),
         ('url = "https://-b-:1"', "api.url: '-b-' in 'https://-b-:1' is neither"),
         ('url = "https://b:1"\ncert = "c.pem"', "api.cert, api.key: set both"),
-        ('url = "https://b:1"\ntoken = "x"', 'api.token: unknown setting; did you mean'),
+        ('url = "https://b:1"\ntoken = "x"', "api.token: unknown setting; did you mean"),
         ('ca = "x"', "api.url: required"),
     ],
 )
@@ -210,7 +217,7 @@ def test_api_table_refusals(api: str, problem: str) -> None:
 
 def test_without_api_the_direct_tables_are_required() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_broker_settings("default_ttl = \"1h\"\n")
+        load_broker_settings('default_ttl = "1h"\n')
     # The same as before [api] existed: the tables and each of their keys.
     assert caught.value.problems[:2] == ["tls: required", "signing: required"]
     assert "signing.key_file: required" in caught.value.problems
@@ -227,3 +234,168 @@ def test_rendered_api_table_is_commented_unless_the_service_is_used(use_service:
         assert (api.ca_file, api.token_file) == (Path("/d/ca.pem"), Path("/d/admin.token"))
     else:
         assert api is None and "# url = " in text
+
+
+# --- service.toml: issuers, policy, webhooks (ADR 0008) ------------------------------------
+
+SERVICE_BASE = """
+[service]
+[service.fleet]
+cert = "f.pem"
+key = "f.key"
+client_ca = "ca.pem"
+[service.api]
+cert = "a.pem"
+key = "a.key"
+tokens_file = "tokens"
+"""
+
+
+def _service(extra: str) -> ServiceSettings:
+    return load_service_settings(SERVICE_BASE + extra, base_dir=Path("/etc/pb"))
+
+
+def _service_problems(extra: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        _service(extra)
+    return "\n".join(caught.value.problems)
+
+
+def test_service_without_policy_issuers_or_webhooks() -> None:
+    settings = _service("")
+    assert settings.policy is None and settings.issuers == () and settings.webhooks == ()
+
+
+def test_service_policy_issuers_and_webhooks_parse() -> None:
+    settings = _service(
+        """
+[service.policy]
+file = "policy.cedar"
+request_ttl = "30m"
+
+[[service.issuers]]
+name = "gh"
+kind = "github"
+issuer = "https://token.actions.githubusercontent.com"
+audience = "portagent"
+
+[[service.webhooks]]
+url = "https://hooks.example/portagent"
+format = "slack"
+events = ["request.pending", "request.granted"]
+secret_file = "hook.secret"
+ca = "/etc/ssl/hooks.pem"
+
+[[service.webhooks]]
+url = "http://127.0.0.1:9000/hook"
+
+[[service.webhooks]]
+url = "http://[::1]:9000/hook"
+"""
+    )
+    assert settings.policy == PolicySettings(Path("/etc/pb/policy.cedar"), 1800.0)
+    assert [i.name for i in settings.issuers] == ["gh"]
+    first, second, third = settings.webhooks
+    assert first == Webhook(
+        url="https://hooks.example/portagent",
+        format="slack",
+        events=frozenset({"request.pending", "request.granted"}),
+        secret_file=Path("/etc/pb/hook.secret"),
+        ca=Path("/etc/ssl/hooks.pem"),
+    )
+    assert second.format == "json" and second.events == frozenset(EVENTS)
+    assert second.secret_file is None and second.ca is None
+    assert third.url == "http://[::1]:9000/hook"
+    assert _service('[service.policy]\nfile = "p.cedar"\n').policy == PolicySettings(
+        Path("/etc/pb/p.cedar"), 3600.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ("[service.policy]\n", "service.policy.file: required"),
+        ('[service.policy]\nfile = "p"\nrequest_ttl = "10s"\n', "service.policy.request_ttl:"),
+        ('[service.policy]\nfile = "p"\nrequest_ttl = "30d"\n', "service.policy.request_ttl:"),
+        ('[service.policy]\nfile = "p"\nttl = "1h"\n', "service.policy.ttl: unknown setting"),
+        ('[service]\npolicy = "p.cedar"\n', "service.policy: expected dict"),
+        ("[[service.webhooks]]\nformat = 'json'\n", "service.webhooks[0].url: required"),
+        ("[[service.webhooks]]\nurl = 'ftp://x/'\n", "service.webhooks[0].url:"),
+        ("[[service.webhooks]]\nurl = 'http://hooks.example/'\n", "only to 127.0.0.0/8 or [::1]"),
+        ("[[service.webhooks]]\nurl = 'http://localhost:80/'\n", "only to 127.0.0.0/8 or [::1]"),
+        ("[[service.webhooks]]\nurl = 'http://10.0.0.1/'\n", "only to 127.0.0.0/8 or [::1]"),
+        ("[[service.webhooks]]\nurl = 'https://u:p@h.example/'\n", "user name or password"),
+        ("[[service.webhooks]]\nurl = 'https://h.example:99999/'\n", "service.webhooks[0].url:"),
+        ("[[service.webhooks]]\nurl = 'https://h.example/a b'\n", "spaces or control"),
+        ("[[service.webhooks]]\nurl = 'https://'\n", "service.webhooks[0].url:"),
+        (
+            "[[service.webhooks]]\nurl = 'https://h.example/'\nformat = 'xml'\n",
+            "service.webhooks[0].format: 'xml' is not one of json, slack",
+        ),
+        (
+            "[[service.webhooks]]\nurl = 'https://h.example/'\nevents = ['request.maybe']\n",
+            "service.webhooks[0].events: 'request.maybe' is not one of",
+        ),
+        (
+            "[[service.webhooks]]\nurl = 'https://h.example/'\nevents = []\n",
+            "service.webhooks[0].events: empty",
+        ),
+        (
+            "[[service.webhooks]]\nurl = 'https://h.example/'\n"
+            "events = ['request.denied', 'request.denied']\n",
+            "appears twice",
+        ),
+        (
+            "[[service.webhooks]]\nurl = 'https://h.example/'\nsecret = 'x'\n",
+            "service.webhooks[0].secret: unknown setting",
+        ),
+        ("[[service.webhooks]]\nurl = 'https://h.example/'\nsecret_file = ''\n", "must not be"),
+        ('[service]\nwebhooks = "https://h.example/"\n', "service.webhooks: expected list"),
+        ("[[service.issuers]]\nname = 'gh'\n", "service.issuers[0]."),
+    ],
+)
+def test_service_policy_and_webhook_problems_name_the_key(extra: str, problem: str) -> None:
+    if extra.startswith("[service]\n"):
+        # A key of [service] itself: put it in the one [service] table.
+        text = SERVICE_BASE.replace("[service]\n", extra, 1)
+        with pytest.raises(ConfigError) as caught:
+            load_service_settings(text, base_dir=Path("/etc/pb"))
+        assert problem in "\n".join(caught.value.problems)
+        return
+    assert problem in _service_problems(extra)
+
+
+def test_service_problems_are_reported_together() -> None:
+    problems = _service_problems(
+        "[service.policy]\nrequest_ttl = 'soon'\n"
+        "[[service.webhooks]]\nurl = 'http://example.com/'\nformat = 'xml'\n"
+    )
+    for expected in (
+        "service.policy.file: required",
+        "service.policy.request_ttl:",
+        "service.webhooks[0].url:",
+        "service.webhooks[0].format:",
+    ):
+        assert expected in problems
+
+
+def test_check_files_names_policy_and_webhook_files(tmp_path: Path) -> None:
+    for name in ("f.pem", "f.key", "ca.pem", "a.pem", "a.key", "tokens"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "keys").mkdir()
+    settings = load_service_settings(
+        SERVICE_BASE.replace("[service]\n", '[service]\nkeys_dir = "keys"\n', 1)
+        + '[service.policy]\nfile = "missing.cedar"\n'
+        "[[service.webhooks]]\nurl = 'https://h.example/'\nsecret_file = 'no.secret'\n"
+        "ca = 'no-ca.pem'\n",
+        base_dir=tmp_path,
+    )
+    with pytest.raises(ConfigError) as caught:
+        check_files(settings)
+    problems = "\n".join(caught.value.problems)
+    assert "service.policy.file: cannot read" in problems
+    assert "service.webhooks[0].secret_file: cannot read" in problems
+    assert "service.webhooks[0].ca: cannot read" in problems
+    for name in ("missing.cedar", "no.secret", "no-ca.pem"):
+        (tmp_path / name).write_text("x")
+    check_files(settings)
