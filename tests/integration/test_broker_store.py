@@ -122,7 +122,7 @@ def chain_ok(store: FleetStore) -> None:
 def test_open_migrates_an_empty_database_and_reopens_at_head(url: str, raw: Engine) -> None:
     FleetStore.open(url).close()
     with raw.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
     # already at head: opens again, nothing to do, data kept
     store = FleetStore.open(url)
     store.add_host("web1", {}, actor="admin:a", now=T0)
@@ -164,7 +164,7 @@ def test_a_database_at_0001_is_upgraded_with_its_rows(url: str, raw: Engine) -> 
     finally:
         store.close()
     with raw.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
 
 
 def test_the_snapshot_query_uses_the_host_index_on_sqlite(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The broker database's tables (SQLAlchemy Core), as migration 0001 creates them.
+"""The broker database's tables (SQLAlchemy Core), as migrations 0001-0003 build them.
 
 A test compares this metadata with what the migrations build, so the two cannot
 drift apart. Times are POSIX seconds (double precision); labels, key ids and audit
@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Float,
+    ForeignKey,
     Index,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -69,8 +73,82 @@ grants = Table(
     Column("usage_packets", BigInteger, nullable=False),
     Column("usage_bytes", BigInteger, nullable=False),
     Column("usage_last_seen", Float, nullable=True),
+    # 0003: who the grant is for (Identity.to_json(); NULL for grants made before),
+    # its (issuer, subject) apart for the per-identity count of active grants, and the
+    # access request that produced it.
+    Column("identity", Text, nullable=True),
+    Column("identity_issuer", String(512), nullable=True),
+    Column("identity_subject", String(512), nullable=True),
+    Column("access_request_id", String(32), nullable=True),
     Index("ix_grants_host_state_expire", "host_id", "state", "expire_time"),
     Index("ix_grants_state_expire", "state", "expire_time"),
+    Index(
+        "ix_grants_identity_state",
+        "identity_issuer",
+        "identity_subject",
+        "state",
+        "expire_time",
+    ),
+)
+
+access_requests = Table(
+    "access_requests",
+    metadata,
+    Column("request_id", String(32), primary_key=True),
+    Column("requester", Text, nullable=False),  # Identity.to_json()
+    Column("requester_issuer", String(512), nullable=False),
+    Column("requester_subject", String(512), nullable=False),
+    Column("host_id", String(253), nullable=False),
+    Column("protocol", String(3), nullable=False),
+    Column("port_first", BigInteger, nullable=False),
+    Column("port_last", BigInteger, nullable=False),
+    Column("sources", Text, nullable=False),
+    Column("ttl", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    # What the grant made on approval carries besides the above (the grant request's
+    # own options), so it is the grant an immediate answer would have made.
+    Column("keep_established", Boolean, nullable=False),
+    Column("max_connections", BigInteger, nullable=False),
+    Column("rule", String(256), nullable=False),
+    Column("approvals_required", BigInteger, nullable=False),
+    Column("approvers", String(256), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("decided_at", Float, nullable=True),
+    Column("grant_id", String(64), nullable=True),
+    Column("client_request_id", String(64), nullable=True),
+    Column("fingerprint", String(64), nullable=False),
+    UniqueConstraint(
+        "requester_issuer",
+        "requester_subject",
+        "client_request_id",
+        name="uq_access_requests_client_request_id",
+    ),
+    Index("ix_access_requests_state_expires", "state", "expires_at"),
+    Index("ix_access_requests_host", "host_id"),
+    Index("ix_access_requests_created", "created_at", "request_id"),
+)
+
+request_approvals = Table(
+    "request_approvals",
+    metadata,
+    Column(
+        "request_id",
+        String(32),
+        ForeignKey("access_requests.request_id", name="fk_request_approvals_request"),
+        nullable=False,
+    ),
+    Column("approver", Text, nullable=False),  # Identity.to_json()
+    Column("approver_issuer", String(512), nullable=False),
+    Column("approver_subject", String(512), nullable=False),
+    Column("approve", Boolean, nullable=False),
+    Column("time", Float, nullable=False),
+    Column("comment", Text, nullable=False),
+    # One vote per identity and request: the key itself refuses a second one.
+    PrimaryKeyConstraint(
+        "request_id", "approver_issuer", "approver_subject", name="pk_request_approvals"
+    ),
 )
 
 changes = Table(

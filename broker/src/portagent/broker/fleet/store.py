@@ -14,11 +14,13 @@ the way out: a damaged row is a StoreError here, not a crash somewhere else.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,6 +49,8 @@ from portagent.broker.fleet import schema
 from portagent.broker.fleet.audit import GENESIS, canonical_json, record_hash
 from portagent.broker.fleet.keyring import KeyRing
 from portagent.broker.fleet.model import (
+    AccessRequest,
+    Approval,
     AuditRecord,
     BrokerGrant,
     Change,
@@ -54,15 +58,26 @@ from portagent.broker.fleet.model import (
     FleetError,
     GrantState,
     Host,
+    RequestState,
     StoreError,
     Usage,
     UsageRow,
 )
+from portagent.broker.identity.model import Identity, IdentityKind
+from portagent.broker.policy.model import PolicyDecision
 from portagent.broker.settings import HOST_ID_PATTERN
 from portagent.broker.signing import GrantRequest
 from portagent.v1 import agent_pb2 as pb
 from portagent.wire.codec import PROTOCOL_FROM_PB
-from portagent.wire.envelope import GRANT_ID_PATTERN, MAX_REASON_LENGTH, MAX_SUBJECT_LENGTH
+from portagent.wire.envelope import (
+    GRANT_ID_PATTERN,
+    MAX_CONNECTIONS_LIMIT,
+    MAX_REASON_LENGTH,
+    MAX_SOURCES,
+    MAX_SUBJECT_LENGTH,
+)
+from portagent.wire.ports import GuardedPort, PortRange, Protocol
+from portagent.wire.sources import parse_network
 from portagent.wire.timestamps import seconds_of
 
 T = TypeVar("T")
@@ -73,6 +88,9 @@ NOTIFY_CHANNEL = "portagent_changes"
 # pg_advisory_xact_lock keys: arbitrary constants of this application ("port" in ASCII).
 AUDIT_LOCK_KEY = 0x706F7274
 MIGRATION_LOCK_KEY = 0x706F7275
+# pg_advisory_xact_lock(int4, int4) class of the per-identity locks (the two-key form
+# never collides with the one-key locks above).
+IDENTITY_LOCK_CLASS = 0x70617269
 
 MAX_LABELS = 64
 LABEL_KEY_PATTERN = re.compile(r"[a-z0-9][a-z0-9._/-]{0,62}")
@@ -90,6 +108,18 @@ MAX_TEXT_IN_DETAIL = 1024
 MAX_USAGE_ROWS = 10_000
 MAX_INT64 = 2**63 - 1
 EXPIRE_BATCH = 1000
+# Access requests (ADR 0008).
+REQUEST_ID_PATTERN = re.compile(r"r-[0-9a-f]{16}")
+CLIENT_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+MAX_REQUEST_REASON = 256
+MAX_COMMENT = 256
+MAX_RULE = 256
+MAX_GROUP = 256
+MAX_IDENTITY_TEXT = 512  # an identity's issuer / subject (the columns' size)
+MAX_IDENTITY_JSON = 64 * 1024
+MAX_APPROVALS = 1000  # votes read back per request (a threshold is a handful)
+MAX_PENDING_TTL = 30 * 86400.0
+CLOSED_REASON = "closed by requester"
 # Deadlocks and serialisation failures are retried; anything else is the caller's.
 _RETRY_SQLSTATES = frozenset({"40001", "40P01"})
 _WRITE_ATTEMPTS = 3
@@ -213,6 +243,66 @@ def request_fingerprint(request: GrantRequest, actor: str) -> str:
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
+def _check_identity(identity: object, field: str) -> tuple[Identity, str]:
+    """A verified Identity (built by a verifier, never from free text) and its JSON,
+    bounded by the store's columns. A wrong type is the caller's bug: ValueError."""
+    if not isinstance(identity, Identity):
+        raise ValueError(f"{field} must be an Identity, not {type(identity).__name__}")
+    for name, value in (("issuer", identity.issuer), ("subject", identity.subject)):
+        if not value or len(value) > MAX_IDENTITY_TEXT:
+            raise _invalid(
+                "INVALID_ARGUMENT",
+                field,
+                f"the identity's {name} must be 1-{MAX_IDENTITY_TEXT} characters",
+            )
+    try:
+        body = canonical_json(identity.to_json())
+    except (TypeError, ValueError) as exc:
+        raise _invalid("INVALID_ARGUMENT", field, f"the identity is not JSON data: {exc}") from None
+    if len(body.encode("utf-8")) > MAX_IDENTITY_JSON:
+        raise _invalid("INVALID_ARGUMENT", field, f"the identity is over {MAX_IDENTITY_JSON} bytes")
+    return identity, body
+
+
+def _check_client_request_id(value: object) -> str:
+    if not isinstance(value, str) or not CLIENT_REQUEST_ID_PATTERN.fullmatch(value):
+        raise _invalid("INVALID_ARGUMENT", "request_id", f"{value!r} is not 1-64 of [A-Za-z0-9._-]")
+    return value
+
+
+def _check_request_id(value: object) -> str:
+    if not isinstance(value, str) or not REQUEST_ID_PATTERN.fullmatch(value):
+        raise _invalid(
+            "INVALID_ARGUMENT", "request_id", f"{value!r} is not r- and 16 hexadecimal digits"
+        )
+    return value
+
+
+def access_request_fingerprint(requester: Identity, request: GrantRequest) -> str:
+    """What makes two access requests with one client request id "the same request":
+    the body, not the policy's answer (which a reload may change)."""
+    body = canonical_json(
+        {
+            "requester": list(requester.key),
+            "host_id": request.host_id,
+            "sources": [str(n) for n in request.sources],
+            "port": str(request.port),
+            "ttl": request.ttl,
+            "reason": request.reason,
+            "keep_established": request.keep_established,
+            "max_connections": request.max_connections,
+        }
+    )
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def _identity_lock_key(key: tuple[str, str]) -> int:
+    """A signed 32-bit number for pg_advisory_xact_lock(int4, int4): two identities
+    sharing one only wait for each other, never count each other's grants."""
+    digest = hashlib.sha256(canonical_json(list(key)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big", signed=True)
+
+
 # ---------------------------------------------------------------- row parsing
 
 
@@ -279,6 +369,25 @@ class _RowReader:
             return check_labels(value, column)
         except FleetError as exc:
             raise StoreError(f"{self.where}: {exc.message}") from None
+
+    def boolean(self, column: str) -> bool:
+        value = self._m[column]
+        # SQLite hands back 0/1 where no type processing ran (raw rows).
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise self._bad(column, "a boolean")
+
+    def identity(self, column: str) -> Identity:
+        value = self.json(column)
+        if not isinstance(value, dict):
+            raise self._bad(column, "a JSON identity object")
+        try:
+            return Identity.from_json(value)
+        except ValueError as exc:
+            raise StoreError(f"{self.where}: column {column}: {exc}") from None
+
+    def opt_identity(self, column: str) -> Identity | None:
+        return None if self._m.get(column) is None else self.identity(column)
 
     def str_list(self, column: str, limit: int) -> tuple[str, ...]:
         value = self.json(column)
@@ -350,6 +459,90 @@ def _grant_from_row(row: _Row) -> BrokerGrant:
             bytes=r.integer("usage_bytes"),
             last_seen=r.opt_number("usage_last_seen"),
         ),
+        identity=r.opt_identity("identity"),
+        access_request_id=r.opt_text("access_request_id"),
+    )
+
+
+_REQUEST_STATES = {s.value: s for s in RequestState}
+
+
+def _approval_from_row(row: _Row) -> Approval:
+    r = _RowReader(row, "request_approvals", "request_id")
+    return Approval(
+        approver=r.identity("approver"),
+        approve=r.boolean("approve"),
+        time=r.number("time"),
+        comment=r.text("comment", MAX_COMMENT),
+    )
+
+
+def _request_from_row(row: _Row, approvals: Sequence[Approval] = ()) -> AccessRequest:
+    r = _RowReader(row, "access_requests", "request_id")
+    state_text = r.text("state", 16)
+    if state_text not in _REQUEST_STATES:
+        raise StoreError(f"{r.where}: unknown state {state_text!r}")
+    protocol = r.text("protocol", 3)
+    if protocol not in ("tcp", "udp"):
+        raise StoreError(f"{r.where}: unknown protocol {protocol!r}")
+    port_first, port_last = r.integer("port_first"), r.integer("port_last")
+    if not 1 <= port_first <= port_last <= 65535:
+        raise StoreError(f"{r.where}: bad port range {port_first}-{port_last}")
+    ttl = r.number("ttl")
+    if not ttl > 0:
+        raise StoreError(f"{r.where}: ttl {ttl} is not positive")
+    requester = r.identity("requester")
+    if requester.key != (r.text("requester_issuer"), r.text("requester_subject")):
+        raise StoreError(f"{r.where}: requester does not match requester_issuer/_subject")
+    return AccessRequest(
+        request_id=r.text("request_id", 32),
+        requester=requester,
+        host_id=r.text("host_id", 253),
+        protocol=protocol,
+        port_first=port_first,
+        port_last=port_last,
+        sources=r.str_list("sources", MAX_SOURCES),
+        ttl=ttl,
+        reason=r.text("reason", MAX_REQUEST_REASON),
+        rule=r.text("rule", MAX_RULE),
+        approvals_required=r.integer("approvals_required"),
+        approvers=r.text("approvers", MAX_GROUP),
+        state=_REQUEST_STATES[state_text],
+        created_at=r.number("created_at"),
+        expires_at=r.number("expires_at"),
+        decided_at=r.opt_number("decided_at"),
+        approvals=tuple(approvals),
+        grant_id=r.opt_text("grant_id"),
+        client_request_id=r.opt_text("client_request_id"),
+    )
+
+
+def _grant_request_of(row: _Row) -> GrantRequest:
+    """The grant an approved request makes: the request's own values, read back
+    through the same parses the API used (a damaged row is a StoreError)."""
+    request = _request_from_row(row)
+    r = _RowReader(row, "access_requests", "request_id")
+    max_connections = r.integer("max_connections")
+    if max_connections > MAX_CONNECTIONS_LIMIT:
+        raise StoreError(f"{r.where}: max_connections {max_connections} is over the limit")
+    try:
+        sources = tuple(parse_network(text) for text in request.sources)
+        port = GuardedPort(
+            Protocol(request.protocol), PortRange(request.port_first, request.port_last)
+        )
+    except ValueError as exc:
+        raise StoreError(f"{r.where}: {exc}") from None
+    if not sources:
+        raise StoreError(f"{r.where}: column sources is empty")
+    return GrantRequest(
+        host_id=request.host_id,
+        subject=request.requester.label,
+        sources=sources,
+        port=port,
+        ttl=request.ttl,
+        reason=request.reason,
+        keep_established=r.boolean("keep_established"),
+        max_connections=max_connections,
     )
 
 
@@ -592,6 +785,8 @@ _AUDIT_HEAD = (
 )
 _AUDIT_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 _NOTIFY = text("SELECT pg_notify(:c, :h)")
+# psycopg 3 may send a small int as int8, and only (int4, int4) has this overload.
+_IDENTITY_LOCK = text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), CAST(:k AS integer))")
 
 
 @dataclass
@@ -1214,11 +1409,19 @@ class FleetStore:
         actor: str,
         request_id: str | None,
         now: float,
+        identity: Identity | None = None,
+        access_request_id: str | None = None,
     ) -> tuple[BrokerGrant, bool]:
+        """`identity`: who the grant is for, verified (an admin's break-glass grant
+        carries the admin's); `access_request_id`: the request it answers."""
         check_host_id(request.host_id, "host")
         _check_text(actor, "actor", MAX_ACTOR, required=True)
         if request_id is not None:
             _check_text(request_id, "request_id", MAX_REQUEST_ID, required=True)
+        if identity is not None:
+            _check_identity(identity, "identity")
+        if access_request_id is not None:
+            _check_request_id(access_request_id)
         now = _check_time(now)
         fingerprint = request_fingerprint(request, actor) if request_id is not None else None
 
@@ -1237,94 +1440,130 @@ class FleetStore:
                             "request_id",
                         )
                     return _grant_from_row(row), False
-            signer = keyring.signer_for(host.trusted_key_ids)
-            signed = signer.sign_grant(request, now=now)
-            grant = pb.Grant.FromString(signed.grant)
-            generation = host.generation + 1
-            values = {
-                "grant_id": grant.grant_id,
-                "host_id": host.host_id,
-                "subject": grant.subject,
-                "sources": canonical_json(list(grant.source_prefixes)),
-                "protocol": PROTOCOL_FROM_PB[grant.protocol].value,
-                "port_first": grant.port_start,
-                "port_last": grant.port_end or grant.port_start,
-                "not_before": seconds_of(grant.not_before),
-                "expire_time": seconds_of(grant.expire_time),
-                "issue_time": seconds_of(grant.issue_time),
-                "reason": grant.reason,
-                "key_id": signed.key_id,
-                "grant_bytes": signed.grant,
-                "signature": signed.signature,
-                "state": GrantState.ACTIVE.value,
-                "created_by": actor,
-                "generation": generation,
-                "request_id": request_id,
-                "request_hash": fingerprint,
-                "revoked_at": None,
-                "revoked_by": None,
-                "revoke_reason": None,
-                "usage_connections": 0,
-                "usage_packets": 0,
-                "usage_bytes": 0,
-                "usage_last_seen": None,
-            }
-            connection.execute(_INSERT_GRANT, values)
-            connection.execute(
-                _SET_GENERATION, {"p_host": host.host_id, "p_generation": generation}
-            )
-            connection.execute(
-                _INSERT_CHANGE,
-                {
-                    "host_id": host.host_id,
-                    "generation": generation,
-                    "kind": ChangeKind.GRANT.value,
-                    "grant_id": grant.grant_id,
-                    "payload": signed.grant,
-                    "signature": signed.signature,
-                    "key_id": signed.key_id,
-                    "created_at": now,
-                },
-            )
-            # NOTIFY before the audit append: the audit lock is held until COMMIT.
-            self._notify(connection, host.host_id)
-            self._append_audit(
+            grant, entries = self._insert_grant(
                 connection,
-                [
-                    _Audit(
-                        actor,
-                        "create",
-                        host_id=host.host_id,
-                        grant_id=grant.grant_id,
-                        reason=request.reason,
-                        detail={
-                            "subject": request.subject,
-                            "sources": [str(n) for n in request.sources],
-                            "port": str(request.port),
-                            "ttl": request.ttl,
-                            "keep_established": request.keep_established,
-                            "max_connections": request.max_connections,
-                            "request_id": request_id,
-                            "generation": generation,
-                        },
-                    ),
-                    _Audit(
-                        "broker",
-                        "sign",
-                        host_id=host.host_id,
-                        grant_id=grant.grant_id,
-                        detail={"key_id": signed.key_id},
-                    ),
-                ],
-                now,
+                host,
+                request,
+                keyring=keyring,
+                actor=actor,
+                request_id=request_id,
+                fingerprint=fingerprint,
+                identity=identity,
+                access_request_id=access_request_id,
+                now=now,
             )
-            # What was inserted, through the same typed parse as a row read back.
-            return _grant_from_row(values), True
+            self._append_audit(connection, entries, now)
+            return grant, True
 
         result = self._write(work, retry_integrity=request_id is not None)
         if result[1]:
             self._changed(result[0].host_id)
         return result
+
+    def _insert_grant(
+        self,
+        connection: Connection,
+        host: Host,
+        request: GrantRequest,
+        *,
+        keyring: KeyRing,
+        actor: str,
+        request_id: str | None,
+        fingerprint: str | None,
+        identity: Identity | None,
+        access_request_id: str | None,
+        now: float,
+    ) -> tuple[BrokerGrant, list[_Audit]]:
+        """Sign and insert a grant on a host locked by the caller, move the host's
+        generation, log the change and NOTIFY; returns the grant and the audit records
+        the caller appends (last, after any rows of its own)."""
+        signer = keyring.signer_for(host.trusted_key_ids)
+        signed = signer.sign_grant(request, now=now)
+        grant = pb.Grant.FromString(signed.grant)
+        generation = host.generation + 1
+        identity_json = None if identity is None else _check_identity(identity, "identity")[1]
+        values = {
+            "grant_id": grant.grant_id,
+            "host_id": host.host_id,
+            "subject": grant.subject,
+            "sources": canonical_json(list(grant.source_prefixes)),
+            "protocol": PROTOCOL_FROM_PB[grant.protocol].value,
+            "port_first": grant.port_start,
+            "port_last": grant.port_end or grant.port_start,
+            "not_before": seconds_of(grant.not_before),
+            "expire_time": seconds_of(grant.expire_time),
+            "issue_time": seconds_of(grant.issue_time),
+            "reason": grant.reason,
+            "key_id": signed.key_id,
+            "grant_bytes": signed.grant,
+            "signature": signed.signature,
+            "state": GrantState.ACTIVE.value,
+            "created_by": actor,
+            "generation": generation,
+            "request_id": request_id,
+            "request_hash": fingerprint,
+            "revoked_at": None,
+            "revoked_by": None,
+            "revoke_reason": None,
+            "usage_connections": 0,
+            "usage_packets": 0,
+            "usage_bytes": 0,
+            "usage_last_seen": None,
+            "identity": identity_json,
+            "identity_issuer": None if identity is None else identity.issuer,
+            "identity_subject": None if identity is None else identity.subject,
+            "access_request_id": access_request_id,
+        }
+        connection.execute(_INSERT_GRANT, values)
+        connection.execute(_SET_GENERATION, {"p_host": host.host_id, "p_generation": generation})
+        connection.execute(
+            _INSERT_CHANGE,
+            {
+                "host_id": host.host_id,
+                "generation": generation,
+                "kind": ChangeKind.GRANT.value,
+                "grant_id": grant.grant_id,
+                "payload": signed.grant,
+                "signature": signed.signature,
+                "key_id": signed.key_id,
+                "created_at": now,
+            },
+        )
+        # NOTIFY before the audit append: the audit lock is held until COMMIT.
+        self._notify(connection, host.host_id)
+        detail: dict[str, object] = {
+            "subject": request.subject,
+            "sources": [str(n) for n in request.sources],
+            "port": str(request.port),
+            "ttl": request.ttl,
+            "keep_established": request.keep_established,
+            "max_connections": request.max_connections,
+            "request_id": request_id,
+            "generation": generation,
+        }
+        if identity is not None:
+            detail["identity"] = identity.to_json()
+        if access_request_id is not None:
+            detail["access_request_id"] = access_request_id
+        entries = [
+            _Audit(
+                actor,
+                "create",
+                host_id=host.host_id,
+                grant_id=grant.grant_id,
+                reason=request.reason,
+                detail=detail,
+            ),
+            _Audit(
+                "broker",
+                "sign",
+                host_id=host.host_id,
+                grant_id=grant.grant_id,
+                detail={"key_id": signed.key_id},
+            ),
+        ]
+        # What was inserted, through the same typed parse as a row read back.
+        return _grant_from_row(values), entries
 
     def revoke_grant(
         self, grant_id: str, *, keyring: KeyRing, actor: str, reason: str, now: float
@@ -1371,54 +1610,10 @@ class FleetStore:
                     "which is not in the inventory"
                 )
             host = _host_from_row(row)
-            signer = keyring.signer_for(host.trusted_key_ids)
-            signed = signer.sign_revocation(
-                grant_id=grant_id, host_id=host.host_id, now=now, reason=reason
+            entries = self._revoke_locked(
+                connection, host, grant_id, keyring=keyring, actor=actor, reason=reason, now=now
             )
-            generation = host.generation + 1
-            connection.execute(
-                update(schema.grants)
-                .where(schema.grants.c.grant_id == grant_id)
-                .values(
-                    state=GrantState.REVOKED.value,
-                    revoked_at=now,
-                    revoked_by=actor,
-                    revoke_reason=reason,
-                )
-            )
-            connection.execute(
-                update(schema.hosts)
-                .where(schema.hosts.c.host_id == host.host_id)
-                .values(generation=generation)
-            )
-            connection.execute(
-                insert(schema.changes).values(
-                    host_id=host.host_id,
-                    generation=generation,
-                    kind=ChangeKind.REVOCATION.value,
-                    grant_id=grant_id,
-                    payload=signed.revocation,
-                    signature=signed.signature,
-                    key_id=signed.key_id,
-                    created_at=now,
-                )
-            )
-            # NOTIFY before the audit append: the audit lock is held until COMMIT.
-            self._notify(connection, host.host_id)
-            self._append_audit(
-                connection,
-                [
-                    _Audit(
-                        actor,
-                        "revoke",
-                        host_id=host.host_id,
-                        grant_id=grant_id,
-                        reason=reason,
-                        detail={"key_id": signed.key_id, "generation": generation},
-                    )
-                ],
-                now,
-            )
+            self._append_audit(connection, entries, now)
             changed.append(host.host_id)
             updated = connection.execute(
                 select(schema.grants).where(schema.grants.c.grant_id == grant_id)
@@ -1429,6 +1624,62 @@ class FleetStore:
         for host_id in changed:
             self._changed(host_id)
         return result
+
+    def _revoke_locked(
+        self,
+        connection: Connection,
+        host: Host,
+        grant_id: str,
+        *,
+        keyring: KeyRing,
+        actor: str,
+        reason: str,
+        now: float,
+    ) -> list[_Audit]:
+        """Revoke an active grant whose host and row the caller locked: sign the
+        revocation, move the generation, log the change, NOTIFY. Returns the audit
+        records the caller appends last."""
+        signer = keyring.signer_for(host.trusted_key_ids)
+        signed = signer.sign_revocation(
+            grant_id=grant_id, host_id=host.host_id, now=now, reason=reason
+        )
+        generation = host.generation + 1
+        connection.execute(
+            update(schema.grants)
+            .where(schema.grants.c.grant_id == grant_id)
+            .values(
+                state=GrantState.REVOKED.value,
+                revoked_at=now,
+                revoked_by=actor,
+                revoke_reason=reason,
+            )
+        )
+        connection.execute(_SET_GENERATION, {"p_host": host.host_id, "p_generation": generation})
+        connection.execute(
+            _INSERT_CHANGE,
+            {
+                "host_id": host.host_id,
+                "generation": generation,
+                "kind": ChangeKind.REVOCATION.value,
+                "grant_id": grant_id,
+                "payload": signed.revocation,
+                "signature": signed.signature,
+                "key_id": signed.key_id,
+                "created_at": now,
+            },
+        )
+        # NOTIFY before the audit append: the audit lock is held until COMMIT.
+        self._notify(connection, host.host_id)
+        return [
+            _Audit(
+                actor,
+                "revoke",
+                host_id=host.host_id,
+                grant_id=grant_id,
+                reason=reason,
+                detail={"key_id": signed.key_id, "generation": generation},
+            )
+        ]
 
     def get_grant(self, grant_id: str) -> BrokerGrant | None:
         if not isinstance(grant_id, str) or not GRANT_ID_PATTERN.fullmatch(grant_id):
@@ -1553,6 +1804,653 @@ class FleetStore:
             if done < EXPIRE_BATCH:
                 break
         return total
+
+    # ------------------------------------------------------------ access requests
+
+    def _lock_identity(self, connection: Connection, key: tuple[str, str]) -> None:
+        """Serialise one identity's request creations (its count of active grants spans
+        hosts, so the host lock does not cover it). SQLite's writers are serial anyway.
+        Taken before any row lock, like every lock here that is not the audit's."""
+        if self.is_postgresql:
+            connection.execute(
+                _IDENTITY_LOCK, {"c": IDENTITY_LOCK_CLASS, "k": _identity_lock_key(key)}
+            )
+
+    def _count_active(self, connection: Connection, key: tuple[str, str], now: float) -> int:
+        g = schema.grants.c
+        return int(
+            connection.execute(
+                select(func.count())
+                .select_from(schema.grants)
+                .where(
+                    g.identity_issuer == key[0],
+                    g.identity_subject == key[1],
+                    g.state == GrantState.ACTIVE.value,
+                    g.expire_time > now,
+                )
+            ).scalar_one()
+        )
+
+    def _approvals_of(
+        self, connection: Connection, request_ids: Sequence[str]
+    ) -> dict[str, list[Approval]]:
+        a = schema.request_approvals.c
+        found: dict[str, list[Approval]] = {rid: [] for rid in request_ids}
+        chunk = 500
+        for i in range(0, len(request_ids), chunk):
+            rows = connection.execute(
+                select(schema.request_approvals)
+                .where(a.request_id.in_(list(request_ids[i : i + chunk])))
+                .order_by(a.request_id, a.time, a.approver_issuer, a.approver_subject)
+            ).all()
+            for row in rows:
+                votes = found[str(row.request_id)]
+                if len(votes) >= MAX_APPROVALS:
+                    raise StoreError(
+                        f"access_requests row {row.request_id!r}: more than "
+                        f"{MAX_APPROVALS} approvals"
+                    )
+                votes.append(_approval_from_row(row))
+        return found
+
+    def _load_request(self, connection: Connection, row: _Row) -> AccessRequest:
+        request_id = str(row.request_id)
+        return _request_from_row(row, self._approvals_of(connection, [request_id])[request_id])
+
+    def _lock_request(self, connection: Connection, request_id: str) -> tuple[_Row | None, _Row]:
+        """Lock order host -> request -> grant -> audit, as everywhere: the host row
+        (removed or not: a request outlives its host) then the request's."""
+        r = schema.access_requests.c
+        found = connection.execute(select(r.host_id).where(r.request_id == request_id)).first()
+        if found is None:
+            raise FleetError(
+                "NOT_FOUND",
+                "REQUEST_NOT_FOUND",
+                f"access request {request_id!r} does not exist",
+                "request_id",
+            )
+        host_row = connection.execute(
+            select(schema.hosts).where(schema.hosts.c.host_id == found.host_id).with_for_update()
+        ).first()
+        row = connection.execute(
+            select(schema.access_requests).where(r.request_id == request_id).with_for_update()
+        ).one()
+        return host_row, row
+
+    def _set_request(self, connection: Connection, request_id: str, **values: object) -> None:
+        connection.execute(
+            update(schema.access_requests)
+            .where(schema.access_requests.c.request_id == request_id)
+            .values(**values)
+        )
+
+    def _reload_request(self, connection: Connection, request_id: str) -> AccessRequest:
+        row = connection.execute(
+            select(schema.access_requests).where(schema.access_requests.c.request_id == request_id)
+        ).one()
+        return self._load_request(connection, row)
+
+    @staticmethod
+    def _expire_entry(request: AccessRequest) -> _Audit:
+        return _Audit(
+            "broker",
+            "request_expire",
+            host_id=request.host_id,
+            detail={
+                "request_id": request.request_id,
+                "requester": request.requester.label,
+                "approved_count": request.approved_count,
+                "threshold": request.approvals_required,
+                "expires_at": request.expires_at,
+            },
+        )
+
+    def create_access_request(
+        self,
+        *,
+        requester: Identity,
+        grant_request: GrantRequest,
+        decision: PolicyDecision,
+        keyring: KeyRing,
+        client_request_id: str | None,
+        pending_ttl: float,
+        now: float,
+    ) -> tuple[AccessRequest, BrokerGrant | None, bool]:
+        """Store a request the policy allowed: granted at once (the grant made in the
+        same transaction) when its rule needs no approval, else pending until
+        `now + pending_ttl`. Idempotent on (requester, client_request_id): returns
+        (request, its grant or None, created)."""
+        requester, requester_json = _check_identity(requester, "requester")
+        if not isinstance(decision, PolicyDecision) or not decision.allowed:
+            raise ValueError("create_access_request needs a decision that allows the request")
+        limits = decision.limits
+        if limits is None:
+            raise ValueError("an allowing decision carries its rule's limits")
+        if not isinstance(grant_request, GrantRequest):
+            raise ValueError("grant_request must be a GrantRequest")
+        if grant_request.subject != requester.label:
+            raise ValueError("the grant request's subject must be the requester's label")
+        host_id = check_host_id(grant_request.host_id, "host")
+        reason = _check_text(grant_request.reason, "reason", MAX_REQUEST_REASON, required=True)
+        if client_request_id is not None:
+            _check_client_request_id(client_request_id)
+        now = _check_time(now)
+        pending_ttl = _check_time(pending_ttl, "pending_ttl")
+        if not 0 < pending_ttl <= MAX_PENDING_TTL:
+            raise _invalid(
+                "INVALID_ARGUMENT", "pending_ttl", f"{pending_ttl}s is not in (0, 30 days]"
+            )
+        ttl = _check_time(grant_request.ttl, "ttl")
+        if not ttl > 0:
+            raise _invalid("INVALID_TTL", "ttl", f"{ttl}s must be longer than 0s")
+        sources = [str(n) for n in grant_request.sources]
+        if not 1 <= len(sources) <= MAX_SOURCES:
+            raise _invalid("INVALID_ARGUMENT", "sources", f"1 to {MAX_SOURCES} sources")
+        rule = _check_text(limits.rule_id or decision.rule, "rule", MAX_RULE, required=True)
+        approvals_required = _check_count(limits.approvals, "approvals")
+        approvers = _check_text(limits.approvers, "approvers", MAX_GROUP)
+        if approvals_required > 0 and not approvers.strip():
+            raise ValueError(f"rule {rule!r} needs approvals but names no approver group")
+        max_grants = _check_count(limits.max_grants, "max_grants")
+        fingerprint = access_request_fingerprint(requester, grant_request)
+        r = schema.access_requests.c
+        changed: list[str] = []
+
+        def work(connection: Connection) -> tuple[AccessRequest, BrokerGrant | None, bool]:
+            changed.clear()
+            self._lock_identity(connection, requester.key)
+            host = self._lock_host(connection, host_id, "host")
+            if client_request_id is not None:
+                row = connection.execute(
+                    select(schema.access_requests).where(
+                        r.requester_issuer == requester.issuer,
+                        r.requester_subject == requester.subject,
+                        r.client_request_id == client_request_id,
+                    )
+                ).first()
+                if row is not None:
+                    if row.fingerprint != fingerprint:
+                        raise FleetError(
+                            "ALREADY_EXISTS",
+                            "REQUEST_ID_REUSED",
+                            f"request_id {client_request_id!r} was used for a different request",
+                            "request_id",
+                        )
+                    first = self._load_request(connection, row)
+                    first_grant = None
+                    if first.grant_id is not None:
+                        grant_row = connection.execute(
+                            _SEL_GRANT, {"p_grant": first.grant_id}
+                        ).first()
+                        first_grant = None if grant_row is None else _grant_from_row(grant_row)
+                    return first, first_grant, False
+            # Counted under the identity's lock: two requests of one identity at once
+            # cannot both see room for one more grant.
+            active = self._count_active(connection, requester.key, now)
+            if active >= max_grants:
+                raise FleetError(
+                    "FAILED_PRECONDITION",
+                    "TOO_MANY_GRANTS",
+                    f"{requester.label} has {active} active grants; rule {rule!r} "
+                    f"allows at most {max_grants} at once",
+                )
+            request_id = "r-" + secrets.token_hex(8)
+            granted = approvals_required == 0
+            grant: BrokerGrant | None = None
+            entries: list[_Audit] = []
+            if granted:
+                grant, entries = self._insert_grant(
+                    connection,
+                    host,
+                    grant_request,
+                    keyring=keyring,
+                    actor=requester.actor,
+                    request_id=None,
+                    fingerprint=None,
+                    identity=requester,
+                    access_request_id=request_id,
+                    now=now,
+                )
+                changed.append(host_id)
+            connection.execute(
+                insert(schema.access_requests).values(
+                    request_id=request_id,
+                    requester=requester_json,
+                    requester_issuer=requester.issuer,
+                    requester_subject=requester.subject,
+                    host_id=host_id,
+                    protocol=grant_request.port.protocol.value,
+                    port_first=grant_request.port.ports.first,
+                    port_last=grant_request.port.ports.last,
+                    sources=canonical_json(sources),
+                    ttl=ttl,
+                    reason=reason,
+                    keep_established=bool(grant_request.keep_established),
+                    max_connections=grant_request.max_connections,
+                    rule=rule,
+                    approvals_required=approvals_required,
+                    approvers=approvers,
+                    state=(RequestState.GRANTED if granted else RequestState.PENDING).value,
+                    created_at=now,
+                    # A granted request has no pending window.
+                    expires_at=now if granted else now + pending_ttl,
+                    decided_at=now if granted else None,
+                    grant_id=None if grant is None else grant.grant_id,
+                    client_request_id=client_request_id,
+                    fingerprint=fingerprint,
+                )
+            )
+            request_entry = _Audit(
+                requester.actor,
+                "request",
+                host_id=host_id,
+                grant_id="" if grant is None else grant.grant_id,
+                reason=reason,
+                detail={
+                    "request_id": request_id,
+                    "identity": requester.to_json(),
+                    "rule": rule,
+                    "approvals_required": approvals_required,
+                    "approvers": approvers,
+                    "port": str(grant_request.port),
+                    "sources": sources,
+                    "ttl": ttl,
+                    "state": (RequestState.GRANTED if granted else RequestState.PENDING).value,
+                    "client_request_id": client_request_id,
+                },
+            )
+            self._append_audit(connection, [request_entry, *entries], now)
+            return self._reload_request(connection, request_id), grant, True
+
+        result = self._write(work, retry_integrity=True)
+        for changed_host in changed:
+            self._changed(changed_host)
+        return result
+
+    def record_refused_request(
+        self,
+        *,
+        requester: Identity,
+        host_id: str,
+        detail: Mapping[str, object],
+        now: float,
+    ) -> None:
+        """The policy said no: nothing is stored but this audit record."""
+        requester, _ = _check_identity(requester, "requester")
+        now = _check_time(now)
+        # The host id may be the very input that was refused: clipped, never refused.
+        known = isinstance(host_id, str) and bool(HOST_ID_PATTERN.fullmatch(host_id))
+        entry = _Audit(
+            requester.actor,
+            "request_refused",
+            host_id=host_id if known else "",
+            detail={
+                **dict(detail),
+                "identity": requester.to_json(),
+                **({} if known else {"claimed_host_id": _clip(str(host_id))}),
+            },
+        )
+        self._write(lambda c: self._append_audit(c, [entry], now))
+
+    def decide_access_request(
+        self,
+        request_id: str,
+        *,
+        approver: Identity,
+        approve: bool,
+        comment: str,
+        keyring: KeyRing,
+        now: float,
+    ) -> tuple[AccessRequest, BrokerGrant | None]:
+        """One approver's vote. The last approval needed makes the grant (its TTL
+        counted from now) in this transaction; any denial ends the request."""
+        request_id = _check_request_id(request_id)
+        approver, approver_json = _check_identity(approver, "approver")
+        if not isinstance(approve, bool):
+            raise ValueError("approve must be a bool")
+        comment = _check_text(comment, "comment", MAX_COMMENT)
+        now = _check_time(now)
+        changed: list[str] = []
+
+        def work(connection: Connection) -> tuple[AccessRequest, BrokerGrant | None] | FleetError:
+            changed.clear()
+            host_row, row = self._lock_request(connection, request_id)
+            request = self._load_request(connection, row)
+            if request.state is RequestState.PENDING and request.expires_at <= now:
+                # Expire it for good (committed, audited), then refuse the vote.
+                self._set_request(
+                    connection, request_id, state=RequestState.EXPIRED.value, decided_at=now
+                )
+                self._append_audit(connection, [self._expire_entry(request)], now)
+                return FleetError(
+                    "FAILED_PRECONDITION",
+                    "REQUEST_NOT_PENDING",
+                    f"access request {request_id} expired without enough approvals",
+                    "request_id",
+                )
+            if request.state is not RequestState.PENDING:
+                raise FleetError(
+                    "FAILED_PRECONDITION",
+                    "REQUEST_NOT_PENDING",
+                    f"access request {request_id} is {request.state.value}, not pending",
+                    "request_id",
+                )
+            if approver.key == request.requester.key:
+                raise FleetError(
+                    "PERMISSION_DENIED",
+                    "SELF_APPROVAL",
+                    f"{approver.label} cannot approve or deny their own request",
+                )
+            in_group = (
+                approver.kind is IdentityKind.PERSON
+                and bool(request.approvers)
+                and request.approvers in approver.groups
+            )
+            if not (in_group or (not approve and approver.kind is IdentityKind.ADMIN)):
+                raise FleetError(
+                    "PERMISSION_DENIED",
+                    "NOT_AN_APPROVER",
+                    f"{approver.label} may not {'approve' if approve else 'deny'} this request: "
+                    f"approvers are the people of group {request.approvers!r}"
+                    + ("" if approve else " (or an admin)"),
+                )
+            if any(a.approver.key == approver.key for a in request.approvals):
+                raise FleetError(
+                    "FAILED_PRECONDITION",
+                    "ALREADY_DECIDED",
+                    f"{approver.label} has already decided on request {request_id}",
+                )
+            connection.execute(
+                insert(schema.request_approvals).values(
+                    request_id=request_id,
+                    approver=approver_json,
+                    approver_issuer=approver.issuer,
+                    approver_subject=approver.subject,
+                    approve=approve,
+                    time=now,
+                    comment=comment,
+                )
+            )
+            approved = request.approved_count + (1 if approve else 0)
+            grant: BrokerGrant | None = None
+            grant_entries: list[_Audit] = []
+            if not approve:
+                self._set_request(
+                    connection, request_id, state=RequestState.DENIED.value, decided_at=now
+                )
+            elif approved >= request.approvals_required:
+                if host_row is None or host_row.removed_at is not None:
+                    raise FleetError(
+                        "NOT_FOUND",
+                        "UNKNOWN_HOST",
+                        f"host {request.host_id!r} is no longer in the inventory",
+                        "host",
+                    )
+                grant, grant_entries = self._insert_grant(
+                    connection,
+                    _host_from_row(host_row),
+                    _grant_request_of(row),
+                    keyring=keyring,
+                    actor=approver.actor,
+                    request_id=None,
+                    fingerprint=None,
+                    identity=request.requester,
+                    access_request_id=request_id,
+                    now=now,
+                )
+                self._set_request(
+                    connection,
+                    request_id,
+                    state=RequestState.GRANTED.value,
+                    decided_at=now,
+                    grant_id=grant.grant_id,
+                )
+                changed.append(request.host_id)
+            entry = _Audit(
+                approver.actor,
+                "request_approve" if approve else "request_deny",
+                host_id=request.host_id,
+                grant_id="" if grant is None else grant.grant_id,
+                detail={
+                    "request_id": request_id,
+                    "requester": request.requester.label,
+                    "approver": approver.to_json(),
+                    "approved_count": approved,
+                    "threshold": request.approvals_required,
+                    "comment": comment,
+                },
+            )
+            self._append_audit(connection, [entry, *grant_entries], now)
+            return self._reload_request(connection, request_id), grant
+
+        result = self._write(work)
+        if isinstance(result, FleetError):
+            raise result
+        for changed_host in changed:
+            self._changed(changed_host)
+        return result
+
+    def close_access_request(
+        self,
+        request_id: str,
+        *,
+        actor: Identity,
+        now: float,
+        keyring: KeyRing | None = None,
+    ) -> tuple[AccessRequest, BrokerGrant | None]:
+        """The requester (or an admin) ends a request: pending -> cancelled; granted
+        with an active grant -> the grant revoked as revoke_grant does, closed; granted
+        whose grant already ended -> closed without a change; other states: unchanged
+        (closing twice is fine). Revoking signs: `keyring` is needed then (a
+        ValueError names the omission)."""
+        request_id = _check_request_id(request_id)
+        actor, _ = _check_identity(actor, "actor")
+        now = _check_time(now)
+        changed: list[str] = []
+
+        def work(connection: Connection) -> tuple[AccessRequest, BrokerGrant | None]:
+            changed.clear()
+            host_row, row = self._lock_request(connection, request_id)
+            request = self._load_request(connection, row)
+            if actor.key != request.requester.key and actor.kind is not IdentityKind.ADMIN:
+                raise FleetError(
+                    "PERMISSION_DENIED",
+                    "NOT_YOURS",
+                    f"access request {request_id} is not {actor.label}'s to close",
+                    "request_id",
+                )
+            grant: BrokerGrant | None = None
+            if request.grant_id is not None:
+                grant_row = connection.execute(
+                    _SEL_GRANT_FOR_UPDATE, {"p_grant": request.grant_id}
+                ).first()
+                grant = None if grant_row is None else _grant_from_row(grant_row)
+            entries: list[_Audit] = []
+            detail: dict[str, object] = {"request_id": request_id, "identity": actor.to_json()}
+            if request.state is RequestState.PENDING and request.expires_at <= now:
+                # Past its time: it expired (what the expiry loop would have recorded).
+                self._set_request(
+                    connection, request_id, state=RequestState.EXPIRED.value, decided_at=now
+                )
+                entries.append(self._expire_entry(request))
+            elif request.state is RequestState.PENDING:
+                self._set_request(
+                    connection, request_id, state=RequestState.CANCELLED.value, decided_at=now
+                )
+                entries.append(
+                    _Audit(actor.actor, "request_cancel", host_id=request.host_id, detail=detail)
+                )
+            elif request.state is RequestState.GRANTED:
+                revoked = False
+                if grant is not None and grant.state_at(now) is GrantState.ACTIVE:
+                    if host_row is None or host_row.removed_at is not None:
+                        raise StoreError(
+                            f"grant {grant.grant_id!r} is active on host {request.host_id!r}, "
+                            "which is not in the inventory"
+                        )
+                    if keyring is None:
+                        raise ValueError("closing a granted request revokes its grant: keyring")
+                    reason = (
+                        CLOSED_REASON
+                        if actor.key == request.requester.key
+                        else f"closed by {actor.label}"[:MAX_REASON_LENGTH]
+                    )
+                    entries.extend(
+                        self._revoke_locked(
+                            connection,
+                            _host_from_row(host_row),
+                            grant.grant_id,
+                            keyring=keyring,
+                            actor=actor.actor,
+                            reason=reason,
+                            now=now,
+                        )
+                    )
+                    changed.append(request.host_id)
+                    revoked = True
+                self._set_request(connection, request_id, state=RequestState.CLOSED.value)
+                entries.insert(
+                    0,
+                    _Audit(
+                        actor.actor,
+                        "request_close",
+                        host_id=request.host_id,
+                        grant_id="" if grant is None else grant.grant_id,
+                        detail={**detail, "grant_revoked": revoked},
+                    ),
+                )
+            else:
+                return request, grant
+            self._append_audit(connection, entries, now)
+            if grant is not None:
+                grant = _grant_from_row(
+                    connection.execute(_SEL_GRANT, {"p_grant": grant.grant_id}).one()
+                )
+            return self._reload_request(connection, request_id), grant
+
+        result = self._write(work)
+        for changed_host in changed:
+            self._changed(changed_host)
+        return result
+
+    def get_access_request(self, request_id: str) -> AccessRequest | None:
+        if not isinstance(request_id, str) or not REQUEST_ID_PATTERN.fullmatch(request_id):
+            return None
+
+        def work(connection: Connection) -> AccessRequest | None:
+            row = connection.execute(
+                select(schema.access_requests).where(
+                    schema.access_requests.c.request_id == request_id
+                )
+            ).first()
+            return None if row is None else self._load_request(connection, row)
+
+        return self._read(work)
+
+    def list_access_requests(
+        self,
+        *,
+        state: RequestState | None = None,
+        host_id: str | None = None,
+        requester_key: tuple[str, str] | None = None,
+        approvers_in: Sequence[str] | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[AccessRequest]:
+        """Ordered by (created_at, request_id); `after` is the last request id of the
+        previous page. `approvers_in`: only requests whose approver group is one of
+        these (a person's groups: what they may review)."""
+        limit = _check_limit(limit)
+        r = schema.access_requests.c
+        conditions: list[Any] = []
+        if state is not None:
+            if not isinstance(state, RequestState):
+                raise _invalid("INVALID_ARGUMENT", "state", f"{state!r} is not a request state")
+            conditions.append(r.state == state.value)
+        if host_id is not None:
+            conditions.append(r.host_id == check_host_id(host_id, "host"))
+        if requester_key is not None:
+            issuer, subject = requester_key
+            conditions.append(r.requester_issuer == _check_text(issuer, "requester", 512))
+            conditions.append(r.requester_subject == _check_text(subject, "requester", 512))
+        if approvers_in is not None:
+            if isinstance(approvers_in, str) or len(approvers_in) > MAX_LABELS:
+                raise _invalid("INVALID_ARGUMENT", "approvers", f"at most {MAX_LABELS} groups")
+            groups = [_check_text(g, "approvers", MAX_GROUP, required=True) for g in approvers_in]
+            if not groups:
+                return []
+            conditions.append(r.approvers.in_(groups))
+        if after is not None:
+            after = _check_request_id(after)
+            if after is not None:
+                anchor = select(r.created_at).where(r.request_id == after).scalar_subquery()
+                conditions.append(
+                    or_(
+                        r.created_at > anchor,
+                        and_(r.created_at == anchor, r.request_id > after),
+                    )
+                )
+
+        def work(connection: Connection) -> list[AccessRequest]:
+            rows = connection.execute(
+                select(schema.access_requests)
+                .where(*conditions)
+                .order_by(r.created_at, r.request_id)
+                .limit(limit)
+            ).all()
+            votes = self._approvals_of(connection, [str(row.request_id) for row in rows])
+            return [_request_from_row(row, votes[str(row.request_id)]) for row in rows]
+
+        return self._read(work)
+
+    def expire_access_requests(self, *, now: float) -> list[AccessRequest]:
+        """Pending requests past their time become expired, one audit record each;
+        returns them (the webhooks' "request.expired"). Several replicas may run this
+        at once: FOR UPDATE SKIP LOCKED and the state condition expire each once."""
+        now = _check_time(now)
+        r = schema.access_requests.c
+        expired: list[AccessRequest] = []
+        for _ in range(MAX_LIST // EXPIRE_BATCH + 1):
+
+            def work(connection: Connection) -> list[AccessRequest]:
+                rows = connection.execute(
+                    select(schema.access_requests)
+                    .where(r.state == RequestState.PENDING.value, r.expires_at <= now)
+                    .order_by(r.request_id)
+                    .limit(EXPIRE_BATCH)
+                    .with_for_update(skip_locked=True)
+                ).all()
+                if not rows:
+                    return []
+                votes = self._approvals_of(connection, [str(row.request_id) for row in rows])
+                due = [_request_from_row(row, votes[str(row.request_id)]) for row in rows]
+                connection.execute(
+                    update(schema.access_requests)
+                    .where(
+                        r.request_id.in_([q.request_id for q in due]),
+                        r.state == RequestState.PENDING.value,
+                    )
+                    .values(state=RequestState.EXPIRED.value, decided_at=now)
+                )
+                self._append_audit(connection, [self._expire_entry(q) for q in due], now)
+                return [
+                    dataclasses.replace(q, state=RequestState.EXPIRED, decided_at=now) for q in due
+                ]
+
+            batch = self._write(work)
+            expired.extend(batch)
+            if len(batch) < EXPIRE_BATCH:
+                break
+        return expired
+
+    def count_active_grants(self, identity_key: tuple[str, str], *, now: float) -> int:
+        """The identity's active, unexpired grants on all hosts (policy's
+        `active_grants`; the limit itself is re-checked when a request is stored)."""
+        issuer, subject = identity_key
+        _check_text(issuer, "identity", MAX_IDENTITY_TEXT)
+        _check_text(subject, "identity", MAX_IDENTITY_TEXT)
+        now = _check_time(now)
+        return self._read(lambda c: self._count_active(c, (issuer, subject), now))
 
     # ------------------------------------------------------------ delivery
 
@@ -1690,6 +2588,8 @@ class FleetStore:
             "grants": schema.grants,
             "changes": schema.changes,
             "audit": schema.audit,
+            "access_requests": schema.access_requests,
+            "request_approvals": schema.request_approvals,
         }
         selected = tables[table]
         return int(
