@@ -374,7 +374,9 @@ def test_the_service_commands_import_no_grpc_protobuf_or_cryptography() -> None:
 
 # --- access requests, whoami, policy (ADR 0008): the CLI against the recorded API --------
 
-PENDING = {
+BOB = {"approver": {"label": "corp:bob@example.com"}, "approve": True,
+       "time": "2026-11-30T12:00:05Z", "comment": "ok"}  # fmt: skip
+PENDING: dict[str, Any] = {
     "request_id": "r-0123456789abcdef",
     "state": "pending",
     "requester": {"kind": "github", "label": "gh:repo:octo/app:environment:prod"},
@@ -388,10 +390,7 @@ PENDING = {
     "rule": "dba-db",
     "approvals_required": 2,
     "approvers": "dba",
-    "approvals": [
-        {"approver": {"label": "corp:bob@example.com"}, "approve": True,
-         "time": "2026-11-30T12:00:05Z", "comment": "ok"},
-    ],
+    "approvals": [BOB],
     "created_at": "2026-11-30T12:00:00Z",
     "expires_at": "2026-11-30T13:00:00Z",
     "decided_at": None,
@@ -400,7 +399,7 @@ PENDING = {
 CAROL = {"approver": {"label": "corp:carol@example.com"}, "approve": True,
          "time": "2026-11-30T12:01:00Z"}  # fmt: skip
 GRANTED = {**PENDING, "state": "granted", "grant_id": "g-00000000000000aa",
-           "approvals": [*PENDING["approvals"], CAROL]}  # fmt: skip
+           "approvals": [BOB, CAROL]}  # fmt: skip
 GRANT = {"grant_id": "g-00000000000000aa", "state": "active", "host_id": "db-1"}
 
 

@@ -500,7 +500,10 @@ def test_version_and_every_command_has_help_with_an_example(
     commands = [["grant"], ["revoke"], ["grants"], ["hosts"], ["hosts", "add"], ["hosts", "label"],
                 ["hosts", "remove"], ["audit"], ["audit", "export"], ["audit", "verify"], ["keys"],
                 ["keys", "generate"], ["keys", "list"], ["init"], ["keygen"], ["pubkey"], ["list"],
-                ["get"], ["watch"]]  # fmt: skip
+                ["get"], ["watch"], ["policy"], ["policy", "validate"], ["policy", "explain"],
+                ["policy", "show"], ["requests"], ["requests", "list"], ["requests", "show"],
+                ["requests", "approve"], ["requests", "deny"], ["requests", "close"],
+                ["whoami"]]  # fmt: skip
     for command in commands:
         with pytest.raises(SystemExit) as caught:
             cli.main([*command, "--help"])
@@ -529,3 +532,190 @@ def test_keys_generate_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[st
     Path(first["path"]).chmod(0o644)  # the service would refuse to start
     status, out, err = _run(capsys, "keys", "list", "--dir", str(keys))
     assert status == 1 and first["path"] in err
+
+
+# --- policy validate / explain offline (the Cedar engine here, no service) -----------------
+
+POLICY = """\
+@id("dba-db")
+@max_ttl("15m")
+@approvals("1")
+@approvers("dba")
+permit (principal in Group::"dba", action == Action::"request", resource)
+when { resource.labels.contains("role=db") && resource.port == 5432 };
+
+@id("ci-prod")
+@max_ttl("1h")
+permit (principal is GithubWorkflow, action == Action::"request", resource in Host::"db-1")
+when { principal.repository == "octo/app" && principal.environment == "prod" };
+
+@id("no-weekends")
+forbid (principal, action, resource) when { context.weekday == 9 };
+"""
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.cedar"
+    path.write_text(POLICY)
+    return path
+
+
+def test_policy_validate_a_good_file(policy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from portagent.broker.policy.cedar import Policy
+
+    digest = Policy.load(policy_file).digest
+    status, out, err = _run(capsys, "policy", "validate", str(policy_file))
+    assert (status, err) == (0, "")
+    assert out == f"{policy_file}: valid (2 rules: dba-db, ci-prod; digest {digest})\n"
+    status, out, _ = _run(capsys, "policy", "validate", str(policy_file), "-o", "json")
+    answer = json.loads(out)
+    assert (status, answer["valid"], answer["digest"]) == (0, True, digest)
+    assert [(r["rule"], r["max_ttl"], r["approvals"]) for r in answer["rules"]] == [
+        ("dba-db", 900, 1), ("ci-prod", 3600, 0)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        # a typo in an attribute: Cedar's validator names it, with the file and line
+        (("principal.repository ==", "principal.repo =="), ("policy.cedar:", "repo")),
+        # approvals without approvers: the rule is named
+        (('@approvers("dba")\n', ""), ("dba-db", "@approvers")),
+        # an annotation the broker does not know
+        (('@max_ttl("1h")', '@max_tll("1h")'), ("ci-prod", "max_tll")),
+        # a syntax error: the rule's line and Cedar's message
+        (
+            ("when { context.weekday == 9 };", "when { context.weekday == };"),
+            ("policy.cedar:13: ", "unexpected token"),
+        ),
+    ],
+)
+def test_policy_validate_a_bad_file_lists_each_problem(
+    policy_file: Path, capsys: pytest.CaptureFixture[str], edit: tuple[str, str],
+    expected: tuple[str, ...],
+) -> None:  # fmt: skip
+    assert edit[0] in POLICY
+    policy_file.write_text(POLICY.replace(*edit))
+    status, out, err = _run(capsys, "policy", "validate", str(policy_file))
+    assert (status, out) == (1, "")
+    lines = err.splitlines()
+    assert lines and not any(line.startswith("portagent-broker:") for line in lines)
+    for text in expected:
+        assert text in err, (text, err)
+
+
+def test_policy_validate_two_problems_two_lines(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy_file.write_text(POLICY.replace('@approvers("dba")\n', "").replace("@max_ttl", "@ttl"))
+    status, _, err = _run(capsys, "policy", "validate", str(policy_file))
+    assert status == 1 and len(err.splitlines()) >= 2
+    status, _, err = _run(capsys, "policy", "validate", str(policy_file.with_name("none.cedar")))
+    assert status == 1 and "none.cedar" in err
+
+
+EXPLAIN = ["policy", "explain", "--host", "db-1", "--port", "5432/tcp", "--ttl", "15m"]
+
+
+def test_explain_offline_with_quick_flags(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    person = ["--kind", "person", "--subject", "alice", "--issuer-name", "corp",
+              "--email", "alice@example.com", "--group", "dba", "--label", "role=db"]  # fmt: skip
+    status, out, err = _run(capsys, *EXPLAIN, "--policy", str(policy_file), *person)
+    assert (status, err) == (0, "")
+    assert out.startswith("ALLOWED by rule dba-db\n")
+    assert "1 approval(s) from dba" in out and 'Person::"corp:alice"' in out
+    # Not in the group: denied by default, exit 1, and the rule says why it did not apply.
+    others = [a if a != "dba" else "web" for a in person]
+    status, out, _ = _run(capsys, *EXPLAIN, "--policy", str(policy_file), *others)
+    assert status == 1 and out.startswith("DENIED (POLICY_DENIED)")
+    assert re.search(r"^  - permit dba-db ", out, re.MULTILINE)
+    # Over the rule's @max_ttl: the limit that failed.
+    status, out, _ = _run(capsys, *EXPLAIN[:-1], "2h", "--policy", str(policy_file), *person)
+    assert status == 1 and out.startswith("DENIED (TTL_TOO_LONG)")
+    # -o json: explanation_json.
+    github = ["--kind", "github", "--subject", "repo:octo/app:environment:prod",
+              "--issuer-name", "gh", "--claim", "repository=octo/app",
+              "--claim", "environment=prod"]  # fmt: skip
+    status, out, _ = _run(capsys, *EXPLAIN, "--policy", str(policy_file), *github, "-o", "json")
+    answer = json.loads(out)
+    assert status == 0 and answer["decision"]["allowed"] is True
+    assert answer["decision"]["rule"] == "ci-prod"
+    assert {r["rule"]: r["applies"] for r in answer["rules"]}["dba-db"] is False
+
+
+def test_explain_offline_identity_file_and_unverified_token(
+    policy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import base64
+
+    from portagent.broker.identity.model import Identity, IdentityKind
+
+    identity = Identity(IdentityKind.GITHUB, "https://token.actions.githubusercontent.com",
+                        "gh", "repo:octo/app:environment:prod",
+                        {"repository": "octo/app", "environment": "prod"})  # fmt: skip
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"identity": identity.to_json()}))  # as `whoami -o json` prints
+    status, out, _ = _run(capsys, *EXPLAIN, "--policy", str(policy_file), "--identity", str(path))
+    assert status == 0 and out.startswith("ALLOWED by rule ci-prod")
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    claims = {"iss": "https://token.actions.githubusercontent.com", "aud": "portagent",
+              "sub": "repo:octo/app:environment:prod", "repository": "octo/app",
+              "environment": "prod", "run_id": "4242",
+              "runner_environment": "github-hosted"}  # fmt: skip
+    token = tmp_path / "job.jwt"
+    # Signed by nobody: offline explain decodes, it does not verify (its help says so).
+    pki.write_atomic(token, f"{part({'alg': 'RS256'})}.{part(claims)}.AAAA".encode(), 0o600)
+    args = [*EXPLAIN, "--policy", str(policy_file), "--token-file", str(token), "-o", "json"]
+    status, out, _ = _run(capsys, *args)
+    answer = json.loads(out)
+    assert status == 0 and answer["decision"]["rule"] == "ci-prod"
+    principal = answer["entities"][0]
+    assert principal["uid"] == {"type": "GithubWorkflow",
+                                "id": "github:repo:octo/app:environment:prod"}  # fmt: skip
+    assert principal["attrs"]["run_id"] == "4242"
+    # Bad input names the option it came from; nothing is explained.
+    path.write_text(json.dumps({"kind": "robot", "issuer_name": "x", "subject": "y"}))
+    status, out, err = _run(capsys, *EXPLAIN, "--policy", str(policy_file), "--identity", str(path))
+    assert (status, out) == (2, "") and err.startswith(
+        "portagent-broker: --identity (identity.kind)"
+    )
+    token.write_text("not-a-jwt")
+    status, _, err = _run(
+        capsys, *EXPLAIN, "--policy", str(policy_file), "--token-file", str(token)
+    )
+    assert status == 2 and "--token-file: " in err and "does not hold a JWT" in err
+    status, _, err = _run(capsys, *EXPLAIN[:-1], "0s", "--policy", str(policy_file),
+                          "--subject", "alice")  # fmt: skip
+    assert status == 2 and err.startswith("portagent-broker: --ttl: ")
+    status, _, err = _run(capsys, *EXPLAIN, "--policy", str(policy_file), "--subject", "a",
+                          "--source", "example.com")  # fmt: skip
+    assert status == 2 and err.startswith("portagent-broker: --source: ")
+
+
+def test_online_explanation_text_matches_the_engine_text(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The service's JSON printed here reads exactly like the offline explain."""
+    from portagent.broker.policy.cedar import (
+        Policy,
+        explanation_json,
+        explanation_text,
+        query_from_json,
+    )
+
+    policy = Policy.load(policy_file)
+    for group, ttl in (("dba", "15m"), ("dba", "2h"), ("web", "15m")):
+        query = {"identity": {"kind": "person", "issuer": "https://sso", "issuer_name": "corp",
+                              "subject": "alice", "groups": [group]},
+                 "host": "db-1", "labels": {"role": "db"}, "port": "5432/tcp",
+                 "ttl": ttl}  # fmt: skip
+        explanation = policy.explain(query_from_json(query, now=1_800_000_000))
+        assert cli._explanation_text(explanation_json(explanation)) == (
+            explanation_text(explanation) + "\n"
+        )
