@@ -493,6 +493,13 @@ def test_approve_acts_with_the_person_token_and_prints_the_outcome(
     assert json.loads(out) == {"request": GRANTED, "grant": GRANT, "applied": False}
     assert stub.requests[-1].headers["Authorization"] == "Bearer eyJh.eyJi.c2ln"
     assert stub.requests[-1].body == {}
+    # --token-file before the action counts too (the action's default does not reset it),
+    # and takes precedence over $PORTAGENT_TOKEN.
+    assert (
+        _cli(capsys, "requests", "--token-file", str(alice), "approve", "r-0123456789abcdef")[0]
+        == 0
+    )
+    assert stub.requests[-1].headers["Authorization"] == f"Bearer {alice.read_text().strip()}"
 
 
 def test_vote_refusals_print_code_reason_and_exit_status(

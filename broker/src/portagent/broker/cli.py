@@ -1865,12 +1865,18 @@ def build_parser() -> argparse.ArgumentParser:
         "every request; a person sees their own and the pending ones they may approve.",
     )
 
-    def request_filters(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--state", choices=REQUEST_STATES, help="only requests in this state")
-        p.add_argument("--host", metavar="HOST", help="only requests for this host")
+    # On an action's parser the defaults are SUPPRESS: an option given before the action
+    # (`requests --token-file F approve ID`) is kept, not reset by the action's default.
+    def request_filters(p: argparse.ArgumentParser, *, action: bool = False) -> None:
+        default = argparse.SUPPRESS if action else None
+        p.add_argument("--state", choices=REQUEST_STATES, default=default,
+                       help="only requests in this state")  # fmt: skip
+        p.add_argument("--host", metavar="HOST", default=default,
+                       help="only requests for this host")  # fmt: skip
 
-    def acting(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--token-file", metavar="FILE", help=ACTING_HELP)
+    def acting(p: argparse.ArgumentParser, *, action: bool = False) -> None:
+        default = argparse.SUPPRESS if action else None
+        p.add_argument("--token-file", metavar="FILE", default=default, help=ACTING_HELP)
 
     request_filters(requests)
     acting(requests)
@@ -1878,8 +1884,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", cmd_requests_list, "list requests (the default)", [common, output],
             f"example:\n  {PROG} requests list --state pending --host db-1",
             into=requests_sub)  # fmt: skip
-    request_filters(p)
-    acting(p)
+    request_filters(p, action=True)
+    acting(p, action=True)
     for name, handler, text, example in (
         ("show", cmd_requests_show, "one request: its votes and its grant", "show"),
         ("approve", cmd_requests_approve, "approve a pending request (as a person in the "
@@ -1893,7 +1899,7 @@ def build_parser() -> argparse.ArgumentParser:
                 f"example:\n  {PROG} requests {example} r-0123456789abcdef",
                 into=requests_sub)  # fmt: skip
         p.add_argument("request_id", metavar="REQUEST_ID")
-        acting(p)
+        acting(p, action=True)
         if name in ("approve", "deny"):
             p.add_argument("--comment", default="", help="why (recorded in the audit chain)")
 
