@@ -685,6 +685,13 @@ def test_explain_offline_identity_file_and_unverified_token(
     assert (status, out) == (2, "") and err.startswith(
         "portagent-broker: --identity (identity.kind)"
     )
+    # One source of identity: the quick flags do not mix with a file or a token.
+    status, _, err = _run(capsys, *EXPLAIN, "--policy", str(policy_file), "--identity", str(path),
+                          "--group", "dba")  # fmt: skip
+    assert status == 2 and err.startswith("portagent-broker: --identity: the whole identity")
+    status, _, err = _run(capsys, *EXPLAIN, "--policy", str(policy_file), "--token-file",
+                          str(token), "--claim", "repository=x")  # fmt: skip
+    assert status == 2 and err.startswith("portagent-broker: --claim: the identity comes from")
     token.write_text("not-a-jwt")
     status, _, err = _run(
         capsys, *EXPLAIN, "--policy", str(policy_file), "--token-file", str(token)

@@ -1020,6 +1020,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         return _explain_offline(args, query)
     if args.token_file is not None:
         # The service verifies it: what it would decide for the real token.
+        if args.identity is not None or args.subject or args.kind or args.issuer_name:
+            raise UsageError("--token-file: the service takes the identity from the token; "
+                             "drop --identity and the quick identity flags")  # fmt: skip
         try:
             query["token"] = read_token(Path(args.token_file), where="--token-file",
                                         max_bytes=MAX_JWT_BYTES)  # fmt: skip
@@ -1091,9 +1094,26 @@ def _identity_flag(args: argparse.Namespace) -> str:
 def _explain_identity(args: argparse.Namespace) -> dict[str, Any]:
     """The identity to explain for, as Identity.to_json writes it: from --identity,
     from --token-file (offline: decoded WITHOUT verification), or the quick flags."""
+    quick = [
+        flag
+        for flag, value in (
+            ("--subject", args.subject),
+            ("--issuer", args.issuer),
+            ("--email", args.email),
+            ("--group", args.group),
+            ("--claim", args.claim),
+        )
+        if value
+    ]
     if args.identity is not None:
+        if quick or args.token_file is not None or args.kind or args.issuer_name:
+            raise UsageError("--identity: the whole identity comes from the file; "
+                             "drop --token-file and the quick identity flags")  # fmt: skip
         return _identity_file(Path(args.identity))
     if args.token_file is not None:
+        if quick:
+            raise UsageError(f"{quick[0]}: the identity comes from --token-file "
+                             "(only --kind and --issuer-name may adjust it)")  # fmt: skip
         return _unverified_token_identity(Path(args.token_file), args)
     if args.subject is None:
         raise UsageError(
