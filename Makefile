@@ -18,7 +18,8 @@ APT_PACKAGING := build-essential debhelper dh-python pybuild-plugin-pyproject py
 	python3-setuptools python3-build python3-installer scdoc lintian debootstrap \
 	systemd-container python3-grpcio python3-protobuf python3-nftables python3-pyroute2 \
 	python3-psutil python3-systemd python3-cryptography git \
-	python3-starlette python3-uvicorn python3-sqlalchemy python3-alembic python3-psycopg python3-psycopg2
+	python3-starlette python3-uvicorn python3-sqlalchemy python3-alembic python3-psycopg python3-psycopg2 \
+	python3-jwt python3-pip
 STAMP_APT_PKG := .cache/apt-packaging.stamp
 
 # Peers for `make bench` only; installed with service start blocked and their units disabled:

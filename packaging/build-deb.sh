@@ -8,11 +8,19 @@
 # untracked-but-not-ignored, so generated code never leaks in), writes the
 # upstream tarball portagent_VERSION.orig.tar.gz, adds packaging/debian/ as
 # debian/ and runs dpkg-buildpackage. The result is a proper 3.0 (quilt) source
-# package (.dsc, .orig.tar.gz, .debian.tar.xz) and its three arch:all .debs:
-# portagent (the agent), portagent-broker and python3-portagent-wire (the code
-# both share). lintian must report no error and no warning on any of them
-# (overrides: packaging/debian/*.lintian-overrides, each justified in a comment).
-# The last lines on stdout are the three .deb paths, one a line.
+# package (.dsc, .orig.tar.gz, .orig-vendor.tar.gz, .debian.tar.xz) and its four
+# .debs: portagent (the agent), python3-portagent-wire (the code agent and broker
+# share), portagent-request (the requester's client; all three arch:all) and
+# portagent-broker (amd64: it carries cedarpy's compiled module). lintian must report
+# no error and no warning on any of them (overrides: packaging/debian/*.lintian-overrides,
+# each justified in a comment). The last lines on stdout are the four .deb paths, one a
+# line.
+#
+# cedarpy is not in Debian: its wheels, pinned by SHA-256 in packaging/vendor-wheels.sha256,
+# are downloaded once with pip (network needed the first time), cached in
+# .cache/vendor-wheels/ and shipped in the source package as its second upstream tarball
+# (component "vendor"), so the .dsc builds offline; debian/rules checks them again and
+# unpacks them into the broker's package.
 set -euo pipefail
 # Debian's toolchain and Debian's python3 only (not a pyenv or a venv on PATH).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -38,6 +46,43 @@ if ! grep -q "^## \[$upstream\]" CHANGELOG.md; then
 	exit 1
 fi
 
+# The vendored wheels: each pinned file from the cache, else downloaded; never used
+# unless its SHA-256 is the pinned one.
+pins=packaging/vendor-wheels.sha256
+wheels=$repo/.cache/vendor-wheels
+mkdir -p "$wheels"
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+while read -r want wheel; do
+	[[ -f $wheels/$wheel && $(sha256_of "$wheels/$wheel") == "$want" ]] && continue
+	# cedarpy-4.12.2-cp311-cp311-manylinux...whl: name, version and CPython version from the name.
+	IFS=- read -r name version tag _ <<<"$wheel"
+	[[ $tag =~ ^cp3([0-9]+)$ ]] || { echo "build-deb: $pins: $wheel is not a cp3XX wheel" >&2; exit 1; }
+	pyversion=3.${BASH_REMATCH[1]}
+	python3 -m pip --version >/dev/null 2>&1 || {
+		echo "build-deb: $wheel is not in $wheels and python3 -m pip is missing (apt install python3-pip)" >&2
+		exit 1; }
+	echo "build-deb: downloading $name==$version for CPython $pyversion (pinned in $pins)" >&2
+	tmp=$(mktemp -d)
+	timeout 300 python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+		--only-binary=:all: --platform manylinux2014_x86_64 --python-version "$pyversion" \
+		--implementation cp --dest "$tmp" "$name==$version" >&2 || {
+		rm -rf "$tmp"
+		echo "build-deb: pip could not download $name==$version (the first build needs network access to PyPI)" >&2
+		exit 1; }
+	if [[ ! -f $tmp/$wheel ]]; then
+		echo "build-deb: pip downloaded $(ls "$tmp"), not $wheel" >&2
+		rm -rf "$tmp"; exit 1
+	fi
+	got=$(sha256_of "$tmp/$wheel")
+	if [[ $got != "$want" ]]; then
+		rm -rf "$tmp"
+		echo "build-deb: SHA-256 mismatch for $wheel: downloaded $got, $pins pins $want; not used" >&2
+		exit 1
+	fi
+	mv "$tmp/$wheel" "$wheels/$wheel"
+	rm -rf "$tmp"
+done < <(grep -v -e '^#' -e '^[[:space:]]*$' "$pins")
+
 # Reproducible: every timestamp is the changelog's.
 SOURCE_DATE_EPOCH=$(dpkg-parsechangelog -l packaging/debian/changelog -S Timestamp)
 export SOURCE_DATE_EPOCH
@@ -56,6 +101,12 @@ tar --create --no-recursion --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 
 	--null --files-from="$build/files" |
 	gzip -n -9 >"$build/portagent_$upstream.orig.tar.gz"
 tar -xzf "$build/portagent_$upstream.orig.tar.gz" -C "$build"
+# The wheels: the upstream tarball of component "vendor" (unpacked as vendor/ in the tree).
+grep -v -e '^#' -e '^[[:space:]]*$' "$pins" | cut -d' ' -f3 | sort |
+	tar --create --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
+		--mode=0644 -C "$wheels" --transform='s,^,vendor/,' --files-from=- |
+	gzip -n -9 >"$build/portagent_$upstream.orig-vendor.tar.gz"
+tar -xzf "$build/portagent_$upstream.orig-vendor.tar.gz" -C "$build/$tree"
 cp -a packaging/debian "$build/$tree/debian"
 
 echo "build-deb: dpkg-buildpackage in $build/$tree" >&2
@@ -76,13 +127,15 @@ lintian --fail-on error,warning --display-info --info "$changes" | tee "$build/l
 }
 
 debs=()
-for package in portagent portagent-broker python3-portagent-wire; do
-	deb=${package}_${debversion}_all.deb
+for package in portagent portagent-broker portagent-request python3-portagent-wire; do
+	arch=all
+	[[ $package == portagent-broker ]] && arch=amd64
+	deb=${package}_${debversion}_$arch.deb
 	[[ -f $build/$deb ]] || { echo "build-deb: $deb was not built" >&2; exit 1; }
 	debs+=("$out/$deb")
 done
 for f in "$build"/*; do
-	[[ $f == *.orig.tar.gz || $f == *.dsc || $f == *.debian.tar.* || $f == *.deb || $f == *.changes ||
+	[[ $f == *.orig.tar.gz || $f == *.orig-vendor.tar.gz || $f == *.dsc || $f == *.debian.tar.* || $f == *.deb || $f == *.changes ||
 		$f == *.buildinfo ]] && cp "$f" "$out/"
 done
 printf '%s\n' "${debs[@]}"

@@ -2,7 +2,7 @@
 
     python3 -I -B debian/import-check.py PART DIST_PACKAGES [DEPENDENCY_DIST_PACKAGES...]
 
-PART is wire, agent or broker. `-I` keeps the user's site and PYTHONPATH out, so only
+PART is wire, agent, broker or request. `-I` keeps the user's site and PYTHONPATH out, so only
 Debian's own modules, the package being checked and the packages it depends on (their
 dist-packages trees, e.g. python3-portagent-wire's for the agent) are importable: a
 module that needs something no Depends: provides fails here, not on a host.
@@ -24,9 +24,15 @@ EXPECTED = {
     "wire": ["health", "v1", "wire"],  # python3-portagent-wire
     "agent": ["agent"],  # portagent
     "broker": ["broker"],  # portagent-broker
+    "request": ["request"],  # portagent-request
 }
 # Top-level trees a package may ship besides portagent/ (and its *.dist-info).
-OPTIONAL_TOP = {"wire": {"google": ["rpc"]}, "agent": {}, "broker": {}}
+OPTIONAL_TOP = {"wire": {"google": ["rpc"]}, "agent": {}, "broker": {}, "request": {}}
+# The requester's client runs on laptops and CI runners with Python's standard library
+# only: once all its modules are imported, none of these may have been loaded (they are
+# importable here, from Debian's dist-packages, so a stray import would not fail).
+FORBIDDEN = {"request": {"grpc", "google", "cryptography", "jwt", "cedarpy", "portagent.wire",
+                         "portagent.agent", "portagent.broker"}}
 
 if len(sys.argv) < 3 or sys.argv[1] not in EXPECTED:
     sys.exit(f"usage: import-check.py {{{','.join(EXPECTED)}}} DIST_PACKAGES [DEPENDENCY...]")
@@ -75,4 +81,7 @@ for qualified in packages:
 for name in names:
     if not is_script(name):
         importlib.import_module(name)
+loaded = {m for m in FORBIDDEN.get(part, ()) if m in sys.modules}
+if loaded:
+    sys.exit(f"{part}: importing its modules loaded {sorted(loaded)}")
 print(f"import-check: {part}: {len(names)} modules import from {root}")

@@ -106,14 +106,16 @@ if [[ ${1:-} == --print-mirrors ]]; then
 	exit 0
 fi
 BOOT_PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,iproute2
-# What the Depends: of the three binary packages pull in (kept in step with
+# What the Depends: of the four binary packages pull in (kept in step with
 # packaging/debian/control): python3-portagent-wire needs python3-grpcio, -protobuf and
 # -cryptography; portagent-broker also the service's python3-starlette, -uvicorn,
-# -sqlalchemy, -alembic and -psycopg; portagent also nftables, python3-nftables,
-# -pyroute2, -psutil and -systemd (and systemd-sysusers, from systemd: in BOOT_PACKAGES).
+# -sqlalchemy, -alembic, -psycopg and PyJWT (python3-jwt; cedarpy is in the package, its
+# libc6 and libgcc-s1 are in minbase); portagent also nftables, python3-nftables,
+# -pyroute2, -psutil and -systemd (and systemd-sysusers, from systemd: in BOOT_PACKAGES);
+# portagent-request only python3.
 DEPENDS="python3 python3-grpcio python3-protobuf python3-cryptography
 python3-starlette python3-uvicorn python3-sqlalchemy python3-alembic python3-psycopg python3-psycopg2
-python3-nftables python3-pyroute2 python3-psutil python3-systemd nftables adduser"
+python3-jwt python3-nftables python3-pyroute2 python3-psutil python3-systemd nftables adduser"
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${1:-${PORTAGENT_PACKAGING_CACHE:-$here/../../.cache/packaging}}
