@@ -78,6 +78,7 @@ class RuleExplanation:
     effect: str  # "permit" | "forbid"
     applies: bool  # scope and conditions hold for this query
     note: str  # e.g. "ttl 7200s over @max_ttl 15m", "scope: principal not in Group::dba"
+    line: int = 0  # the rule's first line in the policy file (0: unknown)
 
 
 @dataclass(frozen=True)
