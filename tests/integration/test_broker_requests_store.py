@@ -78,7 +78,8 @@ def keyring(tmp_path: Path) -> KeyRing:
 
 @pytest.fixture
 def raw(url: str) -> Iterator[Engine]:
-    engine = create_engine(normalise_url(url))
+    """A plain engine on the same database (future=True: 2.0-style on Debian's 1.4 too)."""
+    engine = create_engine(normalise_url(url), future=True)
     try:
         yield engine
     finally:
@@ -457,8 +458,12 @@ def test_an_expired_request_never_makes_a_grant(store: FleetStore, keyring: KeyR
         )[1]
         == "REQUEST_NOT_PENDING"
     )
+    # closing a request past its time: it expired, it is not "cancelled"
+    three, _, _ = ask(store, keyring, approvals=1, port="5434", now=late)
+    closed, _ = store.close_access_request(three.request_id, actor=ALICE, now=late + PENDING_TTL)
+    assert closed.state is RequestState.EXPIRED
     assert store.count("grants") == 0 and store.count("request_approvals") == 0
-    assert [r.action for r in store.audit_records()].count("request_expire") == 2
+    assert [r.action for r in store.audit_records()].count("request_expire") == 3
     chain_ok(store)
 
 
@@ -607,6 +612,7 @@ def test_listing_requests(store: FleetStore, keyring: KeyRing) -> None:
     page2 = store.list_access_requests(limit=2, after=page1[-1].request_id)
     page3 = store.list_access_requests(limit=2, after=page2[-1].request_id)
     assert [q.request_id for q in page1 + page2 + page3] == ids
+    assert store.list_access_requests(after="r-0123456789abcdef") == []  # unknown: no restart
     assert store.get_access_request("nonsense") is None
     assert refused(lambda: store.list_access_requests(after="bad"))[2] == "request_id"
 

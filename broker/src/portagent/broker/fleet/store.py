@@ -7,8 +7,10 @@ broker killed mid-request loses all of a change or none of it. Writers serialise
 SQLite through `BEGIN IMMEDIATE` (its one write lock), PostgreSQL through the host
 row (`FOR UPDATE`) for generations and an advisory transaction lock for the audit
 chain, which every transaction takes *last* (after all its row locks) so it can never
-be part of a lock cycle. Values are checked on the way in and parsed, typed, once on
-the way out: a damaged row is a StoreError here, not a crash somewhere else.
+be part of a lock cycle. Lock order everywhere: identity (advisory, request creation
+only) -> host row -> access request row -> grant row -> audit. Values are checked on
+the way in and parsed, typed, once on the way out: a damaged row is a StoreError
+here, not a crash somewhere else.
 """
 
 from __future__ import annotations
@@ -2382,14 +2384,12 @@ class FleetStore:
             conditions.append(r.approvers.in_(groups))
         if after is not None:
             after = _check_request_id(after)
-            if after is not None:
-                anchor = select(r.created_at).where(r.request_id == after).scalar_subquery()
-                conditions.append(
-                    or_(
-                        r.created_at > anchor,
-                        and_(r.created_at == anchor, r.request_id > after),
-                    )
-                )
+            # Keyset paging on (created_at, request_id); an unknown `after` matches
+            # nothing (NULL comparisons), an empty page rather than a restart.
+            anchor = select(r.created_at).where(r.request_id == after).scalar_subquery()
+            conditions.append(
+                or_(r.created_at > anchor, and_(r.created_at == anchor, r.request_id > after))
+            )
 
         def work(connection: Connection) -> list[AccessRequest]:
             rows = connection.execute(
