@@ -377,29 +377,30 @@ def test_the_service_commands_import_no_grpc_protobuf_or_cryptography() -> None:
 BOB = {"approver": {"label": "corp:bob@example.com"}, "approve": True,
        "time": "2026-11-30T12:00:05Z", "comment": "ok"}  # fmt: skip
 PENDING: dict[str, Any] = {
-    "request_id": "r-0123456789abcdef",
+    "id": "r-0123456789abcdef",
     "state": "pending",
     "requester": {"kind": "github", "label": "gh:repo:octo/app:environment:prod"},
     "host_id": "db-1",
     "protocol": "tcp",
-    "port_first": 5432,
-    "port_last": 5432,
+    "ports": "5432",
     "sources": ["192.0.2.7/32"],
-    "ttl": 900,
+    "ttl_seconds": 900.0,
     "reason": "INC-42",
     "rule": "dba-db",
     "approvals_required": 2,
     "approvers": "dba",
+    "approved": 1,
     "approvals": [BOB],
     "created_at": "2026-11-30T12:00:00Z",
     "expires_at": "2026-11-30T13:00:00Z",
     "decided_at": None,
     "grant_id": None,
+    "client_request_id": None,
 }  # fmt: skip
 CAROL = {"approver": {"label": "corp:carol@example.com"}, "approve": True,
          "time": "2026-11-30T12:01:00Z"}  # fmt: skip
 GRANTED = {**PENDING, "state": "granted", "grant_id": "g-00000000000000aa",
-           "approvals": [BOB, CAROL]}  # fmt: skip
+           "approved": 2, "approvals": [BOB, CAROL]}  # fmt: skip
 GRANT = {"grant_id": "g-00000000000000aa", "state": "active", "host_id": "db-1"}
 
 
@@ -442,8 +443,8 @@ def test_requests_list_pages_filters_and_prints_the_table(
 ) -> None:
     stub = broker_toml
     first = "GET /v1/requests?state=pending&host=db-1&limit=1000"
-    other = {**PENDING, "request_id": "r-00000000000000bb", "approvals_required": 0,
-             "approvals": [], "port_last": 5440, "protocol": "udp", "reason": ""}  # fmt: skip
+    other = {**PENDING, "id": "r-00000000000000bb", "approvals_required": 0, "approved": 0,
+             "approvals": [], "ports": "5432-5440", "protocol": "udp", "reason": ""}  # fmt: skip
     stub.on(first, (200, {"requests": [PENDING], "next_after": "r-0123456789abcdef"}))
     stub.on(first + "&after=r-0123456789abcdef", (200, {"requests": [other], "next_after": None}))
     status, out, err = _cli(capsys, "requests", "--state", "pending", "--host", "db-1")
@@ -490,7 +491,8 @@ def test_approve_acts_with_the_person_token_and_prints_the_outcome(
     # $PORTAGENT_TOKEN stands in for --token-file; -o json prints the answer.
     monkeypatch.setenv("PORTAGENT_TOKEN", "eyJh.eyJi.c2ln")
     status, out, _ = _cli(capsys, "requests", "approve", "r-0123456789abcdef", "-o", "json")
-    assert json.loads(out) == {"request": GRANTED, "grant": GRANT, "applied": False}
+    # -o json: the request object (as `requests list` prints it), its grant and applied.
+    assert json.loads(out) == {**GRANTED, "grant": GRANT, "applied": False}
     assert stub.requests[-1].headers["Authorization"] == "Bearer eyJh.eyJi.c2ln"
     assert stub.requests[-1].body == {}
     # --token-file before the action counts too (the action's default does not reset it),
@@ -554,6 +556,8 @@ def test_show_close_and_whoami(broker_toml: ApiStub, capsys: pytest.CaptureFixtu
     status, out, _ = _cli(capsys, "whoami")
     assert status == 0 and out.splitlines()[0].split() == ["label:", "admin:tests"]
     assert json.loads(_cli(capsys, "whoami", "-o", "json")[1]) == {"identity": identity}
+    shown = json.loads(_cli(capsys, "requests", "show", "r-0123456789abcdef", "-o", "json")[1])
+    assert shown == {**GRANTED, "grant": GRANT, "applied": True}
     # An id is one path segment, whatever it holds.
     assert _cli(capsys, "requests", "show", "../grants")[0] == 1
     assert stub.requests[-1].path == "/v1/requests/..%2Fgrants"

@@ -1317,7 +1317,7 @@ def _request_fields(r: Mapping[str, Any], now: float) -> dict[str, str]:
         ports = first if first == last or last is None else f"{first}-{last}"
     required = _number(r.get("approvals_required"))
     approvals = r.get("approvals")
-    approved = r.get("approved_count")
+    approved = r.get("approved")
     if not isinstance(approved, int) and isinstance(approvals, list):
         approved = len([a for a in approvals if isinstance(a, dict) and a.get("approve")])
     ttl = r.get("ttl_seconds", r.get("ttl"))
@@ -1391,12 +1391,22 @@ def cmd_requests_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _request_json(answer: Mapping[str, Any]) -> dict[str, Any]:
+    """-o json of one request: the request object as `requests list` prints it, with
+    its grant (or null) and whether the host applied it."""
+    request = answer.get("request")
+    shown = dict(request) if isinstance(request, dict) else {}
+    shown["grant"] = answer.get("grant")
+    shown["applied"] = answer.get("applied") is True
+    return shown
+
+
 def cmd_requests_show(args: argparse.Namespace) -> int:
     settings = _load_config(args)
     with _acting_api(settings, args) as api:
         answer = api.get_request(args.request_id)
     if args.output == "json":
-        _print_json(answer)
+        _print_json(_request_json(answer))
     else:
         _print_request(answer, time.time())
     return EXIT_OK
@@ -1404,7 +1414,7 @@ def cmd_requests_show(args: argparse.Namespace) -> int:
 
 def _print_decided(args: argparse.Namespace, answer: Mapping[str, Any]) -> None:
     if args.output == "json":
-        _print_json(answer)
+        _print_json(_request_json(answer))
         return
     r = answer.get("request")
     r = r if isinstance(r, dict) else {}
