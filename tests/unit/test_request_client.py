@@ -581,3 +581,13 @@ def test_the_client_loads_nothing_heavy() -> None:
     heavy = ("grpc", "cryptography", "google", "portagent.wire", "portagent.agent",
              "portagent.broker", "portagent.testing", "jwt", "cedarpy", "sqlalchemy")
     assert not {n for n in loaded if any(n == h or n.startswith(h + ".") for h in heavy)}
+
+
+def test_trace_names_each_phase_in_order(pki: BrokerPki, broker: FakeBroker) -> None:
+    done = _run(_argv(command=["true"]), _env(pki, broker, PORTAGENT_REQUEST_TRACE="1"))
+    assert done.returncode == 0, done.stderr
+    traced = [line.split()[2:] for line in done.stderr.splitlines() if " trace " in line]
+    assert [p for p, _ in traced] == ["main", "token", "connected", "created", "applied",
+                                      "closing", "closed"]
+    times = [float(t) for _, t in traced]
+    assert times == sorted(times)

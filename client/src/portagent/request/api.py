@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import sys
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, urlsplit
 
@@ -19,6 +22,15 @@ if TYPE_CHECKING:
 MAX_BODY = 1 << 20  # the broker's answers are small; a huge one is not the broker
 MAX_WAIT = 30  # the broker caps a long poll at 30 s
 CONNECT_TIMEOUT = 10.0
+# PORTAGENT_REQUEST_TRACE=1: one stderr line per phase with CLOCK_MONOTONIC (shared by
+# all network namespaces), so a benchmark can tell where the time goes.
+_TRACE = bool(os.environ.get("PORTAGENT_REQUEST_TRACE"))
+
+
+def trace(phase: str) -> None:
+    if _TRACE:
+        print(f"portagent-request: trace {phase} {time.monotonic():.6f}", file=sys.stderr,
+              flush=True)
 
 
 class BrokerError(Exception):
@@ -129,6 +141,9 @@ class Broker:
                                                          context=context)
             else:
                 self._conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
+            if _TRACE:  # connect (and handshake) here, only to time it apart
+                self._conn.connect()
+                trace("connected")
         self._conn.timeout = timeout
         if self._conn.sock is not None:
             self._conn.sock.settimeout(timeout)

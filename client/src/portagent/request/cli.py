@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace, command: list[str]) -> int:
     from portagent.request import api, run, tokens
 
+    api.trace("main")
+
     modes = sum(bool(x) for x in (args.close, args.whoami))
     if modes > 1 or (modes and (command or args.host)):
         raise UsageError("--close and --whoami go alone (no --host, no CMD)")
@@ -188,6 +190,7 @@ def _main(args: argparse.Namespace, command: list[str]) -> int:
     except tokens.TokenError as exc:
         print(f"portagent-request: {exc}", file=sys.stderr)
         return run.EX_UNAVAILABLE if exc.unreachable else EX_USAGE
+    api.trace("token")
     broker = api.Broker(url, token, ca)
     try:
         if args.close:

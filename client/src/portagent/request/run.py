@@ -19,7 +19,7 @@ import time
 from types import FrameType
 from typing import IO, Any
 
-from portagent.request.api import MAX_WAIT, Broker, BrokerError, request_view
+from portagent.request.api import MAX_WAIT, Broker, BrokerError, request_view, trace
 
 EX_OK = 0
 EX_USAGE = 64
@@ -143,6 +143,7 @@ class Session:
             raise Exit(exit_code(exc), exc.describe()) from None
         request, _, applied = request_view(self.answer)
         self.request_id = request["id"]
+        trace("created")
         self._check_signal()
         if request["state"] == "pending":
             self.say(f"waiting for approval (request {self.request_id}, "
@@ -175,6 +176,7 @@ class Session:
             finally:
                 self.signals.raise_now = False
             request, _, applied = request_view(self.answer)
+        trace("applied")
 
     def _check_signal(self) -> None:
         if self.signals.received is not None:
@@ -186,12 +188,14 @@ class Session:
         """POST close, retried on transport errors and 5xx for at most `budget` seconds."""
         if self.request_id is None:
             return True
+        trace("closing")
         deadline = time.monotonic() + budget
         pause = 0.1
         last = ""
         for _ in range(20):  # bounded by count as well as by time
             try:
                 self.broker.close_request(self.request_id)
+                trace("closed")
                 return True
             except BrokerError as exc:
                 if exc.status == 409 or (exc.status == 400 and exc.reason.endswith("STATE")):
