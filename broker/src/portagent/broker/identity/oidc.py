@@ -279,7 +279,8 @@ class _IssuerState:
     lock: threading.Lock
     keys: tuple[JwksKey, ...] | None = None
     fetched_at: float | None = None
-    last_attempt: float | None = None
+    last_attempt: float | None = None  # any fetch (start, stale cache, unknown kid)
+    last_kid_refetch: float | None = None  # the last one an unknown kid asked for
     discovered_uri: str | None = None
 
 
@@ -410,11 +411,16 @@ class TokenVerifier:
         with state.lock:
             now = self._clock()
             stale = state.keys is None or not _fresh(state.fetched_at, now, JWKS_CACHE_SECONDS)
-            if stale and self._may_fetch(state, now):
+            fetched = stale and self._may_fetch(state.last_attempt, now)
+            if fetched:
                 self._refresh(state, now, "stale" if state.keys is not None else "first use")
             key = _find(state.keys or (), kid, alg)
-            if key is None and self._may_fetch(state, now):
-                # Rotation: the issuer signs with a key we have not seen yet.
+            rotated = key is None and state.keys is not None and not fetched
+            if rotated and self._may_fetch(state.last_kid_refetch, now):
+                # Rotation: the issuer signs with a key we have not seen yet. Its own
+                # budget (one per 30 s), so a key published just after our last fetch is
+                # still found, and made-up kids cost the issuer one fetch per 30 s.
+                state.last_kid_refetch = now
                 self._refresh(state, now, "unknown kid")
                 key = _find(state.keys or (), kid, alg)
             if state.keys is None:
@@ -432,8 +438,9 @@ class TokenVerifier:
             raise IdentityError("TOKEN_ALGORITHM", why)
         return key
 
-    def _may_fetch(self, state: _IssuerState, now: float) -> bool:
-        return state.last_attempt is None or not _fresh(state.last_attempt, now, REFETCH_INTERVAL)
+    @staticmethod
+    def _may_fetch(last: float | None, now: float) -> bool:
+        return last is None or not _fresh(last, now, REFETCH_INTERVAL)
 
     def _refresh(self, state: _IssuerState, now: float, why: str) -> None:
         """One fetch attempt (caller holds the lock). On failure the old keys stay."""
