@@ -726,3 +726,112 @@ def test_online_explanation_text_matches_the_engine_text(
         assert cli._explanation_text(explanation_json(explanation)) == (
             explanation_text(explanation) + "\n"
         )
+
+
+# --- requests, whoami, policy show/explain against a real `serve` with issuers and a policy
+
+SERVICE_POLICY = """\
+@id("dba-db")
+@max_ttl("15m")
+@approvals("1")
+@approvers("dba")
+permit (principal is Person, action == Action::"request", resource)
+when { resource.labels.contains("role=db") };
+"""
+
+
+@pytest.fixture(scope="module")
+def policy_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BrokerService, Any]]:
+    from portagent.testing.broker_service import BrokerService as Service
+    from portagent.testing.oidc_issuer import TestIssuer
+
+    directory = tmp_path_factory.mktemp("policy-service")
+    (directory / "policy.cedar").write_text(SERVICE_POLICY)
+    with TestIssuer(directory / "issuer") as issuer:
+        service = Service(directory / "broker", make_pki(directory / "pki"))
+        with service.config_path.open("a") as config:
+            config.write(
+                f'\n[service.policy]\nfile = "{directory / "policy.cedar"}"\n\n'
+                f'[[service.issuers]]\nname = "corp"\nkind = "person"\n'
+                f'issuer = "{issuer.url}"\naudience = "portagent"\n'
+                f'jwks_file = "{issuer.jwks_path}"\n'
+            )
+        try:
+            service.start()
+            yield service, issuer
+        finally:
+            service.close()
+
+
+def _person_token(directory: Path, issuer: Any, name: str, groups: list[str]) -> Path:
+    path = directory / f"{name}.jwt"
+    token = issuer.person(f"u-{name}", email=f"{name}@example.com", groups=groups)
+    pki.write_atomic(path, token.encode() + b"\n", 0o600)
+    return path
+
+
+def test_requests_approve_whoami_and_policy_against_the_service(
+    policy_service: tuple[BrokerService, Any], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    service, issuer = policy_service
+    monkeypatch.setenv(cli.CONFIG_ENV, str(_service_config(service, tmp_path)))
+    monkeypatch.delenv("PORTAGENT_TOKEN", raising=False)
+    assert _run(capsys, "hosts", "add", "db-1", "--label", "role=db")[0] == 0
+    carol = _person_token(tmp_path, issuer, "carol", ["oncall", "dba"])
+    dave = _person_token(tmp_path, issuer, "dave", ["dba"])
+
+    status, out, _ = _run(capsys, "whoami", "--token-file", str(carol))
+    assert status == 0 and out.splitlines()[0].split() == ["label:", "corp:carol@example.com"]
+    assert "groups:       oncall,dba" in out
+    assert json.loads(_run(capsys, "whoami", "-o", "json")[1])["identity"]["label"] == (
+        "admin:tests"
+    )
+
+    status, out, _ = _run(capsys, "policy", "show")
+    assert status == 0 and out.splitlines()[4].split() == ["dba-db", "15m", "1", "dba",
+                                                           "requester", "10"]  # fmt: skip
+    # Online explain: the service's policy and the host's labels from its inventory.
+    status, out, _ = _run(capsys, "policy", "explain", "--subject", "u-carol", "--issuer-name",
+                          "corp", "--group", "dba", "--host", "db-1", "--port", "5432/tcp",
+                          "--ttl", "15m")  # fmt: skip
+    assert status == 0 and out.startswith("ALLOWED by rule dba-db")
+    status, out, _ = _run(capsys, "policy", "explain", "--token-file", str(carol), "--host",
+                          "db-1", "--port", "5432/tcp", "--ttl", "1h")  # fmt: skip
+    assert status == 1 and out.startswith("DENIED (TTL_TOO_LONG)")
+
+    # Carol asks (through the API, as portagent-request does); the request waits.
+    code, answer = service.request(
+        "POST", "/v1/requests",
+        {"host": "db-1", "port": "5432/tcp", "ttl": "10m", "reason": "INC-42"},
+        token=carol.read_text().strip(),
+    )  # fmt: skip
+    assert code == 202, answer
+    request_id = answer["request"]["id"]
+    status, out, _ = _run(capsys, "requests", "--state", "pending", "--host", "db-1")
+    (row,) = [line.split() for line in out.splitlines()[1:]]
+    assert row[:8] == [request_id, "pending", "corp:carol@example.com", "db-1", "5432/tcp",
+                       "10m", "0/1", "INC-42"]  # fmt: skip
+
+    # Her own approval is refused (exit 1, the API's code and reason), an admin may not
+    # approve either; Dave's approval makes the grant.
+    status, _, err = _run(capsys, "requests", "approve", request_id, "--token-file", str(carol))
+    assert status == 1 and "(PERMISSION_DENIED SELF_APPROVAL)" in err
+    status, _, err = _run(capsys, "requests", "approve", request_id)
+    assert status == 1 and "PERMISSION_DENIED" in err
+    status, out, err = _run(capsys, "requests", "approve", request_id, "--token-file", str(dave),
+                            "--comment", "ok for INC-42")  # fmt: skip
+    assert (status, err) == (0, "")
+    assert out.startswith(f"{request_id}: granted (1/1 approvals), grant g-")
+    shown = json.loads(_run(capsys, "requests", "show", request_id, "-o", "json")[1])
+    assert shown["state"] == "granted" and shown["grant"]["state"] == "active"
+    assert [(a["approver"]["label"], a["comment"]) for a in shown["approvals"]] == [
+        ("corp:dave@example.com", "ok for INC-42")]  # fmt: skip
+    status, out, _ = _run(capsys, "requests", "close", request_id, "--token-file", str(carol))
+    assert status == 0 and out.startswith(f"{request_id}: closed")
+    grants = json.loads(_run(capsys, "grants", "--host", "db-1", "-o", "json")[1])
+    assert [g["state"] for g in grants] == ["revoked"]
+    # Nobody sees a request that is not theirs: the id is unknown to them.
+    erin = _person_token(tmp_path, issuer, "erin", ["web"])
+    status, _, err = _run(capsys, "requests", "show", request_id, "--token-file", str(erin))
+    assert status == 1 and "NOT_FOUND" in err
