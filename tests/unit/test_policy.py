@@ -831,3 +831,13 @@ def test_explain_quotes_conditions_as_written() -> None:
     )
     [rule] = policy.explain(query()).rules
     assert rule.note == 'when #1 { context.reason == "}{ when;" && context.ttl < 10 } is false'
+
+
+def test_text_that_is_no_file_is_refused() -> None:
+    assert problems_of("permit(principal, action, resource);\x00") == [
+        "test.cedar: contains a NUL character"
+    ]
+    assert problems_of("// \ud800\npermit(principal, action, resource);") == [
+        "test.cedar: not valid Unicode text"
+    ]
+    assert problems_of("// " + "é" * (512 * 1024)) == ["test.cedar: larger than 1048576 bytes"]

@@ -167,16 +167,14 @@ class Policy:
     def parse(cls, text: str, *, source: str = "<text>") -> Policy:
         """Parse and validate policy text; PolicyError lists every problem found."""
         cp = cedarpy()
-        if len(text) > MAX_POLICY_BYTES or len(text.encode("utf-8", "surrogatepass")) > (
-            MAX_POLICY_BYTES
-        ):
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate: no file decodes to that
+            raise PolicyError([f"{source}: not valid Unicode text"]) from None
+        if size > MAX_POLICY_BYTES:
             raise PolicyError([f"{source}: larger than {MAX_POLICY_BYTES} bytes"])
         if "\x00" in text:
             raise PolicyError([f"{source}: contains a NUL character"])
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise PolicyError([f"{source}: not valid Unicode text"]) from None
         lines = _policy_lines(text)
         try:
             policy_set = cp.PolicySet.from_str(text)
@@ -227,15 +225,18 @@ class Policy:
             rules.append(rule)
         if problems:
             raise PolicyError(problems)
-        probe_set = cp.PolicySet.from_json_str(
-            json.dumps(
-                {
-                    "staticPolicies": _probes({cid: statics[cid] for cid in cedar_ids}),
-                    "templates": {},
-                    "templateLinks": [],
-                }
+        try:
+            probe_set = cp.PolicySet.from_json_str(
+                json.dumps(
+                    {
+                        "staticPolicies": _probes({cid: statics[cid] for cid in cedar_ids}),
+                        "templates": {},
+                        "templateLinks": [],
+                    }
+                )
             )
-        )
+        except ValueError as exc:  # Cedar took the rules whole: not expected in parts
+            raise PolicyError([f"{source}: cannot prepare explanations: {exc}"]) from None
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         # Each policy's own source text, when our cut agrees with Cedar's count.
         cut = [piece for _, piece in _chunks(text) if piece.rstrip().endswith(";")]
@@ -286,6 +287,14 @@ class Policy:
                 reason="POLICY_DENIED",
                 matched=matched,
                 forbids=ids,
+            )
+        if decision not in ("Allow", "Deny"):  # Cedar refused the request itself
+            return PolicyDecision(
+                allowed=False,
+                rule="",
+                message="the policy could not evaluate this request: "
+                + _clip("; ".join(errors) or decision, 200),
+                reason="POLICY_DENIED",
             )
         if decision != "Allow":
             forbids = tuple(
