@@ -34,6 +34,7 @@ SCENARIOS: dict[str, str] = {
     "broker-fleet": "7. broker service: 10,000 simulated agents, grant delivery, storms",
     "broker-agents": "8. broker service: real agents, API grant -> port open vs direct",
     "broker-failover": "9. broker service: two replicas on PostgreSQL, failover",
+    "request": "10. requester's client: portagent-request -- CMD -> port open vs fwknop",
 }
 ALIASES = {str(i + 1): name for i, name in enumerate(SCENARIOS)}
 PEERS = ("portagent", "fwknop", "fail2ban", "firewalld")
@@ -50,6 +51,10 @@ def scenario_runner(name: str) -> Callable[[Context], None]:
         from bench import packet_path
 
         return packet_path.run
+    if name == "request":
+        from bench import request_latency
+
+        return request_latency.run
     if name.startswith("broker-"):
         from bench import broker_fleet
 
