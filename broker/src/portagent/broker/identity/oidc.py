@@ -323,7 +323,9 @@ class TokenVerifier:
     def verify(self, token: str) -> Identity:
         """The Identity a token proves, or IdentityError(reason, message). Blocking
         (it may fetch keys): call it from a worker thread in async code."""
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
+        if not isinstance(token, str):
+            raise IdentityError("TOKEN_MALFORMED", "the token is not text")
+        if len(token) > MAX_TOKEN_BYTES:
             raise IdentityError(
                 "TOKEN_MALFORMED", f"the token is longer than {MAX_TOKEN_BYTES} bytes"
             )
