@@ -55,7 +55,7 @@ FIRST_CLASS_CLAIMS: dict[IdentityKind, tuple[str, ...]] = {
     IdentityKind.ADMIN: (),
 }
 
-ADMIN_TOKEN_ISSUER = "portagent:admin-token"
+ADMIN_TOKEN_ISSUER = "portagent:admin-token"  # noqa: S105 (an issuer name, not a secret)
 ADMIN_CERT_ISSUER = "portagent:admin-cert"
 
 
