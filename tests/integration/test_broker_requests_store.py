@@ -608,6 +608,7 @@ def test_listing_requests(store: FleetStore, keyring: KeyRing) -> None:
     assert [q.request_id for q in pending] == ids[:4]
     assert store.list_access_requests(approvers_in=["dev"]) == []
     assert store.list_access_requests(approvers_in=[]) == []
+    assert store.list_access_requests(approvers_in=["g" * 600]) == []  # no rule names it
     page1 = store.list_access_requests(limit=2)
     page2 = store.list_access_requests(limit=2, after=page1[-1].request_id)
     page3 = store.list_access_requests(limit=2, after=page2[-1].request_id)

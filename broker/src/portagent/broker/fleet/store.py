@@ -65,7 +65,7 @@ from portagent.broker.fleet.model import (
     Usage,
     UsageRow,
 )
-from portagent.broker.identity.model import Identity, IdentityKind
+from portagent.broker.identity.model import MAX_GROUPS, Identity, IdentityKind
 from portagent.broker.policy.model import PolicyDecision
 from portagent.broker.settings import HOST_ID_PATTERN
 from portagent.broker.signing import GrantRequest
@@ -2376,9 +2376,13 @@ class FleetStore:
             conditions.append(r.requester_issuer == _check_text(issuer, "requester", 512))
             conditions.append(r.requester_subject == _check_text(subject, "requester", 512))
         if approvers_in is not None:
-            if isinstance(approvers_in, str) or len(approvers_in) > MAX_LABELS:
-                raise _invalid("INVALID_ARGUMENT", "approvers", f"at most {MAX_LABELS} groups")
-            groups = [_check_text(g, "approvers", MAX_GROUP, required=True) for g in approvers_in]
+            if isinstance(approvers_in, str) or len(approvers_in) > MAX_GROUPS:
+                raise _invalid("INVALID_ARGUMENT", "approvers", f"at most {MAX_GROUPS} groups")
+            if not all(isinstance(g, str) for g in approvers_in):
+                raise _invalid("INVALID_ARGUMENT", "approvers", "groups are strings")
+            # A person's groups come from their token: one longer than any rule's
+            # @approvers matches no request, so it is left out rather than refused.
+            groups = [g for g in approvers_in if 0 < len(g) <= MAX_GROUP]
             if not groups:
                 return []
             conditions.append(r.approvers.in_(groups))
