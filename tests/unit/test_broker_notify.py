@@ -30,7 +30,7 @@ WAIT = 10.0
 FAST = (0.01, 0.02, 0.04, 0.08)
 
 REQUEST: dict[str, Any] = {
-    "request_id": "r-0123456789abcdef",
+    "id": "r-0123456789abcdef",
     "state": "pending",
     "requester": {"label": "github:repo:octo/app:ref:refs/heads/main", "kind": "github"},
     "host_id": "db-1",
@@ -40,7 +40,7 @@ REQUEST: dict[str, Any] = {
     "reason": "INC-42",
     "rule": "dba-db",
     "approvals_required": 2,
-    "approvals_received": 1,
+    "approved": 1,
     "approvers": "dba",
 }
 
@@ -229,26 +229,23 @@ def test_a_hanging_receiver_delays_neither_submit_nor_another_webhook(
             [Webhook(hanging.url), Webhook(healthy.url)], logs, retry_delays=FAST, queue_limit=2
         )
         notifier.start()
-        notifier.submit("request.pending", {**REQUEST, "request_id": "r-1"})
+        notifier.submit("request.pending", {**REQUEST, "id": "r-1"})
         # The hanging receiver holds its first message; submit still returns at once
         # and the second webhook gets everything.
         await _in_thread(lambda: hanging.entered.wait(WAIT))
         first = await _in_thread(healthy.next)
-        assert json.loads(first[1])["request"]["request_id"] == "r-1"
+        assert json.loads(first[1])["request"]["id"] == "r-1"
         for n in range(2, 6):
-            notifier.submit("request.pending", {**REQUEST, "request_id": f"r-{n}"})
+            notifier.submit("request.pending", {**REQUEST, "id": f"r-{n}"})
             got = await _in_thread(healthy.next)
-            assert json.loads(got[1])["request"]["request_id"] == f"r-{n}"
+            assert json.loads(got[1])["request"]["id"] == f"r-{n}"
         assert hanging.got.empty()  # still held: nothing answered there yet
         # Its queue holds 2: r-2 and r-3 were dropped (oldest first).
         dropped = [f for f in logs.events("webhook_dropped") if f["url"] == hanging.url]
         assert len(dropped) == 2
         assert hanging.hold is not None
         hanging.hold.set()
-        later = [
-            json.loads((await _in_thread(hanging.next))[1])["request"]["request_id"]
-            for _ in range(3)
-        ]
+        later = [json.loads((await _in_thread(hanging.next))[1])["request"]["id"] for _ in range(3)]
         assert later == ["r-1", "r-4", "r-5"]
         await notifier.close()
 

@@ -250,8 +250,12 @@ class Hub:
         *,
         threads: int = STORE_THREADS,
         clock: Callable[[], float] = time.time,
+        on_ack: Callable[[str, int], None] | None = None,
     ) -> None:
         self.store = store
+        # Told (host id, generation) after an ack is recorded: the API's waiters answer
+        # "applied" from it without reading the store.
+        self._on_ack = on_ack
         self.keyring = keyring  # replaced on SIGHUP; read once per snapshot
         self._log = log
         self._clock = clock
@@ -497,6 +501,10 @@ class Hub:
             await self.run_db(
                 self.store.record_ack, stream.host_id, message.ack.generation, now=now
             )
+            if self._on_ack is not None:
+                # Capped at what this stream was sent: an ack claiming more says nothing
+                # about a grant made after it.
+                self._on_ack(stream.host_id, min(message.ack.generation, stream.sent_generation))
         elif kind == "snapshot_request":
             reason = message.snapshot_request.reason
             if not _printable(reason, MAX_SHORT_TEXT):

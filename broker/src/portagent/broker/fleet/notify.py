@@ -120,10 +120,10 @@ def summary(event: str, request: Mapping[str, Any]) -> str:
     required = request.get("approvals_required")
     if isinstance(required, int) and required > 0:
         parts.append(
-            f"approvals: {request.get('approvals_received', 0)}/{required}"
+            f"approvals: {request.get('approved', 0)}/{required}"
             f" (group {request.get('approvers', '?')})"
         )
-    parts.append(f"request: {request.get('request_id', '?')}")
+    parts.append(f"request: {request.get('id', '?')}")
     return " · ".join(parts)
 
 

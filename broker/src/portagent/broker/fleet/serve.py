@@ -3,8 +3,11 @@
 
 * SIGTERM / SIGINT: stop accepting, end the streams, stop within a few seconds
   (uvicorn's own signal handlers are disabled: this loop owns the signals).
-* SIGHUP: reload the signing keys and the tokens file; a broken reload is logged and
-  the old ones stay in use.
+* SIGHUP: reload the signing keys and the tokens file, and the policy file; a broken
+  reload is logged (`reload_failed`, `policy_reload_failed` with every problem) and the
+  old ones stay in use; a good policy is logged `policy_loaded` with its digest.
+* OIDC issuers' keys are fetched in the background at start (a slow issuer never delays
+  READY); webhooks are sent by a background notifier, drained briefly on stop.
 * systemd: READY=1 (and STOPPING=1) on $NOTIFY_SOCKET when it is set, written with
   the socket module; one JSON line per event on stderr, which journald collects.
 
@@ -32,6 +35,7 @@ from typing import Any
 from portagent.broker.fleet.service_settings import (
     CONFIG_ENV,
     DEFAULT_PATH,
+    PolicySettings,
     ServiceSettings,
     check_files,
     load_service_settings_file,
@@ -72,6 +76,15 @@ def sd_notify(state: str) -> bool:
     return True
 
 
+def load_policy(settings: PolicySettings | None) -> Any:
+    """The policy in force (None: none configured); PolicyError when it is not valid."""
+    if settings is None:
+        return None
+    from portagent.broker.policy.cedar import Policy
+
+    return Policy.load(settings.file)
+
+
 def _uvicorn_server(config: Any) -> Any:
     import uvicorn
 
@@ -94,6 +107,7 @@ async def _serve(settings: ServiceSettings) -> int:
     import uvicorn
 
     from portagent.broker.fleet.api import (
+        DEFAULT_REQUEST_TTL,
         ApiContext,
         Tokens,
         build_app,
@@ -104,7 +118,10 @@ async def _serve(settings: ServiceSettings) -> int:
     from portagent.broker.fleet.hub import SERVER_OPTIONS, Hub
     from portagent.broker.fleet.keyring import KeyRing
     from portagent.broker.fleet.model import StoreError
+    from portagent.broker.fleet.notify import Notifier
     from portagent.broker.fleet.store import FleetStore
+    from portagent.broker.identity.oidc import TokenVerifier
+    from portagent.broker.policy.model import PolicyError
 
     loop = asyncio.get_running_loop()
     try:
@@ -115,12 +132,23 @@ async def _serve(settings: ServiceSettings) -> int:
             root_certificates=settings.fleet.client_ca.read_bytes(),
             require_client_auth=True,
         )
+        policy = await loop.run_in_executor(None, load_policy, settings.policy)
+        notifier = Notifier(settings.webhooks, log)
     except ConfigError as exc:
+        log("config_error", problems=exc.problems)
+        return EXIT_CONFIG
+    except PolicyError as exc:
         log("config_error", problems=exc.problems)
         return EXIT_CONFIG
     except OSError as exc:
         log("config_error", problems=[f"{exc.filename}: {exc.strerror}"])
         return EXIT_CONFIG
+    except ValueError as exc:  # a webhook secret file that is empty or too long
+        log("config_error", problems=[str(exc)])
+        return EXIT_CONFIG
+    verifier = TokenVerifier(settings.issuers, log=log) if settings.issuers else None
+    if policy is not None:
+        log("policy_loaded", digest=policy.digest, rules=len(policy.rule_ids))
     try:
         store = await loop.run_in_executor(
             None, lambda: FleetStore.open(settings.database, replica=settings.replica)
@@ -130,17 +158,22 @@ async def _serve(settings: ServiceSettings) -> int:
         return EXIT_CONFIG
 
     tokens_now = [tokens]
+    policy_now = [policy]
     bus = ChangeBus()
-    hub = Hub(store, keyring, log)
-    bus.subscribe(hub.notify, hub.resync)
     ctx = ApiContext(
         store=store,
         keyring=lambda: hub.keyring,
         tokens=lambda: tokens_now[0],
         publish=bus.publish,
         log=log,
-        on_host_removed=hub.drop,
+        verifier=verifier,
+        policy=lambda: policy_now[0],
+        notifier=notifier,
+        request_ttl=settings.policy.request_ttl if settings.policy else DEFAULT_REQUEST_TTL,
     )
+    hub = Hub(store, keyring, log, on_ack=ctx.waiters.acked)
+    ctx.on_host_removed = hub.drop
+    bus.subscribe(hub.notify, hub.resync)
     stop = asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
 
@@ -150,10 +183,19 @@ async def _serve(settings: ServiceSettings) -> int:
             new_tokens = await loop.run_in_executor(None, Tokens.load, settings.api.tokens_file)
         except ConfigError as exc:
             log("reload_failed", problems=exc.problems)
+        else:
+            hub.keyring = new_keys
+            tokens_now[0] = new_tokens
+            log("reloaded", key_ids=list(new_keys.key_ids), tokens=len(new_tokens))
+        if settings.policy is None:
             return
-        hub.keyring = new_keys
-        tokens_now[0] = new_tokens
-        log("reloaded", key_ids=list(new_keys.key_ids), tokens=len(new_tokens))
+        try:
+            new_policy = await loop.run_in_executor(None, load_policy, settings.policy)
+        except PolicyError as exc:
+            log("policy_reload_failed", problems=exc.problems, kept=policy_now[0].digest)
+            return
+        policy_now[0] = new_policy
+        log("policy_loaded", digest=new_policy.digest, rules=len(new_policy.rule_ids))
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -204,6 +246,11 @@ async def _serve(settings: ServiceSettings) -> int:
         listener = PgListener(store.listen_conninfo, bus, log)
         tasks.append(loop.create_task(listener.run()))
     tasks.append(loop.create_task(maintenance(ctx, stop)))
+    notifier.start()
+    if verifier is not None:
+        # In a thread: an unreachable issuer is logged, and its first token retries.
+        prefetch = loop.run_in_executor(None, verifier.prefetch)
+        prefetch.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     # READY once both listeners accept (bounded wait).
     deadline = loop.time() + START_TIMEOUT
@@ -232,6 +279,7 @@ async def _serve(settings: ServiceSettings) -> int:
     await hub.close()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(api_task, STOP_GRACE + 1)
+    await notifier.close()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -262,14 +310,23 @@ def run_service(settings: ServiceSettings) -> int:
 
 
 def _check(settings: ServiceSettings) -> None:
-    """--check: everything start-up reads, and the database (migrated to head)."""
+    """--check: everything start-up reads (keys, tokens, the policy, the issuers, the
+    webhooks' secrets), and the database (migrated to head)."""
     from portagent.broker.fleet.api import Tokens
     from portagent.broker.fleet.keyring import KeyRing
+    from portagent.broker.fleet.notify import Notifier
     from portagent.broker.fleet.store import FleetStore
+    from portagent.broker.identity.oidc import TokenVerifier
 
     check_files(settings)
     KeyRing.load(settings.keys_dir)
     Tokens.load(settings.api.tokens_file)
+    load_policy(settings.policy)
+    TokenVerifier(settings.issuers)
+    try:
+        Notifier(settings.webhooks, log)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([f"service.webhooks: {exc}"]) from None
     FleetStore.open(settings.database, replica=settings.replica).close()
 
 
@@ -287,10 +344,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="validate the config, open the database, load the keys and tokens; exit 0 or 78",
+        help="validate the config, open the database, load the keys, tokens and policy; "
+        "exit 0 or 78",
     )
     args = parser.parse_args(list(argv))
     from portagent.broker.fleet.model import StoreError
+    from portagent.broker.policy.model import PolicyError
 
     try:
         settings = load_service_settings_file(args.config)
@@ -301,6 +360,9 @@ def main(argv: Sequence[str]) -> int:
             return 0
     except ConfigError as exc:
         print(f"{PROG}: {'; '.join(exc.problems)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PolicyError as exc:
+        print(f"{PROG}: policy: {'; '.join(exc.problems)}", file=sys.stderr)
         return EXIT_CONFIG
     except StoreError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
