@@ -792,3 +792,24 @@ def test_a_database_at_0002_is_upgraded_with_its_grants(
         store.close()
     with raw.connect() as conn:
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
+
+
+def test_approvals_cannot_take_an_identity_past_its_grant_limit(
+    store: FleetStore, keyring: KeyRing
+) -> None:
+    """Pending requests are not counted when made; the last approval counts again."""
+    first, _, _ = ask(store, keyring, ALICE, approvals=1, max_grants=1, port="5432")
+    second, _, _ = ask(store, keyring, ALICE, approvals=1, max_grants=1, port="5433")
+    done, grant = store.decide_access_request(
+        first.request_id, approver=BOB, approve=True, comment="", keyring=keyring, now=T0 + 1
+    )
+    assert grant is not None and done.state is RequestState.GRANTED
+    with pytest.raises(FleetError) as refused:
+        store.decide_access_request(
+            second.request_id, approver=BOB, approve=True, comment="", keyring=keyring, now=T0 + 2
+        )
+    assert refused.value.reason == "TOO_MANY_GRANTS"
+    # The vote was not recorded; the request waits for the first grant to end.
+    still = store.get_access_request(second.request_id)
+    assert still is not None and still.state is RequestState.PENDING and not still.approvals
+    assert store.count_active_grants(ALICE.key, now=T0 + 2) == 1

@@ -109,6 +109,8 @@ access_requests = Table(
     # own options), so it is the grant an immediate answer would have made.
     Column("keep_established", Boolean, nullable=False),
     Column("max_connections", BigInteger, nullable=False),
+    # The rule's @max_grants, checked again when the last approval makes the grant.
+    Column("max_grants", BigInteger, nullable=False),
     Column("rule", String(256), nullable=False),
     Column("approvals_required", BigInteger, nullable=False),
     Column("approvers", String(256), nullable=False),

@@ -2029,6 +2029,7 @@ class FleetStore:
                     reason=reason,
                     keep_established=bool(grant_request.keep_established),
                     max_connections=grant_request.max_connections,
+                    max_grants=max_grants,
                     rule=rule,
                     approvals_required=approvals_required,
                     approvers=approvers,
@@ -2116,6 +2117,16 @@ class FleetStore:
 
         def work(connection: Connection) -> tuple[AccessRequest, BrokerGrant | None] | FleetError:
             changed.clear()
+            # The requester's lock first (the lock order of request creation): the last
+            # approval counts the requester's active grants against the rule's
+            # @max_grants again, so approvals cannot take an identity past it. The
+            # requester of a request never changes: reading it unlocked is safe.
+            r = schema.access_requests.c
+            owner = connection.execute(
+                select(r.requester_issuer, r.requester_subject).where(r.request_id == request_id)
+            ).first()
+            if owner is not None:
+                self._lock_identity(connection, (owner.requester_issuer, owner.requester_subject))
             host_row, row = self._lock_request(connection, request_id)
             request = self._load_request(connection, row)
             if request.state is RequestState.PENDING and request.expires_at <= now:
@@ -2187,6 +2198,14 @@ class FleetStore:
                         "UNKNOWN_HOST",
                         f"host {request.host_id!r} is no longer in the inventory",
                         "host",
+                    )
+                max_grants = int(row.max_grants)
+                if self._count_active(connection, request.requester.key, now) >= max_grants:
+                    raise FleetError(
+                        "FAILED_PRECONDITION",
+                        "TOO_MANY_GRANTS",
+                        f"{request.requester.label} already holds {max_grants} active grants, "
+                        f"the most rule {request.rule!r} allows: approve again when one ends",
                     )
                 grant, grant_entries = self._insert_grant(
                     connection,

@@ -47,6 +47,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("keep_established", sa.Boolean, nullable=False),
         sa.Column("max_connections", sa.BigInteger, nullable=False),
+        sa.Column("max_grants", sa.BigInteger, nullable=False),
         sa.Column("rule", sa.String(256), nullable=False),
         sa.Column("approvals_required", sa.BigInteger, nullable=False),
         sa.Column("approvers", sa.String(256), nullable=False),
