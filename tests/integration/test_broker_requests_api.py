@@ -487,3 +487,49 @@ def test_serve_check_refuses_a_bad_policy_with_its_problems(env: Env, tmp_path: 
     )
     assert done.returncode == 78, done.stderr
     assert "policy" in done.stderr and "approvers" in done.stderr
+
+
+def test_without_a_policy_every_request_is_refused_and_unreachable_keys_are_503(
+    env: Env, tmp_path: Path
+) -> None:
+    with TestIssuer(tmp_path / "gone") as gone:
+        pass  # closed: its JWKS can no longer be fetched
+    broker = BrokerService(tmp_path / "broker", env.broker.pki)
+    with broker.config_path.open("a") as config:
+        config.write(
+            f"""
+[[service.issuers]]
+name = "gh"
+kind = "github"
+issuer = {json.dumps(env.github.url)}
+audience = "portagent"
+ca = {json.dumps(str(env.github.ca_path))}
+
+[[service.issuers]]
+name = "gone"
+kind = "person"
+issuer = {json.dumps(gone.url)}
+audience = "portagent"
+ca = {json.dumps(str(gone.ca_path))}
+"""
+        )
+    try:
+        broker.start()
+        assert broker.request("POST", "/v1/hosts", {"host_id": HOST})[0] == 201
+        status, body = broker.request(
+            "POST",
+            "/v1/requests",
+            {"host": HOST, "port": "5432/tcp", "ttl": "5m", "reason": "INC-1"},
+            token=env.github.github(),
+        )
+        assert status == 409 and body["error"]["reason"] == "NO_POLICY", body
+        status, body = broker.request("GET", "/v1/policy")
+        assert status == 409 and body["error"]["reason"] == "NO_POLICY"
+        status, body = broker.request(
+            "GET", "/v1/whoami", token=gone.person("u-1", email="a@example.com")
+        )
+        assert status == 503, body
+        assert body["error"]["code"] == "UNAVAILABLE"
+        assert body["error"]["reason"] == "JWKS_UNAVAILABLE"
+    finally:
+        broker.close()

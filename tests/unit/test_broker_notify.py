@@ -284,3 +284,87 @@ def test_secret_file_and_signature_helpers(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="longer than"):
         read_secret(path)
     assert "approvals" not in summary("request.granted", {**REQUEST, "approvals_required": 0})
+
+
+def test_maintenance_expires_pending_requests_and_sends_request_expired(
+    tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    # The service's own maintenance step on a real SQLite store: a pending request past
+    # its time becomes expired, never a grant, and the webhook says so.
+    from portagent.broker.fleet import api
+    from portagent.broker.fleet.keyring import KeyRing, generate_key
+    from portagent.broker.fleet.model import RequestState
+    from portagent.broker.fleet.store import FleetStore
+    from portagent.broker.identity.model import Identity, IdentityKind
+    from portagent.broker.policy.model import PolicyDecision, RuleLimits
+    from portagent.broker.signing import grant_request
+
+    r = _receiver(receivers)
+    store = FleetStore.open(f"sqlite:///{tmp_path / 'b.db'}", replica="t")
+    generate_key(tmp_path / "keys", now=0.0)
+    keyring = KeyRing.load(tmp_path / "keys")
+    carol = Identity(
+        kind=IdentityKind.PERSON,
+        issuer="https://idp.example",
+        issuer_name="corp",
+        subject="u-carol",
+        email="carol@example.com",
+        groups=("oncall",),
+    )
+    store.add_host("db-1", {}, actor="admin:t", now=1000.0)
+    access, grant, created = store.create_access_request(
+        requester=carol,
+        grant_request=grant_request(
+            host_id="db-1",
+            subject=carol.label,
+            sources=["10.0.0.1"],
+            port="22",
+            ttl=300.0,
+            reason="INC-9",
+        ),
+        decision=PolicyDecision(
+            allowed=True,
+            rule="oncall",
+            message="allowed",
+            limits=RuleLimits("oncall", approvals=1, approvers="dba"),
+        ),
+        keyring=keyring,
+        client_request_id=None,
+        pending_ttl=60.0,
+        now=1000.0,
+    )
+    assert created and grant is None and access.state is RequestState.PENDING
+    logs = Logs()
+    notifier = Notifier([Webhook(r.url)], logs, retry_delays=FAST)
+    ctx = api.ApiContext(
+        store=store,
+        keyring=lambda: keyring,
+        tokens=lambda: api.Tokens({}),
+        publish=lambda host_id: None,
+        log=logs,
+        clock=lambda: 1061.0,  # past the request's 60 s
+        notifier=notifier,
+    )
+
+    async def main() -> tuple[dict[str, str], bytes, int]:
+        notifier.start()
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(api.maintenance(ctx, stop))
+        got = await _in_thread(r.next)
+        stop.set()
+        await task
+        await notifier.close()
+        return got  # type: ignore[no-any-return]
+
+    try:
+        _, body, _ = asyncio.run(main())
+    finally:
+        ctx.close()
+    value = json.loads(body)
+    assert value["event"] == "request.expired"
+    assert value["request"]["id"] == access.request_id
+    assert value["request"]["state"] == "expired" and value["request"]["grant_id"] is None
+    stored = store.get_access_request(access.request_id)
+    assert stored is not None and stored.state is RequestState.EXPIRED
+    assert [f["request_id"] for e, f in logs if e == "request_expired"] == [access.request_id]
+    store.close()
