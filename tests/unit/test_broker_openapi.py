@@ -127,3 +127,33 @@ def test_every_error_status_the_api_maps_to_is_json(spec: dict[str, Any]) -> Non
                 if code.startswith("4"):
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        ("192.0.2.7", "192.0.2.7/32"),
+        ("2001:db8::7", "2001:db8::7/128"),
+        ("::ffff:192.0.2.7", "192.0.2.7/32"),  # a dual-stack listener's IPv4 caller
+    ],
+)
+def test_the_requesters_own_address_is_the_default_source(client: str, expected: str) -> None:
+    from starlette.requests import Request
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "client": (client, 1)}
+    assert api.requester_network(Request(scope)) == expected
+
+
+def test_no_client_address_asks_for_explicit_sources() -> None:
+    from starlette.requests import Request
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [],
+        "client": None,
+    }
+    with pytest.raises(api.ApiError) as caught:
+        api.requester_network(Request(scope))
+    assert caught.value.field == "sources" and caught.value.reason == "NO_CLIENT_ADDRESS"
