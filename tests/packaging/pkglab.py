@@ -39,9 +39,12 @@ HOST_ID = "pkg-host"
 API_PORT = 7443
 GUARDED_PORT = 8022
 CONTAINER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-# The binary packages of the one source (packaging/debian/control).
+# The binary packages of the one source (packaging/debian/control), and the one that is
+# not arch:all (the broker carries cedarpy's compiled module).
 AGENT, BROKER, WIRE = "portagent", "portagent-broker", "python3-portagent-wire"
-PACKAGES = (AGENT, BROKER, WIRE)
+REQUEST = "portagent-request"
+PACKAGES = (AGENT, BROKER, WIRE, REQUEST)
+ARCHITECTURE = {AGENT: "all", BROKER: "amd64", WIRE: "all", REQUEST: "all"}
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,

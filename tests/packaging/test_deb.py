@@ -14,7 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from pkglab import AGENT, GUARDED_PORT, HOST_ID, PACKAGES, REPO, WIRE, PackagingLab, wait_for
+from pkglab import (
+    AGENT,
+    ARCHITECTURE,
+    GUARDED_PORT,
+    HOST_ID,
+    PACKAGES,
+    REPO,
+    WIRE,
+    PackagingLab,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.packaging, pytest.mark.timeout(900)]
 
@@ -28,7 +38,8 @@ state: dict[str, str] = {}
 
 def test_debs_build_and_lintian_is_clean(built_debs: tuple[dict[str, Path], str]) -> None:
     debs, lintian = built_debs
-    assert {p: d.name for p, d in debs.items()} == {p: f"{p}_0.1.0-1_all.deb" for p in PACKAGES}
+    assert {p: d.name for p, d in debs.items()} == {
+        p: f"{p}_0.1.0-1_{ARCHITECTURE[p]}.deb" for p in PACKAGES}
     tags = [line for line in lintian.splitlines() if re.match(r"^[EW]: ", line)]
     assert tags == [], "lintian errors/warnings:\n" + "\n".join(tags)
 

@@ -13,6 +13,7 @@ import pytest
 from portagent.agent import cli, daemon
 from portagent.agent.settings import Settings, load_settings
 from portagent.broker import cli as broker_cli
+from portagent.request import cli as request_cli
 from portagent.wire.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,6 +135,17 @@ def test_bash_completion_knows_every_command_and_option(
         assert option in text, option
 
 
+def test_request_man_page_and_completion_know_every_option() -> None:
+    # The client reads its options from one table (no argparse on its fast path).
+    options = set(request_cli.OPTIONS)
+    page = (MAN / "portagent-request.1.scd").read_text()
+    assert not {o for o in options if f"*{o}*" not in page}
+    assert "*--oidc* github|buildkite|auto" in page
+    completion = (REPO / "packaging" / "bash-completion" / "portagent-request").read_text()
+    assert not {o for o in options if o not in completion}
+    assert "github buildkite auto" in completion
+
+
 def packaged(path: str) -> set[str]:
     """Source paths a debian/*.install or *.manpages file names (first word of a line)."""
     lines = (REPO / "packaging" / "debian" / path).read_text().splitlines()
@@ -147,6 +159,13 @@ def test_each_binary_package_ships_its_man_page_and_completion() -> None:
     assert packaged("portagent.manpages") == {"debian/build-man/portagent.1",
                                               "debian/build-man/portagentd.8"}
     assert not any("broker" in p for p in packaged("portagent.install"))
+    assert packaged("portagent-request.manpages") == {"debian/build-man/portagent-request.1"}
+    assert packaged("portagent-request.install") == {
+        "packaging/bash-completion/portagent-request"}
+    # The example policy the broker's package installs is the one the docs describe.
+    assert "packaging/policy.cedar" in packaged("portagent-broker.install")
+    for example in packaged("portagent-request.examples"):
+        assert (REPO / example).is_dir(), f"{example} is shipped as an example but missing"
     rules = (REPO / "packaging" / "debian" / "rules").read_text()
     for page in MAN.glob("*.scd"):
         assert f"packaging/man/{page.name}" in rules, f"{page.name} is never rendered"
