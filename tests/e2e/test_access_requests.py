@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from portagent.testing.oidc_issuer import TestIssuer
 
 from portagent.testing.lab import BIN, HOST_ID, SERVICE_API_PORT, Lab
 from portagent.testing.netns import wait_until
+from portagent.testing.oidc_issuer import TestIssuer
 
 pytestmark = pytest.mark.root
 
