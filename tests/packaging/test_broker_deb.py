@@ -73,6 +73,9 @@ def test_broker_installs_without_the_agent_and_runs(
     for path in ("/usr/bin/portagent-broker", "/usr/share/man/man1/portagent-broker.1.gz",
                  "/usr/share/bash-completion/completions/portagent-broker",
                  "/usr/share/doc/portagent-broker/broker.md",
+                 # named by the man page and the shipped policy's header, uncompressed
+                 "/usr/share/doc/portagent-broker/access.md",
+                 "/usr/share/doc/portagent-broker/policy.md",
                  "/lib/systemd/system/portagent-broker.service",
                  "/usr/lib/sysusers.d/portagent-broker.conf",
                  "/etc/portagent-broker/service.toml",
@@ -85,6 +88,10 @@ def test_broker_installs_without_the_agent_and_runs(
                  f"{VENDOR}/cedarpy/_internal.cpython-313-x86_64-linux-gnu.so",
                  "/usr/share/doc/portagent-broker/cedarpy/cedarpy.cyclonedx.json.gz"):
         assert path in files, path
+    # cedarpy's modules are built for CPython 3.11 and 3.13 only: apt refuses a newer
+    # python3 instead of the broker failing at its first policy check.
+    depends = sh(offline_root, f"dpkg-query -W -f='${{Depends}}' {BROKER}").stdout.split(", ")
+    assert "python3 (<< 3.14~)" in depends and "python3-jwt (>= 2.6.0)" in depends, depends
     # Both shipped configuration files are conffiles: an upgrade keeps the admin's edits.
     conffiles = sh(offline_root, f"cat /var/lib/dpkg/info/{BROKER}.conffiles").stdout.split()
     assert conffiles == ["/etc/portagent-broker/policy.cedar",
