@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -572,14 +573,17 @@ def test_a_broker_error_body_is_parsed_once_and_bounded() -> None:
 
 
 def test_the_client_loads_nothing_heavy() -> None:
-    code = ("import sys, json, portagent.request.cli, portagent.request.run, "
-            "portagent.request.api, portagent.request.tokens; "
-            "print(json.dumps(sorted(sys.modules)))")
+    # What the imports add to a bare interpreter (a venv's site may load some already).
+    code = ("import sys; base = set(sys.modules); import json, portagent.request.cli, "
+            "portagent.request.run, portagent.request.api, portagent.request.tokens; "
+            "print(json.dumps(sorted(set(sys.modules) - base)))")
     out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True,
                          check=True, timeout=60)
     loaded = set(json.loads(out.stdout))
     heavy = ("grpc", "cryptography", "google", "portagent.wire", "portagent.agent",
-             "portagent.broker", "portagent.testing", "jwt", "cedarpy", "sqlalchemy")
+             "portagent.broker", "portagent.testing", "jwt", "cedarpy", "sqlalchemy",
+             # not even these: each costs milliseconds of the 50 ms budget
+             "http.client", "email", "argparse", "urllib", "ssl", "subprocess")
     assert not {n for n in loaded if any(n == h or n.startswith(h + ".") for h in heavy)}
 
 
@@ -591,3 +595,149 @@ def test_trace_names_each_phase_in_order(pki: BrokerPki, broker: FakeBroker) -> 
                                       "closing", "closed"]
     times = [float(t) for _, t in traced]
     assert times == sorted(times)
+
+
+# -- the small HTTP/1.1 client, against scripted answers -----------------------------------
+
+
+class RawServer:
+    """TLS on loopback; each connection answers each request with the next scripted bytes
+    (None: close the connection without answering)."""
+
+    def __init__(self, pki: BrokerPki, answers: list[bytes | None]) -> None:
+        self.answers = list(answers)
+        self.connections = 0
+        self.requests: list[bytes] = []
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki.server_cert, pki.server_key)
+        self.context = context
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(10)
+        self.url = f"https://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.answers:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with self.context.wrap_socket(raw, server_side=True) as conn:
+                conn.settimeout(10)
+                while self.answers:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    if not data:
+                        break
+                    self.requests.append(data)
+                    answer = self.answers.pop(0)
+                    if answer is None:
+                        break
+                    conn.sendall(answer)
+                    if b"Connection: close" in answer:
+                        break
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(10)
+
+
+def _raw(pki: BrokerPki, answers: list[bytes | None]) -> tuple[RawServer, api.Broker]:
+    server = RawServer(pki, answers)
+    return server, api.Broker(server.url, TOKEN, str(pki.ca_pem))
+
+
+OK_JSON = b'{"identity": {"label": "x"}}'
+
+
+def test_http_content_length_keep_alive_and_chunked(pki: BrokerPki) -> None:
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\n" + OK_JSON[:5] + b"\r\n" + f"{len(OK_JSON) - 5:x}".encode() + b"\r\n"
+               + OK_JSON[5:] + b"\r\n0\r\n\r\n")
+    server, broker = _raw(pki, [
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(OK_JSON), OK_JSON),
+        chunked])
+    try:
+        assert broker.whoami() == {"identity": {"label": "x"}}
+        assert broker.whoami() == {"identity": {"label": "x"}}
+        assert server.connections == 1  # kept alive
+        first = server.requests[0].decode()
+        assert first.startswith("GET /v1/whoami HTTP/1.1\r\n")
+        assert f"Authorization: Bearer {TOKEN}\r\n" in first
+        assert f"Host: 127.0.0.1:{server.url.rsplit(':', 1)[1]}\r\n" in first
+    finally:
+        broker.drop()
+        server.close()
+
+
+def test_http_body_until_close_and_a_dropped_kept_alive_connection(pki: BrokerPki) -> None:
+    # The first connection answers, then is closed by the server without saying so; the
+    # second call notices (no byte of an answer) and retries once on a fresh connection.
+    server, broker = _raw(pki, [
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(OK_JSON), OK_JSON),
+        None,
+        b"HTTP/1.0 200 OK\r\n\r\n" + OK_JSON])
+    try:
+        assert broker.whoami()["identity"]["label"] == "x"
+        assert broker.whoami()["identity"]["label"] == "x"
+        assert server.connections == 2
+    finally:
+        broker.drop()
+        server.close()
+
+
+@pytest.mark.parametrize(("answer", "message"), [
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP answer"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n", "larger than"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n", "longer than"),
+    (b"HTTP/1.1 200 OK\r\n bad\r\n\r\n", "bad header line"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{}", "middle of"),
+])
+def test_http_answers_that_are_refused(pki: BrokerPki, answer: bytes, message: str) -> None:
+    server, broker = _raw(pki, [answer])
+    try:
+        with pytest.raises(api.BrokerError, match=message) as caught:
+            broker.whoami()
+        assert caught.value.status == 0 and run_exit(caught.value) == 69
+    finally:
+        broker.drop()
+        server.close()
+
+
+def run_exit(err: api.BrokerError) -> int:
+    from portagent.request.run import exit_code
+
+    return exit_code(err)
+
+
+def test_parse_args() -> None:
+    opts = cli.parse_args(["--host=db-1", "--source", "10.0.0.0/8", "--source=10.1.0.0/16",
+                           "--json", "--ttl", "5m"])
+    assert (opts.host, opts.source, opts.json, opts.ttl) == (
+        "db-1", ["10.0.0.0/8", "10.1.0.0/16"], True, "5m")
+    for bad, name in ((["--hots", "x"], "--hots"), (["--host"], "--host"),
+                      (["--json=1"], "--json"), (["--ttl", "1m", "--ttl", "2m"], "--ttl"),
+                      (["sh"], "'sh'")):
+        with pytest.raises(cli.UsageError, match=name):
+            cli.parse_args(bad)
+    assert cli.parse_port("8000-8010/udp") == ("8000-8010", "udp")
+    for bad_port in ("0", "65536", "10-5", "5/icmp", "٣", "1-", "-1", ""):
+        with pytest.raises(cli.UsageError, match="--port"):
+            cli.parse_port(bad_port)
+
+
+def test_help_prints_every_option() -> None:
+    done = subprocess.run([sys.executable, "-m", "portagent.request", "--help"],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+    assert done.returncode == 0
+    for name in cli.OPTIONS:
+        assert name in done.stdout
+    assert "TTL is the hard stop" in done.stdout

@@ -11,15 +11,17 @@ it is acted on right after. During long polls it interrupts the wait at once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import time
-from types import FrameType
-from typing import IO, Any
 
 from portagent.request.api import MAX_WAIT, Broker, BrokerError, request_view, trace
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs start-up time; annotations are strings here
+    from types import FrameType
+    from typing import IO, Any
 
 EX_OK = 0
 EX_USAGE = 64
@@ -99,13 +101,18 @@ class Signals:
         # sending it again would make it see two.
         if signum == signal.SIGINT and _terminal_foreground():
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.child_pid, signum)
+        _kill(self.child_pid, signum)
 
     def _kill_child(self, signum: int, frame: FrameType | None) -> None:
         if self.child_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.child_pid, signal.SIGKILL)
+            _kill(self.child_pid, signal.SIGKILL)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:  # noqa: SIM105 - contextlib costs start-up time
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # it ended meanwhile
 
 
 def _terminal_foreground() -> bool:

@@ -9,7 +9,10 @@ every error names the flag or variable it came from.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 MAX_TOKEN = 16 * 1024
 GITHUB_URL = "ACTIONS_ID_TOKEN_REQUEST_URL"
@@ -86,41 +89,20 @@ def github(audience: str, env: Mapping[str, str]) -> str:
     if not url or not bearer:
         raise TokenError(f"--oidc github: {GITHUB_URL} and {GITHUB_TOKEN} are not set "
                          "(the job needs `permissions: id-token: write`)")
-    import http.client
+    bearer = check_token(bearer, GITHUB_TOKEN)  # a header value: one clean line
     import json
-    from urllib.parse import quote, urlsplit
 
-    parts = urlsplit(url)
-    if parts.scheme != "https" and not (parts.scheme == "http" and parts.hostname in (
-            "127.0.0.1", "::1", "localhost")):
-        raise TokenError(f"{GITHUB_URL}: must be an https:// URL")
-    if not parts.hostname:
-        raise TokenError(f"{GITHUB_URL}: no host")
-    target = (parts.path or "/") + ("?" + parts.query + "&" if parts.query else "?")
-    target += "audience=" + quote(audience, safe="")
-    try:
-        port = parts.port
-    except ValueError:
-        raise TokenError(f"{GITHUB_URL}: bad port") from None
-    conn: http.client.HTTPConnection
-    try:
-        if parts.scheme == "https":
-            import ssl
+    from portagent.request.api import HttpError, fetch, percent_encode
 
-            # The system CAs (SSL_CERT_FILE is honoured, as by every OpenSSL client).
-            conn = http.client.HTTPSConnection(parts.hostname, port, timeout=OIDC_TIMEOUT,
-                                               context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(parts.hostname, port, timeout=OIDC_TIMEOUT)
-        try:
-            conn.request("GET", target, headers={"Authorization": f"bearer {bearer}",
-                                                 "Accept": "application/json"})
-            response = conn.getresponse()
-            status, raw = response.status, response.read(MAX_TOKEN * 4 + 1)
-        finally:
-            conn.close()
-    except (OSError, http.client.HTTPException) as exc:
-        raise TokenError(f"{GITHUB_URL} ({parts.hostname}): {exc or type(exc).__name__}",
+    separator = "&" if "?" in url else "?"
+    target = f"{url}{separator}audience={percent_encode(audience)}"
+    try:
+        status, raw = fetch(target, {"Authorization": f"bearer {bearer}",
+                                     "Accept": "application/json"}, OIDC_TIMEOUT)
+    except ValueError as exc:
+        raise TokenError(f"{GITHUB_URL}: {exc}") from None
+    except (OSError, HttpError) as exc:
+        raise TokenError(f"{GITHUB_URL}: {exc or type(exc).__name__}",
                          unreachable=True) from None
     if status != 200:
         raise TokenError(f"{GITHUB_URL} answered HTTP {status} "
