@@ -44,12 +44,50 @@ when {{ principal.repository == "octo-org/app" && resource.port == {port} }};
 """
 
 
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+# What the .deb's /usr/bin/portagent-request does (a console script on Debian's python3).
+CONSOLE_SCRIPT = "import sys; from portagent.request.cli import main; sys.exit(main())"
+
+
 @dataclass
-class Figures:
+class Client:
+    """One way of running the client, and what it measured."""
+
+    name: str
+    prefix: list[str]  # the command up to its options
+    environ: dict[str, str]
     open_s: list[float] = field(default_factory=list)  # spawn -> port open
     exit_s: list[float] = field(default_factory=list)  # spawn -> wrapper exit
     phases: list[dict[str, float]] = field(default_factory=list)  # phase -> s after spawn
+
+
+@dataclass
+class Figures:
+    clients: list[Client] = field(default_factory=list)
     fwknop_s: list[float] = field(default_factory=list)
+
+
+def clients() -> list[Client]:
+    """The venv's console script, and the client as the .deb runs it (Debian's python3)."""
+    from portagent.testing.lab import BIN
+
+    trace = {"PORTAGENT_REQUEST_TRACE": "1"}
+    found = [Client("portagent-request (venv console script)",
+                    [str(BIN / "portagent-request")], env.child_env(trace))]
+    if DEBIAN_PYTHON.exists():
+        source = str(env.REPO / "client" / "src")
+        found.append(Client("portagent-request (Debian python3, as the .deb installs it)",
+                            [str(DEBIAN_PYTHON), "-c", CONSOLE_SCRIPT],
+                            {**env.child_env(trace), "PYTHONPATH": source}))
+    return found
+
+
+def byte_compile() -> None:
+    """Installed packages come byte-compiled; PYTHONDONTWRITEBYTECODE in the bench's
+    environment would otherwise make every trial compile the client from source."""
+    environ = {k: v for k, v in env.child_env().items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.run([env.PYTHON, "-m", "compileall", "-q", str(env.REPO / "client" / "src")],
+            env=environ)
 
 
 @contextlib.contextmanager
@@ -92,27 +130,26 @@ jwks_file = "{issuer.jwks_path}"
             yield lab, token
 
 
-def request_argv(lab: Any, token: Path) -> list[str]:
-    from portagent.testing.lab import BIN, HOST_ID, SERVICE_API_PORT
+def request_argv(lab: Any, token: Path, client: Client) -> list[str]:
+    from portagent.testing.lab import HOST_ID, SERVICE_API_PORT
 
-    return ["ip", "netns", "exec", lab.net.client, str(BIN / "portagent-request"),
+    return ["ip", "netns", "exec", lab.net.client, *client.prefix,
             "--broker", f"https://{lab.net.client_ip}:{SERVICE_API_PORT}",
             "--ca", str(lab.dir / "ca.pem"), "--token-file", str(token),
             "--host", HOST_ID, "--port", f"{PORT}/tcp", "--ttl", "5m", "--reason", "bench",
             "--", "bash", "-c", f"exec 3<>/dev/tcp/{lab.net.server_ip}/{PORT}"]
 
 
-def request_trial(client: env.Worker, lab: Any, argv: list[str], pause: float,
-                  figures: Figures) -> None:
+def request_trial(worker: env.Worker, lab: Any, argv: list[str], pause: float,
+                  client: Client) -> None:
     time.sleep(pause)
-    client.send("probe", host=lab.net.server_ip, port=PORT, deadline_s=10)
+    worker.send("probe", host=lab.net.server_ip, port=PORT, deadline_s=10)
     time.sleep(0.002)  # the worker's loop is running before the clock starts
-    environ = env.child_env({"PORTAGENT_REQUEST_TRACE": "1"})
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=environ, timeout=60,
-                          check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=client.environ,
+                          timeout=60, check=False)
     t1 = time.monotonic()
-    reply = client.receive(timeout=30)
+    reply = worker.receive(timeout=30)
     if proc.returncode != 0:
         raise RuntimeError(f"portagent-request exited {proc.returncode}: "
                            f"{proc.stderr.strip()[-600:]}")
@@ -123,9 +160,9 @@ def request_trial(client: env.Worker, lab: Any, argv: list[str], pause: float,
         parts = line.split()
         if len(parts) == 4 and parts[1] == "trace":
             phases[parts[2]] = float(parts[3]) - t0
-    figures.open_s.append(reply["t"] - t0)
-    figures.exit_s.append(t1 - t0)
-    figures.phases.append(phases)
+    client.open_s.append(reply["t"] - t0)
+    client.exit_s.append(t1 - t0)
+    client.phases.append(phases)
 
 
 def client_worker(ns: str) -> env.Worker:
@@ -152,22 +189,24 @@ def one_run(ctx: Context, per_run: int, figures: Figures) -> None:
             stack.callback(fw.stop)
             probe_closed(fw_client)
         lab, token = stack.enter_context(request_lab(env.tempdir("request-latency")))
-        client = client_worker(lab.net.client)
-        stack.callback(client.close)
-        closed = client.call("probe", host=lab.net.server_ip, port=PORT, deadline_s=10,
+        worker = client_worker(lab.net.client)
+        stack.callback(worker.close)
+        closed = worker.call("probe", host=lab.net.server_ip, port=PORT, deadline_s=10,
                              expect="closed")
         if not closed["ok"]:
             raise RuntimeError("the guarded port is open before any request")
-        argv = request_argv(lab, token)
-        for i in range(2 * per_run if fw else per_run):
-            if fw is None or i % 2 == 0:
-                request_trial(client, lab, argv, ctx.pause(), figures)
-                reply = client.call("probe", host=lab.net.server_ip, port=PORT, deadline_s=10,
+        # Trial by trial in turn: each client, then fwknop.
+        turns: list[Client | None] = [*figures.clients, *([None] if fw else [])]
+        for i in range(per_run * len(turns)):
+            turn = turns[i % len(turns)]
+            if turn is not None:
+                request_trial(worker, lab, request_argv(lab, token, turn), ctx.pause(), turn)
+                reply = worker.call("probe", host=lab.net.server_ip, port=PORT, deadline_s=10,
                                     expect="closed")
                 if not reply["ok"]:
                     raise RuntimeError("the port stayed open after the wrapper closed the request")
             else:
-                assert fw_client is not None
+                assert fw is not None and fw_client is not None
                 latency, _ = fw.trial(fw_client, ctx.pause())
                 figures.fwknop_s.append(latency)
                 fw.reset(fw_client)
@@ -181,53 +220,65 @@ def _p(values: list[float], q: float) -> str:
     return fmt(percentile(_ms(values), q)) if values else "–"
 
 
-def run(ctx: Context) -> None:
-    per_run = 10 if ctx.quick else max(2, ctx.trials // ctx.repeats)
-    figures = Figures()
-    for _ in range(ctx.repeats):
-        one_run(ctx, per_run, figures)
-    table = Table("10. Requester's client: portagent-request -- CMD → port open, vs fwknop",
-                  ["Path", "Trials", "p50 (ms)", "p95 (ms)", "p99 (ms)", "max (ms)"])
-    rows = [("portagent-request: spawn → port open", figures.open_s),
-            ("portagent-request: spawn → wrapper exit (CMD ran, request closed)",
-             figures.exit_s),
-            ("fwknop: SPA sendto → port open", figures.fwknop_s)]
-    for name, values in rows:
-        if values:
-            table.add(name, len(values), _p(values, 50), _p(values, 95), _p(values, 99),
-                      fmt(max(_ms(values))))
-    # Where the time goes: the median of each phase's gap to the one before it.
+def breakdown(client: Client) -> str:
+    """The median gap between successive phases (and the port opening), in ms."""
     gaps: dict[str, list[float]] = {}
-    for phases, opened in zip(figures.phases, figures.open_s, strict=True):
+    for phases, opened in zip(client.phases, client.open_s, strict=True):
         marks = [("spawn", 0.0)] + [(p, phases[p]) for p in PHASES if p in phases]
         marks.append(("port open", opened))
         marks.sort(key=lambda m: m[1])
         for (before, t_before), (after, t_after) in itertools.pairwise(marks):
             gaps.setdefault(f"{before} → {after}", []).append(t_after - t_before)
-    breakdown = ", ".join(f"{k} {fmt(percentile(_ms(v), 50))}" for k, v in gaps.items()
-                          if len(v) >= len(figures.phases) // 2)
+    return ", ".join(f"{k} {fmt(percentile(_ms(v), 50))}" for k, v in gaps.items()
+                     if len(v) >= len(client.phases) // 2)
+
+
+def run(ctx: Context) -> None:
+    per_run = 10 if ctx.quick else max(2, ctx.trials // ctx.repeats)
+    byte_compile()
+    figures = Figures(clients=clients())
+    for _ in range(ctx.repeats):
+        one_run(ctx, per_run, figures)
+    table = Table("10. Requester's client: portagent-request -- CMD → port open, vs fwknop",
+                  ["Path", "Trials", "p50 (ms)", "p95 (ms)", "p99 (ms)", "max (ms)"])
+    rows: list[tuple[str, list[float]]] = []
+    for client in figures.clients:
+        rows += [(f"{client.name}: spawn → port open", client.open_s),
+                 (f"{client.name}: spawn → wrapper exit (CMD ran, request closed)",
+                  client.exit_s)]
+    rows.append(("fwknop: SPA sendto → port open", figures.fwknop_s))
+    for name, values in rows:
+        if values:
+            table.add(name, len(values), _p(values, 50), _p(values, 95), _p(values, 99),
+                      fmt(max(_ms(values))))
     table.notes += [
         "portagent-request runs from the client namespace (`ip netns exec`, ~1–2 ms, "
         "included) against `portagent-broker serve` (SQLite) there, which the agent in the "
         "server namespace follows; the policy allows without approval; the token is a "
-        "GitHub-like ID token from a file. `--wait` on the create: the answer comes once "
-        "the agent acknowledged the grant. CMD is `bash -c 'exec 3<>/dev/tcp/…'` (fails if "
-        "the port is not open to it).",
-        "Trials alternate with fwknop's (its own namespaces, scenario 1's method); random "
-        "20–220 ms pause before each; after each the port is checked closed (untimed).",
-        f"Where the time goes (median gaps, ms; 'main' = interpreter start and the "
-        f"client's imports, 'connected' = ssl/http.client imports + TCP + TLS, 'created' "
-        f"= the broker's answer after the agent's ack): {breakdown}.",
+        "GitHub-like ID token from a file. The create waits until the agent acknowledged "
+        "the grant. CMD is `bash -c 'exec 3<>/dev/tcp/…'` (fails if the port is not open "
+        "to it). The client's modules are byte-compiled first, as an installed package's are.",
+        "Trials alternate (each client, then fwknop on its own namespaces with scenario 1's "
+        "method); random 20–220 ms pause before each; after each the port is checked "
+        "closed (untimed).",
+        "Where the time goes (median gaps, ms; 'main' = interpreter start and the "
+        "client's imports, 'connected' = ssl import + TCP + TLS handshake, 'created' = "
+        "the broker's answer after the agent's ack):",
+        *[f"{c.name}: {breakdown(c)}." for c in figures.clients if c.phases],
     ]
     ctx.tables.append(table)
-    ctx.raw["request_latency"] = {"open": figures.open_s, "exit": figures.exit_s,
-                                  "phases": figures.phases, "fwknop": figures.fwknop_s}
-    if figures.open_s:
-        p50 = percentile(_ms(figures.open_s), 50)
-        ctx.target("portagent-request → port open p50 (interpreter start included)",
+    ctx.raw["request_latency"] = {
+        "clients": {c.name: {"open": c.open_s, "exit": c.exit_s, "phases": c.phases}
+                    for c in figures.clients},
+        "fwknop": figures.fwknop_s}
+    for client in figures.clients:
+        if not client.open_s:
+            continue
+        p50 = percentile(_ms(client.open_s), 50)
+        ctx.target(f"{client.name} → port open p50 (interpreter start included)",
                    "≤ 50 ms", f"{fmt(p50)} ms", p50 <= 50.0)
         if figures.fwknop_s:
-            ratio = percentile(figures.fwknop_s, 50) / percentile(figures.open_s, 50)
-            ctx.target("portagent-request vs fwknop's client (p50)", "faster",
+            ratio = percentile(figures.fwknop_s, 50) / percentile(client.open_s, 50)
+            ctx.target(f"{client.name} vs fwknop's client (p50)", "faster",
                        f"{ratio:.1f}× faster" if ratio >= 1 else f"{1 / ratio:.1f}× slower",
                        ratio > 1.0)
