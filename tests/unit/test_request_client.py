@@ -250,18 +250,19 @@ def test_a_command_that_does_not_exist_is_127_and_the_request_is_closed(
     assert broker.closes() == ["r-0000000000000001"]
 
 
-def test_sigterm_to_the_wrapper_reaches_cmd_closes_and_exits_143(
-        pki: BrokerPki, broker: FakeBroker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_to_the_wrapper_reaches_cmd_closes_and_exits_128_plus_n(
+        pki: BrokerPki, broker: FakeBroker, tmp_path: Path, signum: int) -> None:
     pidfile = tmp_path / "pid"
     wrapper = subprocess.Popen(_argv(command=["sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"]),
                                env=_env(pki, broker), stderr=subprocess.PIPE, text=True)
     try:
         child = int(_wait_for(pidfile))
         assert broker.closes() == []
-        wrapper.send_signal(signal.SIGTERM)
+        wrapper.send_signal(signum)
         _, err = wrapper.communicate(timeout=RUN_TIMEOUT)
-        assert wrapper.returncode == 128 + signal.SIGTERM, err
-        assert not _alive(child)  # it got the SIGTERM (sleep dies of it)
+        assert wrapper.returncode == 128 + signum, err  # 143, 130, 129: sleep died of it
+        assert not _alive(child)
         assert broker.closes() == ["r-0000000000000001"]
     finally:
         if wrapper.poll() is None:
