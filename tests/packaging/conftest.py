@@ -128,7 +128,7 @@ def lab(built_debs: tuple[dict[str, Path], str], base_rootfs: Path,
 @pytest.fixture(scope="module")
 def broker_lab(built_debs: tuple[dict[str, Path], str], base_rootfs: Path,
                timings: Timings) -> Iterator[BrokerServiceLab]:
-    """A booted container with all three packages (broker and agent units)."""
+    """A booted container with all four packages (broker and agent units)."""
     with _booted(BrokerServiceLab, built_debs[0], base_rootfs, timings,
                  "teardown (broker)") as booted:
         yield booted

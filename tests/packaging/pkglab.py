@@ -393,7 +393,7 @@ max_ttl = "1h"
 
 
 class BrokerServiceLab(PackagingLab):
-    """All three packages in one booted container: the broker's unit and the agent's,
+    """All four packages in one booted container: the broker's unit and the agent's,
     the agent dialing out to the broker on the container's own loopback (the server
     namespace's, never the host's). The trust set-up is the tests' to write, inside
     the container with the packaged CLI (tests/packaging/test_broker_systemd.py)."""
@@ -403,7 +403,7 @@ class BrokerServiceLab(PackagingLab):
         with self.timings.phase("namespaces + overlay (broker)"):
             self.net.create()
             self.container.mount()
-        with self.timings.phase("apt install all three (offline)"):
+        with self.timings.phase("apt install all four (offline)"):
             install_debs(self.container, dict(self.debs), self.workdir, "apt-install-all.log")
         # The guarded port's listener, as in PackagingLab: real traffic from the client
         # namespace shows the grant the agent got from the broker is enforced.
