@@ -78,7 +78,7 @@ def built_debs(timings: Timings) -> Iterator[tuple[dict[str, Path], str]]:
             result = subprocess.run(["bash", str(REPO / "packaging" / "build-deb.sh"), str(out)],
                                     capture_output=True, text=True, timeout=600, check=False)
         assert result.returncode == 0, f"build-deb.sh failed:\n{result.stderr[-5000:]}"
-        # build-deb.sh ends with one .deb path a line: NAME_VERSION_ARCH.deb (all; the broker amd64).
+        # build-deb.sh ends with one .deb path a line: NAME_VERSION_ARCH.deb.
         debs = {Path(line).name.split("_", 1)[0]: Path(line)
                 for line in result.stdout.split() if line.endswith(".deb")}
         assert set(debs) == set(PACKAGES), result.stdout
