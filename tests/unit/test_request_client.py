@@ -46,6 +46,7 @@ class FakeBroker:
         self.counter = 0
         self.requests: dict[str, dict[str, Any]] = {}
         self.gh_status = 200
+        self.poll_status = 200  # what GET /v1/requests/{id} answers (503: unavailable)
         broker = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -151,6 +152,10 @@ class FakeBroker:
                 request = self.requests[rid]
                 request["state"] = "cancelled" if request["state"] == "pending" else "closed"
                 self._answer(h, 200, rid)
+                return
+            if method == "GET" and len(segments) == 4 and self.poll_status != 200:
+                self._error(h, self.poll_status, "UNAVAILABLE", "STORE_UNAVAILABLE",
+                            "database unavailable")
                 return
             if method == "GET" and len(segments) == 4:
                 wait = int(parse_qs(parts.query).get("wait", ["0"])[0])
@@ -363,6 +368,16 @@ def test_wait_approval_exceeded_closes_and_is_75(pki: BrokerPki, broker: FakeBro
     done = _run(_argv("--wait-approval", "2s", command=["true"]), _env(pki, broker))
     assert done.returncode == 75, done.stderr
     assert "gave up waiting for approval" in done.stderr
+    assert broker.closes() == ["r-0000000000000001"]
+    assert broker.requests["r-0000000000000001"]["state"] == "cancelled"
+
+
+def test_broker_failing_while_waiting_is_69_and_the_request_is_withdrawn(
+        pki: BrokerPki, broker: FakeBroker) -> None:
+    broker.mode, broker.poll_status = "pending", 503
+    done = _run(_argv(command=["true"]), _env(pki, broker))
+    assert done.returncode == 69
+    assert "STORE_UNAVAILABLE: database unavailable" in done.stderr
     assert broker.closes() == ["r-0000000000000001"]
     assert broker.requests["r-0000000000000001"]["state"] == "cancelled"
 

@@ -133,6 +133,8 @@ class Session:
         self.err = err if err is not None else sys.stderr
         self.signals = Signals()
         self.request_id: str | None = None
+        self.state = ""  # the request's last known state
+        self.closed = False
         self.answer: dict[str, Any] = {}
 
     def say(self, text: str) -> None:
@@ -149,7 +151,7 @@ class Session:
         except BrokerError as exc:
             raise Exit(exit_code(exc), exc.describe()) from None
         request, _, applied = request_view(self.answer)
-        self.request_id = request["id"]
+        self.request_id, self.state = request["id"], request["state"]
         trace("created")
         self._check_signal()
         if request["state"] == "pending":
@@ -183,6 +185,7 @@ class Session:
             finally:
                 self.signals.raise_now = False
             request, _, applied = request_view(self.answer)
+            self.state = request["state"]
         trace("applied")
 
     def _check_signal(self) -> None:
@@ -203,6 +206,7 @@ class Session:
             try:
                 self.broker.close_request(self.request_id)
                 trace("closed")
+                self.closed = True
                 return True
             except BrokerError as exc:
                 if exc.status == 409 or (exc.status == 400 and exc.reason.endswith("STATE")):
@@ -291,6 +295,11 @@ def session_main(broker: Broker, body: dict[str, Any], wait_approval: float,
         except Exit as done:
             if done.message:
                 session.say(done.message)
+            # Given up while the request may still become (or be) granted: withdraw it,
+            # so no access opens that nobody will use.
+            if (session.request_id is not None and not session.closed
+                    and session.state not in TERMINAL_STATES):
+                session.close_quietly()
             if session.signals.received is not None:
                 return 128 + session.signals.received
             return done.code
