@@ -436,6 +436,93 @@ def test_seccomp_denies_nothing_the_service_does(broker_lab: BrokerServiceLab) -
     broker_lab.wait_broker_active()
 
 
+# An issuer's key pair and a GitHub-like ID token for it, made inside the container with
+# bookworm's python3-jwt 2.6 and python3-cryptography; the broker reads the keys from a
+# file (jwks_file: no network).
+MINT = r"""
+import json, time
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+jwk.update(kid="pkg-1", use="sig", alg="RS256")
+open("/etc/portagent-broker/pkg-jwks.json", "w").write(json.dumps({"keys": [jwk]}))
+now = int(time.time())
+claims = {"iss": "https://token.actions.githubusercontent.com", "aud": "portagent",
+          "sub": "repo:acme/app:environment:prod", "repository": "acme/app",
+          "environment": "prod", "run_id": "7", "iat": now, "nbf": now, "exp": now + 900}
+token = jwt.encode(claims, key, algorithm="RS256", headers={"kid": "pkg-1"})
+open("/root/request.token", "w").write(token)
+"""
+REQUEST_POLICY = f"""\
+@id("pkg-ci")
+@max_ttl("10m")
+permit (principal is GithubWorkflow, action == Action::"request", resource)
+when {{
+  principal.repository == "acme/app" &&
+  resource.host == "{HOST_ID}" &&
+  resource.port == {GUARDED_PORT}
+}};
+"""
+REQUEST_SERVICE = """
+[service.policy]
+file = "pkg-policy.cedar"
+
+[[service.issuers]]
+name = "gh"
+kind = "github"
+issuer = "https://token.actions.githubusercontent.com"
+audience = "portagent"
+jwks_file = "pkg-jwks.json"
+"""
+
+
+def test_access_request_under_the_sandbox(broker_lab: BrokerServiceLab) -> None:
+    """All four packages, the filter fatal: the service loads a Cedar policy with its
+    vendored cedarpy and verifies an OIDC token with Debian's PyJWT; portagent-request
+    (its own package) asks with that token, the policy allows, the agent enforces the
+    grant while the command runs, and closing it when the command exits revokes it.
+    A reload re-reads the policy under the same sandbox."""
+    c = broker_lab.container
+    original = c.exec(["cat", f"{ETC}/service.toml"]).stdout
+    c.exec(["python3", "-I", "-c", MINT])
+    c.put(f"{ETC}/pkg-policy.cedar", REQUEST_POLICY)
+    c.exec(["chmod", "0644", f"{ETC}/pkg-policy.cedar", f"{ETC}/pkg-jwks.json"])
+    try:
+        with filtered_calls_fatal(broker_lab):
+            c.put(f"{ETC}/service.toml", original + REQUEST_SERVICE)
+            c.exec(["systemctl", "restart", UNIT], timeout=90)
+            pid = broker_lab.wait_broker_active()["MainPID"]
+            wait_for(lambda: converged(broker_lab), 60, "the agent to reconnect")
+            # The command sees the grant the request made, enforced on the host.
+            script = ("portagent-request --broker " + API_URL + f" --ca {DEV}/ca.pem "
+                      "--token-file /root/request.token --host " + HOST_ID +
+                      f" --port {GUARDED_PORT}/tcp --ttl 5m --reason PKG-REQUEST --json "
+                      "-- sh -c 'portagent list -o json > /root/during.json'")
+            asked = c.exec(["/bin/sh", "-c", script], check=False, timeout=120)
+            assert asked.returncode == 0, (asked.stdout, asked.stderr, broker_lab.broker_log())
+            during = json.loads(c.exec(["cat", "/root/during.json"]).stdout)
+            (held,) = [g for g in during if g["state"] == "active"
+                       and g["subject"] == "gh:repo:acme/app:environment:prod"]
+            # Closed when the command exited: revoked on the host.
+            wait_for(lambda: agent_grants(broker_lab).get(held["grant_id"]) != "active", 30,
+                     "the agent to drop the closed request's grant")
+            # Loaded at start and again on reload, by the same process (one rule).
+            c.exec(["systemctl", "reload", UNIT])
+            loaded = wait_for(lambda: [e for e in broker_lab.broker_events("policy_loaded")
+                                       if e.get("rules") == 1][1:], 30, "the policy reload")
+            assert not broker_lab.broker_events("policy_reload_failed"), loaded
+            broker_lab.broker("audit", "verify")
+            after = broker_lab.wait_broker_active()
+            assert (after["MainPID"], after["NRestarts"]) == (pid, "0"), after
+    finally:
+        c.put(f"{ETC}/service.toml", original)
+        c.exec(["rm", "-f", f"{ETC}/pkg-policy.cedar", f"{ETC}/pkg-jwks.json",
+                "/root/request.token", "/root/during.json"], check=False)
+    c.exec(["systemctl", "restart", UNIT], timeout=90)
+    broker_lab.wait_broker_active()
+    wait_for(lambda: converged(broker_lab), 60, "the agent to reconnect")
+
 @contextlib.contextmanager
 def postgres_in_namespace(netns: str) -> Iterator[int]:
     """A throwaway PostgreSQL cluster (the host's server binaries) listening on
