@@ -133,8 +133,9 @@ test-soak: venv
 demo: venv
 	$(PY) scripts/demo.py
 
-# The Debian source package and its three binary packages in dist/: portagent (agent),
-# portagent-broker and python3-portagent-wire (the code both share), lintian-clean.
+# The Debian source package and its four binary packages in dist/: portagent (agent),
+# portagent-broker, python3-portagent-wire (the code both share) and portagent-request
+# (the requester's client), lintian-clean.
 deb: $(STAMP_APT_PKG) $(STAMP_APT)
 	bash packaging/build-deb.sh dist
 

@@ -1,5 +1,5 @@
 """The broker's hardened unit under a real systemd, with the agent's unit dialing out
-to it: both packages (and the wire package) installed with apt in one booted
+to it: both packages (and the wire and request packages) installed with apt in one booted
 bookworm container, configured the way docs/broker.md says, on Debian's own python3
 modules (SQLAlchemy 1.4, Starlette 0.26, uvicorn 0.17, Alembic 1.8, psycopg 3.1 and
 psycopg2, grpcio 1.51).
