@@ -533,3 +533,42 @@ ca = {json.dumps(str(gone.ca_path))}
         assert body["error"]["reason"] == "JWKS_UNAVAILABLE"
     finally:
         broker.close()
+
+
+def test_an_approval_counts_only_while_the_policy_still_allows_the_request(env: Env) -> None:
+    """A reload that removes the rule a pending request was allowed by: approving it
+    now is refused (POLICY_CHANGED) and no grant is made."""
+
+    def loaded() -> int:
+        return len([e for e in env.broker.log_events() if e["event"] == "policy_loaded"])
+
+    def reload(text: str) -> None:
+        before = loaded()
+        env.policy_path.write_text(text)
+        env.broker.hup()
+        deadline = time.monotonic() + WAIT
+        while loaded() <= before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loaded() == before + 1
+
+    carol = _person(env, "carol", ["oncall"])
+    dave = _person(env, "dave", ["dba"])
+    status, body = _ask(env, carol, ttl="2m", reason="INC-9")
+    assert status == 202, body
+    request_id = body["request"]["id"]
+    try:
+        reload(POLICY.split("// On-call people")[0])  # only the CI rule is left
+        status, refused = env.broker.request(
+            "POST", f"/v1/requests/{request_id}/approve", {}, token=dave
+        )
+        assert status == 403 and refused["error"]["reason"] == "POLICY_CHANGED", refused
+        status, shown = env.broker.request("GET", f"/v1/requests/{request_id}", token=carol)
+        assert shown["request"]["state"] == "pending" and shown["request"]["approvals"] == []
+        # Denying stays possible whatever the policy says.
+        status, denied = env.broker.request(
+            "POST", f"/v1/requests/{request_id}/deny", {"comment": "rule gone"}, token=dave
+        )
+        assert status == 200 and denied["request"]["state"] == "denied"
+        assert denied["grant"] is None
+    finally:
+        reload(POLICY)

@@ -70,11 +70,13 @@ from portagent.broker.fleet.waiters import Waiters
 from portagent.broker.identity.model import Identity, IdentityError, IdentityKind, admin_identity
 from portagent.broker.identity.oidc import TokenVerifier, looks_like_jwt
 from portagent.broker.policy.cedar import Policy, explanation_json, limits_json, query_from_json
-from portagent.broker.policy.model import AccessQuery
+from portagent.broker.policy.model import AccessQuery, PolicyDecision
 from portagent.broker.signing import InputError, check_grant_id, grant_request
 from portagent.wire.config import MAX_DURATION, read_config_text
 from portagent.wire.errors import ConfigError
+from portagent.wire.ports import GuardedPort, PortRange, Protocol
 from portagent.wire.records import rfc3339
+from portagent.wire.sources import parse_network
 from portagent.wire.timestamps import timestamp
 
 MAX_BODY_BYTES = 64 * 1024
@@ -1049,6 +1051,7 @@ async def create_request(ctx: ApiContext, request: Request, who: Identity) -> Re
         client_request_id=client_request_id,
         pending_ttl=ctx.request_ttl,
         now=now,
+        explicit_sources=explicit,
     )
     if created:
         if grant is not None:
@@ -1179,11 +1182,54 @@ async def list_requests(ctx: ApiContext, request: Request, who: Identity) -> Res
     )
 
 
+async def _still_allowed(ctx: ApiContext, request_id: str, now: float) -> None:
+    """An approval counts only while the policy in force still allows the request (the
+    same question it was asked when the request was made): a rule removed or narrowed
+    by a reload since cannot be approved around. PERMISSION_DENIED POLICY_CHANGED."""
+    access = await ctx.db(ctx.store.get_access_request, request_id)
+    if access is None or access.state is not RequestState.PENDING:
+        return  # the store gives the precise refusal (not found, not pending)
+    policy = _policy_in_force(ctx)
+
+    def ask() -> PolicyDecision | None:
+        host = ctx.store.get_host(access.host_id)
+        if host is None:
+            return None  # the store refuses: the host left the inventory
+        query = AccessQuery(
+            identity=access.requester,
+            host_id=access.host_id,
+            host_labels=host.labels,
+            port=GuardedPort(
+                Protocol(access.protocol), PortRange(access.port_first, access.port_last)
+            ),
+            ttl=access.ttl,
+            sources=tuple(parse_network(s) for s in access.sources),
+            source_is_requester=not access.explicit_sources,
+            # The request's own grant does not exist yet: the count is what it was
+            # asked with, less whatever ended since (the store re-counts under lock).
+            active_grants=ctx.store.count_active_grants(access.requester.key, now=now),
+            reason=access.reason,
+            now=now,
+        )
+        return policy.decide(query)
+
+    decision = await ctx.db(ask)
+    if decision is not None and not decision.allowed:
+        raise ApiError(
+            "PERMISSION_DENIED",
+            "POLICY_CHANGED",
+            f"the policy in force no longer allows request {request_id}: {decision.message} "
+            "(deny it, or the requester asks again)",
+        )
+
+
 async def _decide(ctx: ApiContext, request: Request, who: Identity, approve: bool) -> Response:
     request_id = _access_request_id(request)
     body = Body(await read_body(request), {"comment"})
     comment = _request_reason(body.text("comment"), "comment", required=False)
     now = ctx.clock()
+    if approve:
+        await _still_allowed(ctx, request_id, now)
     access, grant = await ctx.db(
         ctx.store.decide_access_request,
         request_id,

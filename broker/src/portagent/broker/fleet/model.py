@@ -184,6 +184,10 @@ class AccessRequest:
     approvals: tuple[Approval, ...] = ()
     grant_id: str | None = None
     client_request_id: str | None = None  # the caller's idempotency key
+    # True when the requester named its sources (a rule with @sources("explicit")
+    # allowed it); False: the sources are the requester's own address. The policy is
+    # asked again on approval with the same question.
+    explicit_sources: bool = False
 
     @property
     def approved_count(self) -> int:

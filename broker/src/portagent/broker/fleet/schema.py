@@ -111,6 +111,7 @@ access_requests = Table(
     Column("max_connections", BigInteger, nullable=False),
     # The rule's @max_grants, checked again when the last approval makes the grant.
     Column("max_grants", BigInteger, nullable=False),
+    Column("explicit_sources", Boolean, nullable=False),
     Column("rule", String(256), nullable=False),
     Column("approvals_required", BigInteger, nullable=False),
     Column("approvers", String(256), nullable=False),

@@ -516,6 +516,7 @@ def _request_from_row(row: _Row, approvals: Sequence[Approval] = ()) -> AccessRe
         approvals=tuple(approvals),
         grant_id=r.opt_text("grant_id"),
         client_request_id=r.opt_text("client_request_id"),
+        explicit_sources=r.boolean("explicit_sources"),
     )
 
 
@@ -1917,6 +1918,7 @@ class FleetStore:
         client_request_id: str | None,
         pending_ttl: float,
         now: float,
+        explicit_sources: bool = False,
     ) -> tuple[AccessRequest, BrokerGrant | None, bool]:
         """Store a request the policy allowed: granted at once (the grant made in the
         same transaction) when its rule needs no approval, else pending until
@@ -2030,6 +2032,7 @@ class FleetStore:
                     keep_established=bool(grant_request.keep_established),
                     max_connections=grant_request.max_connections,
                     max_grants=max_grants,
+                    explicit_sources=bool(explicit_sources),
                     rule=rule,
                     approvals_required=approvals_required,
                     approvers=approvers,

@@ -48,6 +48,7 @@ def upgrade() -> None:
         sa.Column("keep_established", sa.Boolean, nullable=False),
         sa.Column("max_connections", sa.BigInteger, nullable=False),
         sa.Column("max_grants", sa.BigInteger, nullable=False),
+        sa.Column("explicit_sources", sa.Boolean, nullable=False),
         sa.Column("rule", sa.String(256), nullable=False),
         sa.Column("approvals_required", sa.BigInteger, nullable=False),
         sa.Column("approvers", sa.String(256), nullable=False),
