@@ -508,26 +508,16 @@ class TestIssuer:
     def github(
         self,
         *,
-        repository: str = "octo-org/app",
-        ref: str = "refs/heads/main",
-        environment: str = "prod",
-        actor: str = "octocat",
-        run_id: str = "4242",
         audience: str | list[str] = DEFAULT_AUDIENCE,
         lifetime: float = 300,
         kid: str | None = None,
         iat: float | None = None,
-        **overrides: Any,
+        **claims: Any,
     ) -> str:
-        claims = self.github_claims_for(
-            repository=repository,
-            ref=ref,
-            environment=environment,
-            actor=actor,
-            run_id=run_id,
-            **overrides,
+        """A GitHub Actions token: `claims` as github_claims_for takes them."""
+        return self.mint(
+            self.github_claims_for(**claims), kid=kid, lifetime=lifetime, audience=audience, iat=iat
         )
-        return self.mint(claims, kid=kid, lifetime=lifetime, audience=audience, iat=iat)
 
     def buildkite_claims_for(
         self,
@@ -565,26 +555,20 @@ class TestIssuer:
     def buildkite(
         self,
         *,
-        organization_slug: str = "acme",
-        pipeline_slug: str = "deploy",
-        build_branch: str = "main",
-        build_number: int = 17,
-        job_id: str = "0190a3b6-5a8e-4c3e-9d2f-1b7c6e5d4a3f",
         audience: str | list[str] = DEFAULT_AUDIENCE,
         lifetime: float = 300,
         kid: str | None = None,
         iat: float | None = None,
-        **overrides: Any,
+        **claims: Any,
     ) -> str:
-        claims = self.buildkite_claims_for(
-            organization_slug=organization_slug,
-            pipeline_slug=pipeline_slug,
-            build_branch=build_branch,
-            build_number=build_number,
-            job_id=job_id,
-            **overrides,
+        """A Buildkite token: `claims` as buildkite_claims_for takes them."""
+        return self.mint(
+            self.buildkite_claims_for(**claims),
+            kid=kid,
+            lifetime=lifetime,
+            audience=audience,
+            iat=iat,
         )
-        return self.mint(claims, kid=kid, lifetime=lifetime, audience=audience, iat=iat)
 
     def person(
         self,
