@@ -901,38 +901,24 @@ def _with_condition_text(cp: Any, rule: _Rule, body: Mapping[str, Any], piece: s
 
 
 def _policy_lines(text: str) -> list[int]:
-    """The line each policy starts on: Cedar policies end with `;` outside strings and
-    `//` comments. Cedar itself reports no positions, so we count."""
-    starts: list[int] = []
-    line = 1
-    start: int | None = None
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\n":
-            line += 1
-        elif ch == "/" and text.startswith("//", i):
-            end = text.find("\n", i)
-            i = n if end < 0 else end
-            continue
-        elif ch == '"':
-            if start is None:
-                start = line
-            i += 1
-            while i < n and text[i] != '"':
-                if text[i] == "\\":
-                    i += 1
-                elif text[i] == "\n":
-                    line += 1
-                i += 1
-        elif ch == ";":
-            if start is not None:
-                starts.append(start)
-            start = None
-        elif not ch.isspace() and start is None:
-            start = line
-        i += 1
-    return starts
+    """The line each policy starts on (its first token). Cedar itself reports no
+    positions, so we count, on the same cut as _chunks."""
+    return [
+        _first_token_line(first_line, piece)
+        for first_line, piece in _chunks(text)
+        if piece.rstrip().endswith(";")
+    ]
+
+
+def _first_token_line(first_line: int, piece: str) -> int:
+    """A piece's first line may be blank or a comment: the line of its first token."""
+    skipped = 0
+    for raw in piece.split("\n"):
+        stripped = raw.strip()
+        if stripped and not stripped.startswith("//"):
+            break
+        skipped += 1
+    return first_line + skipped
 
 
 def _chunks(text: str) -> list[tuple[int, str]]:
@@ -972,14 +958,7 @@ def _syntax_problem(cp: Any, text: str, source: str, message: str) -> str:
         try:
             cp.PolicySet.from_str(piece)
         except ValueError as exc:
-            # The piece's first line may be blank or a comment: point at its first token.
-            skipped = 0
-            for raw in piece.split("\n"):
-                stripped = raw.strip()
-                if stripped and not stripped.startswith("//"):
-                    break
-                skipped += 1
-            return f"{source}:{first_line + skipped}: {exc}"
+            return f"{source}:{_first_token_line(first_line, piece)}: {exc}"
     return f"{source}: {message}"
 
 
