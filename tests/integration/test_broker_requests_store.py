@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from portagent.broker.fleet.audit import verify_chain
@@ -29,34 +29,16 @@ from portagent.broker.fleet.model import (
     RequestState,
     StoreError,
 )
-from portagent.broker.fleet.store import FleetStore, normalise_url
+from portagent.broker.fleet.store import FleetStore
 from portagent.broker.identity.model import Identity, IdentityKind, admin_identity
 from portagent.broker.policy.model import PolicyDecision, RuleLimits
 from portagent.broker.signing import GrantRequest, grant_request
-from portagent.testing.postgres import PostgresCluster, postgres_available, postgres_cluster
 
 pytestmark = [pytest.mark.root]
 
 T0 = 1_800_000_000.0
 PENDING_TTL = 3600.0
 SSO = "https://sso.example.com"
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresCluster]:
-    reason = postgres_available()
-    if reason is not None:
-        pytest.skip(reason)
-    with postgres_cluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/broker.db"
-    cluster: PostgresCluster = request.getfixturevalue("pg")
-    return cluster.create_database()
 
 
 @pytest.fixture
@@ -74,16 +56,6 @@ def store(url: str) -> Iterator[FleetStore]:
 def keyring(tmp_path: Path) -> KeyRing:
     generate_key(tmp_path / "keys", now=T0)
     return KeyRing.load(tmp_path / "keys")
-
-
-@pytest.fixture
-def raw(url: str) -> Iterator[Engine]:
-    """A plain engine on the same database (future=True: 2.0-style on Debian's 1.4 too)."""
-    engine = create_engine(normalise_url(url), future=True)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def person(name: str, *groups: str) -> Identity:

@@ -35,7 +35,6 @@ from portagent.broker.fleet.store import (
     NOTIFY_CHANNEL,
     POSTGRESQL_DRIVER,
     FleetStore,
-    normalise_url,
 )
 from portagent.broker.signing import GrantRequest, grant_request
 from portagent.testing.postgres import (
@@ -49,23 +48,6 @@ from portagent.v1 import agent_pb2 as pb
 pytestmark = [pytest.mark.root]
 
 T0 = 1_800_000_000.0
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresCluster]:
-    reason = postgres_available()
-    if reason is not None:
-        pytest.skip(reason)
-    with postgres_cluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/broker.db"
-    cluster: PostgresCluster = request.getfixturevalue("pg")
-    return cluster.create_database()
 
 
 @pytest.fixture
@@ -82,16 +64,6 @@ def keyring(tmp_path: Path) -> KeyRing:
     generate_key(tmp_path / "keys", now=T0 - 86400)
     generate_key(tmp_path / "keys", now=T0)
     return KeyRing.load(tmp_path / "keys")
-
-
-@pytest.fixture
-def raw(url: str) -> Iterator[Engine]:
-    """A plain engine on the same database: the intruder's (or the inspector's) view."""
-    engine = create_engine(normalise_url(url))
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def request_for(
