@@ -9,6 +9,7 @@ process with an open channel.
 from __future__ import annotations
 
 import ipaddress
+import random
 import threading
 import time
 from pathlib import Path
@@ -214,6 +215,167 @@ def pa_load(clients: int, seconds: float, presign_per_client: int) -> dict[str, 
             "max": max(flat) if flat else 0.0}
 
 
+def pa_paced(clients: int, rate: float, seconds: float, seed: int,
+             late_limit: float = 60.0) -> dict[str, Any]:
+    """Open loop: `clients` threads, each with its own mTLS channel, together offer `rate`
+    RPCs/s (grant, then revoke of that grant, alternating) for `seconds`.
+
+    Each client has its own fixed schedule (rate/clients per second, a random start
+    offset within one interval); an RPC is sent at its scheduled time or, if the client is
+    behind, at once, and its latency is counted from the SCHEDULED time: a stalled agent
+    shows up as latency instead of as fewer requests (no coordinated omission). A client
+    more than `late_limit` s behind stops; what it did not send is reported."""
+    ttl = 600.0
+    per_client_rate = rate / clients
+    interval = 1.0 / per_client_rate
+    n_ops = int(seconds * per_client_rate) + 1
+    n_grants = (n_ops + 1) // 2
+    signer: Signer = _STATE["signer"]
+    plans: list[list[tuple[pb.SignedGrant, pb.SignedRevocation]]] = []
+    for n in range(clients):
+        grants = [filler_grant(2_000_000 + n * n_grants + i, ttl) for i in range(n_grants)]
+        plans.append([(g, signer.sign_revocation(grant_id=_grant_id(g), host_id=_STATE["host"],
+                                                 now=time.time())) for g in grants])
+    rand = random.Random(seed)
+    offsets = [rand.uniform(0.0, interval) for _ in range(clients)]
+    channels = [_new_client() for _ in range(clients)]
+    for channel in channels:
+        list(channel.list())
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    service: list[list[float]] = [[] for _ in range(clients)]
+    finished: list[list[float]] = [[] for _ in range(clients)]
+    errors: list[str] = []
+    unsent = [0] * clients
+    barrier = threading.Barrier(clients + 1)
+    start_at = [0.0]
+
+    def loop(n: int) -> None:
+        client = channels[n]
+        plan = plans[n]
+        barrier.wait()
+        end = start_at[0] + seconds
+        for k in range(n_ops):
+            scheduled = start_at[0] + offsets[n] + k * interval
+            if scheduled >= end:
+                break
+            now = time.monotonic()
+            if now - scheduled > late_limit:
+                unsent[n] = sum(1 for j in range(k, n_ops)
+                                if start_at[0] + offsets[n] + j * interval < end)
+                break
+            if scheduled > now:
+                time.sleep(scheduled - now)
+            grant, revocation = plan[k // 2]
+            sent = time.monotonic()
+            try:
+                if k % 2 == 0:
+                    client.apply(grant)
+                else:
+                    client.revoke(revocation)
+            except AgentError as exc:
+                errors.append(str(exc)[:200])
+                continue
+            done = time.monotonic()
+            latencies[n].append(done - scheduled)
+            service[n].append(done - sent)
+            finished[n].append(done)
+
+    cpu_before = time.process_time()
+    threads = [threading.Thread(target=loop, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    # Scheduled times start a little after the barrier so no client begins behind.
+    start_at[0] = time.monotonic() + 0.2
+    barrier.wait()
+    for thread in threads:
+        thread.join(seconds + late_limit + 120)
+    client_cpu = time.process_time() - cpu_before
+    for channel in channels:
+        channel.close()
+    flat = [x for per in latencies for x in per]
+    flat_service = [x for per in service for x in per]
+    done_times = [t for per in finished for t in per]
+    elapsed = (max(done_times) - start_at[0]) if done_times else seconds
+    return {"offered_per_s": rate, "rpcs": len(flat), "elapsed": max(elapsed, seconds),
+            "errors": len(errors), "first_errors": errors[:3], "unsent": sum(unsent),
+            "client_cpu_s": client_cpu,
+            "p50": percentile(flat, 50), "p99": percentile(flat, 99),
+            "max": max(flat) if flat else 0.0,
+            "service_p50": percentile(flat_service, 50),
+            "service_p99": percentile(flat_service, 99)}
+
+
+# ---- scenario 2/6: a signed snapshot over the agent's broker stream (bench.snapshot_ops) ---
+
+
+def pa_snap_broker(address: str, pki_dir: str) -> dict[str, Any]:
+    """Start the scripted broker in this worker (before the agent, which dials it)."""
+    from bench import snapshot_ops
+
+    return snapshot_ops.start_broker(address, pki_dir)
+
+
+def pa_snap_wait_hello(after_stream: int, limit_s: float) -> dict[str, Any]:
+    from bench import snapshot_ops
+
+    return snapshot_ops.broker().wait_hello(after_stream, limit_s)
+
+
+def pa_snap_prepare(count: int, ttl: float, generation: int,
+                    extra: list[list[str]]) -> dict[str, Any]:
+    """Sign `count` filler grants plus one per [source, port] in `extra`, then the
+    HostState over all of them (broker-side work: untimed)."""
+    from bench import snapshot_ops
+
+    settings = _settings()
+    signer: Signer = _STATE["signer"]
+    extras = [_sign(source, port, ttl) for source, port in extra]
+    grants, sign_s = snapshot_ops.sign_grants(count, lambda i: filler_grant(i, ttl), extras)
+    key = snapshot_ops.load_key(settings.signing_key_file)
+    reply = snapshot_ops.broker().prepare(grants, key, signer.key_id, _STATE["host"],
+                                          generation)
+    return {**reply, "sign_grants_s": sign_s, "extra_ids": [_grant_id(g) for g in extras]}
+
+
+def pa_snap_deliver(limit_s: float) -> dict[str, Any]:
+    from bench import snapshot_ops
+
+    return snapshot_ops.broker().deliver(limit_s)
+
+
+# ---- scenario 1's floor: the bare mTLS gRPC echo (bench.echo) ------------------------------
+
+
+def pa_echo_init(broker_toml: str, host: str, address: str) -> dict[str, Any]:
+    """Open a channel to the echo server with the broker's client certificate, as
+    pa_init does to the agent; warm it up outside any measurement."""
+    from bench.echo import EchoClient
+
+    settings = load_broker_settings_file(Path(broker_toml))
+    assert settings.signing_key_file is not None, "broker.toml has no [signing] key_file"
+    _STATE.update(settings=settings, host=host,
+                  signer=Signer.from_file(settings.signing_key_file, settings.signing_key_id))
+    s = _settings()
+    tls = TlsFiles.load(s.ca_file, s.cert_file, s.key_file)
+    client = EchoClient(address, tls.ca, tls.cert, tls.key, s.hosts[host].server_name)
+    client.wait_ready(30.0)
+    _STATE["echo"] = client
+    payload = pb.ApplyGrantRequest(signed_grant=_sign("198.18.0.2", "5022/tcp", 600.0))
+    client.echo(payload.SerializeToString())
+    return {"ok": True, "request_bytes": payload.ByteSize()}
+
+
+def pa_echo(source: str, port: str, ttl: float) -> dict[str, Any]:
+    """One echo of a freshly signed ApplyGrantRequest's bytes: the same work before t0
+    as pa_grant_then_probe (sign, serialize), then call → reply."""
+    from bench.echo import EchoClient
+
+    client: EchoClient = _STATE["echo"]
+    payload = pb.ApplyGrantRequest(signed_grant=_sign(source, port, ttl)).SerializeToString()
+    t0, t1 = client.echo(payload)
+    return {"t0": t0, "t1": t1, "bytes": len(payload)}
+
+
 OPS = {
     "pa_init": pa_init,
     "pa_grant": pa_grant,
@@ -222,4 +384,11 @@ OPS = {
     "pa_presign": pa_presign,
     "pa_bulk": pa_bulk,
     "pa_load": pa_load,
+    "pa_paced": pa_paced,
+    "pa_snap_broker": pa_snap_broker,
+    "pa_snap_wait_hello": pa_snap_wait_hello,
+    "pa_snap_prepare": pa_snap_prepare,
+    "pa_snap_deliver": pa_snap_deliver,
+    "pa_echo_init": pa_echo_init,
+    "pa_echo": pa_echo,
 }

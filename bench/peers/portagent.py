@@ -22,6 +22,9 @@ from bench import env
 
 VENV_BIN = Path(env.PYTHON).parent
 AGENT_PORT = 50051
+# The scripted broker (bench.snapshot_ops) in the client worker, which the agent dials.
+BROKER_PORT = 50061
+BROKER_ADDRESS = f"{env.CLIENT_IP}:{BROKER_PORT}"
 HOST_ID = "bench-srv"
 GUARD = ["5022/tcp", "5023/udp", "5024-5031/tcp"]
 
@@ -38,12 +41,16 @@ class Portagent:
         self.notify.bind(str(self.notify_path))
         env.CLEANUP.push("notify socket", self.notify.close)
         self.starts = 0
+        self.started_at = 0.0
+        self.fleet_pki: Path | None = None
 
     @property
     def broker_toml(self) -> Path:
         return self.dev / "broker.toml"
 
-    def setup(self) -> None:
+    def setup(self, fleet: bool = False) -> None:
+        """`portagent-broker init`; with `fleet`, also a fleet PKI (FleetPki) and a
+        [broker] table, so the agent dials the scripted broker at BROKER_ADDRESS."""
         argv = [str(VENV_BIN / "portagent-broker"), "init", "--dir", str(self.dev),
                 "--host-id", HOST_ID, "--agent-address", f"{env.SERVER_IP}:{AGENT_PORT}"]
         for guard in GUARD:
@@ -52,14 +59,20 @@ class Portagent:
         agent_toml = self.dev / "agent.toml"
         text = agent_toml.read_text()
         # A refused probe gets a TCP reset (as with the peers), so probing is tight.
-        agent_toml.write_text(text + f'\n[nftables]\nrefuse = "{self.refuse}"\n')
+        text += f'\n[nftables]\nrefuse = "{self.refuse}"\n'
+        if fleet:
+            from portagent.testing.fleet_server import FleetPki
+
+            self.fleet_pki = self.dev / "fleet"
+            text += "\n" + FleetPki.create(self.fleet_pki, HOST_ID).agent_toml([BROKER_ADDRESS])
+        agent_toml.write_text(text)
 
     def start(self, timeout: float = 120.0) -> float:
         """Start the daemon; returns seconds from spawn to READY=1."""
         self.starts += 1
         environ = env.child_env({"NOTIFY_SOCKET": str(self.notify_path)})
         self._drain_notify()
-        started = time.monotonic()
+        started = self.started_at = time.monotonic()
         self.proc = env.spawn(
             ["ip", "netns", "exec", self.topo.server, str(VENV_BIN / "portagentd"),
              "--config", str(self.dev / "agent.toml")],
@@ -144,10 +157,20 @@ class Portagent:
                            check=False).stdout
         return out.count(" timeout ") if out else 0
 
-    def client_worker(self) -> env.Worker:
-        client = self.topo.worker(self.topo.client)
+    def client_worker(self, client: env.Worker | None = None) -> env.Worker:
+        """The pa_* worker in the client namespace, connected to the running agent."""
+        client = client or self.topo.worker(self.topo.client)
         client.call("pa_init", timeout=60, broker_toml=str(self.broker_toml), host=HOST_ID)
         return client
+
+    def broker_worker(self) -> env.Worker:
+        """A client-namespace worker running the scripted broker (start it before the
+        agent: the agent dials it at start); call client_worker(it) once the agent runs."""
+        assert self.fleet_pki is not None, "setup(fleet=True) first"
+        worker = self.topo.worker(self.topo.client)
+        worker.call("pa_snap_broker", timeout=60, address=BROKER_ADDRESS,
+                    pki_dir=str(self.fleet_pki))
+        return worker
 
 
 class _PortagentOpen:
