@@ -1,60 +1,90 @@
-"""The nftables adapter: the only module that talks to libnftables.
+"""The nftables adapter: the only module that changes or lists our table.
 
-One `Nftables` context, used from one thread only (contexts are not thread-safe).
-Batches arrive as text rendered by `portagent.agent.render` from validated values.
+Two paths into the kernel:
+- the table's *structure* (table, chains, rules, set and map declarations, the
+  `guarded` set) goes through libnftables as text rendered by
+  `portagent.agent.render.render_layout`;
+- *elements* (grant map elements, handle-set elements) go as one NETLINK_NETFILTER
+  batch packed by `nft_netlink`, and the table is listed with netlink dumps.
+
+`apply_plan` with a layout is therefore two kernel transactions: the layout first
+(grant-neutral: it only declares structure; maps it declares start empty or keep their
+elements). If it fails, nothing else is sent. If the element batch that follows
+fails, the layout stays (harmless, the next layout re-asserts it) and apply_plan
+raises EnforcementError with the kernel's elements exactly as before. An element-only
+plan (layout None) is one netlink batch: one transaction, all of it or none of it.
+Each extra transaction is announced through `on_extra_commit` first (the engine
+counts its own NEWGENs to tell them from tampering).
+
+Each instance owns one libnftables context and one netlink socket, both of the
+network namespace it was created in; use an instance from one thread at a time
+(the daemon gives the usage reader its own).
 """
 
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Callable
 from typing import Any
 
-import nftables
-
+from portagent.agent.adapters import nft_netlink
 from portagent.agent.plan import Plan
 from portagent.agent.render import (
     FAMILY,
     TABLE,
     KernelState,
     Layout,
-    parse_listing,
     render_delete_table,
-    render_plan,
+    render_layout,
 )
 from portagent.wire.errors import EnforcementError
 
-# From this many elements a listing runs in a child process (memory peak, see
-# nft_snapshot); below it the in-process listing is faster and small.
-LIST_IN_CHILD_FROM = 5_000
-
 
 class NftablesFirewall:
-    """Applies batches to, and lists, the `inet portagent` table of this network namespace."""
+    """Applies plans to, and lists, the `inet portagent` table of this network namespace."""
 
-    def __init__(self, *, list_in_child: bool = False) -> None:
-        # list_in_child: read the table in a child process (see nft_snapshot), so the
-        # daemon never carries the memory peak of a 100k-element listing.
-        self._list_in_child = list_in_child
-        self.last_list_time = 0.0
-        self.last_list_duration = 0.0
-        self._nft = nftables.Nftables()
-        self._nft.set_handle_output(False)
-        self._nft.set_echo_output(False)
+    def __init__(
+        self,
+        *,
+        list_in_child: bool = False,
+        on_extra_commit: Callable[[], None] | None = None,
+    ) -> None:
+        # list_in_child is accepted and ignored: the netlink listing is compact enough
+        # in-process (it replaced the child-process JSON listing).
+        del list_in_child
+        self.on_extra_commit = on_extra_commit
+        self._nft: Any = None
+        self._netlink = nft_netlink.NetlinkSocket()
+
+    def close(self) -> None:
+        self._netlink.close()
+
+    def _libnftables(self) -> Any:
+        # Imported on first structural change only: an element-only agent never loads it.
+        if self._nft is None:
+            import nftables
+
+            nft = nftables.Nftables()
+            nft.set_handle_output(False)
+            nft.set_echo_output(False)
+            self._nft = nft
+        return self._nft
 
     def apply(self, batch: str) -> None:
-        """Run `batch` as one kernel transaction: all of it, or (on error) none of it."""
-        self._nft.set_json_output(False)
-        rc, _out, err = self._nft.cmd(batch)
+        """Run a libnftables text `batch` as one kernel transaction: all of it or none."""
+        nft = self._libnftables()
+        nft.set_json_output(False)
+        rc, _out, err = nft.cmd(batch)
         if rc != 0:
             raise EnforcementError(f"nftables refused the change: {err.strip()}")
 
     def _json(self, command: str) -> dict[str, Any]:
-        self._nft.set_json_output(True)
+        nft = self._libnftables()
+        nft.set_json_output(True)
         try:
-            rc, out, err = self._nft.cmd(command)
+            rc, out, err = nft.cmd(command)
         finally:
-            self._nft.set_json_output(False)
+            nft.set_json_output(False)
         if rc != 0:
             raise EnforcementError(f"nftables: {command!r} failed: {err.strip()}")
         doc: dict[str, Any] = json.loads(out)
@@ -64,43 +94,24 @@ class NftablesFirewall:
         tables = self._json(f"list tables {FAMILY}").get("nftables", [])
         return any(item.get("table", {}).get("name") == TABLE for item in tables)
 
-    def list_raw(self) -> dict[str, Any] | None:
-        """`list table` as parsed JSON, or None when our table does not exist."""
-        self._nft.set_json_output(True)
-        # Seconds left in the listing count from about here (the kernel dump comes
-        # first, the JSON formatting after): a child process reports it with its lines.
-        self.last_list_time = time.time()
-        try:
-            rc, out, err = self._nft.cmd(f"list table {FAMILY} {TABLE}")
-        finally:
-            self._nft.set_json_output(False)
-        self.last_list_duration = time.time() - self.last_list_time
-        if rc == 0:
-            doc: dict[str, Any] = json.loads(out)
-            return doc
-        # Only now ask whether the table exists: `list tables` loads nft's whole cache
-        # (seconds at 100k elements), so it is not the first question.
-        if not self.table_exists():
-            return None
-        raise EnforcementError(f"nftables listing failed: {err.strip()}")
-
     def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None:
-        self.apply(render_plan(plan, now, layout))
+        """`plan` with render.render_plan's semantics (see the module docstring)."""
+        batch = nft_netlink.build_plan_batch(plan, now, self._netlink.next_seq())
+        if layout is not None:
+            self.apply("\n".join(render_layout(layout)) + "\n")
+            if batch is None:
+                return
+            if self.on_extra_commit is not None:
+                self.on_extra_commit()
+        if batch is not None:
+            self._netlink.send_batch(batch)
 
     def read_state(self, now: float, *, expected: int = 0) -> KernelState:
-        """Our table as the kernel holds it. `expected` (how many elements the caller
-        believes are there) picks the child-process listing for large tables only: a
-        small one is listed in-process in milliseconds."""
-        if self._list_in_child and expected >= LIST_IN_CHILD_FROM:
-            from portagent.agent.adapters.nft_snapshot import SnapshotReader
-
-            return SnapshotReader().read_state(now)
-        doc = self.list_raw()
-        if doc is None:
-            return KernelState()
-        state = parse_listing(doc, now)
-        state.uncertainty = 1.0 + self.last_list_duration
-        return state
+        """Our table as the kernel holds it, from netlink dumps. Expiries count from
+        `now` (read before the dump): they may read short by `uncertainty` seconds.
+        `expected` is unused (the listing is cheap at any size); kept for callers."""
+        del expected
+        return nft_netlink.read_state(self._netlink, now)
 
     def delete_table(self) -> bool:
         """Remove our table; False when there was none."""
