@@ -215,59 +215,99 @@ def expiry(ctx: Context) -> None:
                worst <= 100)
 
 
+PACED_RATE = 1000.0
+
+
+def _sustained_once(ctx: Context, clients: int, seconds: float, paced: bool,
+                    seed: int) -> dict[str, Any]:
+    with env.topology() as topo:
+        agent = Portagent(topo)
+        agent.setup()
+        agent.start()
+        pa = agent.client_worker()
+        cpu_before = agent.cpu_seconds()
+        if paced:
+            reply = pa.call("pa_paced", timeout=seconds + 900, clients=clients,
+                            rate=PACED_RATE, seconds=seconds, seed=seed)
+        else:
+            reply = pa.call("pa_load", timeout=seconds + 900, clients=clients, seconds=seconds,
+                            presign_per_client=int(seconds * 40))
+            reply["unsent"] = 0
+        reply["agent_cpu_s"] = agent.cpu_seconds() - cpu_before
+        reply["rss_after"] = agent.rss_mb()
+        pa.close()
+        agent.stop()
+    print(f"  sustained ({'paced' if paced else 'closed loop'}): "
+          f"{reply['rpcs'] / reply['elapsed']:.0f} RPC/s, p50 {reply['p50'] * 1000:.1f} ms, "
+          f"p99 {reply['p99'] * 1000:.1f} ms, {reply['errors']} errors, "
+          f"{reply['unsent']} unsent", flush=True)
+    return reply
+
+
 def sustained(ctx: Context) -> None:
     clients = 50
     seconds = 10.0 if ctx.quick else 60.0
-    runs: list[dict[str, Any]] = []
-    for _ in range(1 if ctx.quick else max(1, ctx.repeats - 1)):
-        with env.topology() as topo:
-            agent = Portagent(topo)
-            agent.setup()
-            agent.start()
-            pa = agent.client_worker()
-            cpu_before = agent.cpu_seconds()
-            reply = pa.call("pa_load", timeout=seconds + 900, clients=clients, seconds=seconds,
-                            presign_per_client=int(seconds * 40))
-            reply["agent_cpu_s"] = agent.cpu_seconds() - cpu_before
-            reply["rss_after"] = agent.rss_mb()
-            runs.append(reply)
-            pa.close()
-            agent.stop()
-        print(f"  sustained: {reply['rpcs'] / reply['elapsed']:.0f} RPC/s, "
-              f"p99 {reply['p99'] * 1000:.1f} ms, {reply['errors']} errors", flush=True)
+    repeats = 1 if ctx.quick else max(1, ctx.repeats - 1)
+    closed: list[dict[str, Any]] = []
+    paced: list[dict[str, Any]] = []
+    for n in range(repeats):
+        closed.append(_sustained_once(ctx, clients, seconds, False, 0))
+        paced.append(_sustained_once(ctx, clients, seconds, True, ctx.seed + n))
     table = Table(f"5. Sustained load: {clients} concurrent clients, grant + revoke, "
                   f"{seconds:.0f} s",
-                  ["RPCs/s", "first → last window (RPCs/s)", "grant+revoke cycles/s",
-                   "p50 (ms)", "p99 (ms)", "max (ms)",
-                   "Errors", "RSS after (MB)", "CPU agent / client (% of 1 vCPU)"])
-    rpcs = Summary([r["rpcs"] / r["elapsed"] for r in runs])
-    window = runs[0]["window_s"]
-    table.add(fmt_summary(rpcs),
-              f"{fmt(Summary([r['windows'][0] / window for r in runs]).median)} → "
-              f"{fmt(Summary([r['windows'][-1] / window for r in runs]).median)}",
-              fmt_summary(Summary([r["cycles"] / r["elapsed"] for r in runs])),
-              fmt_summary(Summary([r["p50"] * 1000 for r in runs])),
-              fmt_summary(Summary([r["p99"] * 1000 for r in runs])),
-              fmt_summary(Summary([r["max"] * 1000 for r in runs])),
-              sum(r["errors"] for r in runs),
-              fmt_summary(Summary([r["rss_after"] for r in runs])),
-              f"{Summary([100 * r['agent_cpu_s'] / r['elapsed'] for r in runs]).median:.0f} % / "
-              f"{Summary([100 * r['client_cpu_s'] / r['elapsed'] for r in runs]).median:.0f} %")
-    first_errors = [e for r in runs for e in r["first_errors"]][:2]
+                  ["Mode", "Offered (RPCs/s)", "Achieved (RPCs/s)", "p50 (ms)", "p99 (ms)",
+                   "max (ms)", "Errors / unsent", "RSS after (MB)",
+                   "CPU agent / client (% of 1 vCPU)"])
+    for mode, runs in (("closed loop (max throughput)", closed),
+                       (f"paced, open loop ({PACED_RATE:,.0f}/s offered)", paced)):
+        table.add(mode, "as fast as answered" if runs is closed else f"{PACED_RATE:,.0f}",
+                  fmt_summary(Summary([r["rpcs"] / r["elapsed"] for r in runs])),
+                  fmt_summary(Summary([r["p50"] * 1000 for r in runs])),
+                  fmt_summary(Summary([r["p99"] * 1000 for r in runs])),
+                  fmt_summary(Summary([r["max"] * 1000 for r in runs])),
+                  f"{sum(r['errors'] for r in runs)} / {sum(r['unsent'] for r in runs)}",
+                  fmt_summary(Summary([r["rss_after"] for r in runs])),
+                  f"{Summary([100 * r['agent_cpu_s'] / r['elapsed'] for r in runs]).median:.0f}"
+                  f" % / "
+                  f"{Summary([100 * r['client_cpu_s'] / r['elapsed'] for r in runs]).median:.0f}"
+                  " %")
+    window = closed[0]["window_s"]
+    first_errors = [e for r in closed + paced for e in r["first_errors"]][:3]
+    closed_rate = Summary([r["rpcs"] / r["elapsed"] for r in closed]).median
     table.notes += [
-        f"{clients} threads in one client process, each with its own mTLS channel, loop "
-        "ApplyGrant then RevokeGrant (a distinct grant each time, signed ahead); an op = "
-        "one RPC; latency per RPC. Client and agent share the machine's 2 vCPUs. Windows: "
-        f"{runs[0]['window_s']:.0f} s at the start and at the end of the run.",
+        f"{clients} threads in one client process, each with its own mTLS channel, "
+        "ApplyGrant then RevokeGrant of that grant (a distinct grant each time; grants and "
+        "revocations signed ahead, untimed); an op = one RPC; latency per RPC. Client and "
+        "agent share the machine's 2 vCPUs.",
+        "Closed loop: each thread sends its next RPC when the last one is answered, so the "
+        "row is the maximum throughput, and its latency is queueing: with 50 requests "
+        f"always outstanding, mean latency = clients ÷ throughput (Little's law: "
+        f"{clients} ÷ {fmt(closed_rate)}/s = {fmt(clients / closed_rate * 1000)} ms). "
+        f"Throughput over the first → last {window:.0f} s window: "
+        f"{fmt(Summary([r['windows'][0] / window for r in closed]).median)} → "
+        f"{fmt(Summary([r['windows'][-1] / window for r in closed]).median)} RPCs/s.",
+        f"Paced: the same {clients} clients together offer {PACED_RATE:,.0f} RPCs/s, each on "
+        f"its own fixed schedule ({PACED_RATE / clients:.0f}/s, random start offset); "
+        "latency counts from the SCHEDULED send time, so a stalled agent (or client) shows "
+        "as latency, not as fewer requests (no coordinated omission). A client > 60 s "
+        "behind stops ('unsent'). Service time alone (send → answer) p50/p99: "
+        f"{fmt(Summary([r['service_p50'] * 1000 for r in paced]).median)} / "
+        f"{fmt(Summary([r['service_p99'] * 1000 for r in paced]).median)} ms.",
     ] + ([f"First errors: {first_errors}"] if first_errors else [])
     ctx.tables.append(table)
-    ctx.raw["sustained"] = runs
-    p99 = Summary([r["p99"] * 1000 for r in runs]).median
-    errors = sum(r["errors"] for r in runs)
-    ctx.target("Sustained ops/s (RPCs)", "≥ 1,000/s", f"{fmt(rpcs.median)}/s",
-               rpcs.median >= 1000)
-    ctx.target("Sustained p99", "≤ 20 ms", f"{fmt(p99)} ms", p99 <= 20)
-    ctx.target("Sustained errors", "0", str(errors), errors == 0)
+    ctx.raw["sustained"] = {"closed_loop": closed, "paced": paced}
+    achieved = Summary([r["rpcs"] / r["elapsed"] for r in paced]).median
+    p99 = Summary([r["p99"] * 1000 for r in paced]).median
+    errors = sum(r["errors"] + r["unsent"] for r in closed + paced)
+    # The schedule's edges make a kept-up run land within a fraction of a percent of it.
+    kept_up = achieved >= 0.99 * PACED_RATE and all(r["unsent"] == 0 for r in paced)
+    ctx.target(f"Sustained, paced {PACED_RATE:,.0f} RPCs/s offered: achieved",
+               f"≥ {PACED_RATE:,.0f}/s", f"{fmt(achieved)}/s", kept_up)
+    ctx.target(f"Sustained p99 at {PACED_RATE:,.0f} RPCs/s (paced, from schedule)",
+               "≤ 20 ms (goal ≤ 10 ms)", f"{fmt(p99)} ms", p99 <= 20)
+    ctx.target("Sustained max throughput (closed loop, 50 clients)", "≥ 3,000/s (goal)",
+               f"{fmt(closed_rate)}/s", closed_rate >= 3000)
+    ctx.target("Sustained errors (both modes)", "0", str(errors), errors == 0)
 
 
 def _restart_once(ctx: Context, size: int) -> dict[str, Any]:
