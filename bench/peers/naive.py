@@ -17,7 +17,7 @@ import ipaddress
 import time
 from dataclasses import dataclass
 
-from portagent.agent.model import Element, ElementKey
+from portagent.agent.model import Element, ElementKey, Source
 from portagent.agent.plan import Plan
 from portagent.agent.render import Layout, render_plan
 from portagent.wire.ports import GuardedPort, PortRange, Protocol
@@ -59,7 +59,7 @@ def grants(count: int, measured: list[tuple[str, str, int]]) -> list[Grant]:
 def portagent_layout(all_grants: list[Grant], refuse: str = "drop") -> str:
     now = time.time()
     elements = tuple(
-        Element(ElementKey(ipaddress.ip_network(f"{g.source}/32"), Protocol(g.protocol), g.port),
+        Element(ElementKey(Source.of(ipaddress.ip_network(f"{g.source}/32")), Protocol(g.protocol), g.port),
                  g.handle, now + TTL_S)
         for g in all_grants)
     layout = Layout(guarded=GUARDED, refuse_action=refuse, maps=frozenset({(4, 32)}))

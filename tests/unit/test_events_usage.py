@@ -7,7 +7,7 @@ import threading
 
 from portagent.agent.cli import ago, human_bytes
 from portagent.agent.events import EventHub, EventKind
-from portagent.agent.model import Element, ElementKey, Flow
+from portagent.agent.model import Element, ElementKey, Flow, Source
 from portagent.agent.render import KernelState
 from portagent.agent.usage import UsageReader
 from portagent.testing.fakes import FakeClock
@@ -45,8 +45,8 @@ def test_wait_returns_as_soon_as_an_event_arrives() -> None:
 
 class Counters:
     def __init__(self) -> None:
-        key = ElementKey(ipaddress.ip_network("10.0.0.1/32"), Protocol.TCP, 22)
-        key2 = ElementKey(ipaddress.ip_network("10.0.0.2/32"), Protocol.TCP, 22)
+        key = ElementKey(Source.of(ipaddress.ip_network("10.0.0.1/32")), Protocol.TCP, 22)
+        key2 = ElementKey(Source.of(ipaddress.ip_network("10.0.0.2/32")), Protocol.TCP, 22)
         self.state = KernelState(
             True,
             {(4, 32)},

@@ -5,7 +5,14 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import replace
 
-from portagent.agent.model import Element, ElementKey, GrantRecord, GrantState, MarkElement
+from portagent.agent.model import (
+    Element,
+    ElementKey,
+    GrantRecord,
+    GrantState,
+    MarkElement,
+    Source,
+)
 from portagent.agent.plan import apply_plan, desired_elements, desired_marks, plan_changes
 from portagent.testing.grants import grant_record
 from portagent.wire.ports import Protocol
@@ -25,7 +32,7 @@ def record(
 
 
 def key(net: str, port: int = 22, protocol: Protocol = Protocol.TCP) -> ElementKey:
-    return ElementKey(ipaddress.ip_network(net), protocol, port)
+    return ElementKey(Source.of(ipaddress.ip_network(net)), protocol, port)
 
 
 def test_one_element_per_source_and_port() -> None:

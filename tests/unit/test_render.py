@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from portagent.agent.model import Element, ElementKey, MarkElement
+from portagent.agent.model import Element, ElementKey, MarkElement, Source
 from portagent.agent.plan import Plan
 from portagent.agent.render import Layout, parse_listing, render_layout, render_plan
 from portagent.wire.ports import Protocol, parse_port_spec
@@ -15,8 +15,12 @@ from portagent.wire.ports import Protocol, parse_port_spec
 NOW = 1_800_000_000.0
 
 
+
+def _source(net: str) -> Source:
+    return Source.of(ipaddress.ip_network(net))
+
 def element(net: str, port: int, handle: int, ttl: float) -> Element:
-    return Element(ElementKey(ipaddress.ip_network(net), Protocol.TCP, port), handle, NOW + ttl)
+    return Element(ElementKey(_source(net), Protocol.TCP, port), handle, NOW + ttl)
 
 
 def test_layout_has_guarded_set_one_rule_per_map_most_specific_first_and_final_drop() -> None:
@@ -90,11 +94,11 @@ def test_parse_listing() -> None:
     state = parse_listing(LISTING, NOW)
     assert state.present
     assert state.maps == {(4, 24), (6, 128)}
-    k4 = ElementKey(ipaddress.ip_network("10.1.2.0/24"), Protocol.TCP, 22)
+    k4 = ElementKey(_source("10.1.2.0/24"), Protocol.TCP, 22)
     assert state.elements[k4] == Element(k4, 7, NOW + 41)
     assert state.counters[k4] == (5, 300)
     # An element without a timeout lives forever: the planner must see that.
-    k6 = ElementKey(ipaddress.ip_network("fd00::2/128"), Protocol.UDP, 53)
+    k6 = ElementKey(_source("fd00::2/128"), Protocol.UDP, 53)
     assert state.elements[k6].expire_time == float("inf")
 
 

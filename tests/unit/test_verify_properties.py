@@ -12,11 +12,12 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from portagent.agent.model import Grant
+from portagent.agent.model import Grant, Source
 from portagent.agent.settings import Policy
 from portagent.agent.verify import MAX_ELEMENTS_PER_GRANT, MAX_TIMESTAMP_SECONDS, Verifier
 from portagent.testing.grants import TestSigner
@@ -31,7 +32,7 @@ from portagent.wire.envelope import (
 )
 from portagent.wire.errors import GrantDenied, GrantNotInWindow, InvalidGrant, PortagentError
 from portagent.wire.ports import Protocol, parse_port_spec
-from portagent.wire.sources import parse_network, special_source
+from portagent.wire.sources import parse_network, parse_network_int, special_source
 from portagent.wire.timestamps import canonical_bytes, timestamp
 
 NOW = 1_800_000_000.0
@@ -263,12 +264,13 @@ def _assert_in_range(grant: Grant, any_source: bool) -> None:
     assert len(set(grant.sources)) == len(grant.sources)
     assert len(grant.sources) * len(grant.ports.ports()) <= MAX_ELEMENTS_PER_GRANT
     for network in grant.sources:
-        assert isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network)
+        assert isinstance(network, Source)
         if network.prefixlen == 0:
             assert any_source
         else:
-            assert special_source(network) is None
-            assert not network.is_multicast and not network.is_unspecified
+            assert special_source(network.network()) is None
+            assert not network.network().is_multicast
+            assert not network.network().is_unspecified
     for seconds in (grant.not_before, grant.expire_time, grant.issue_time):
         assert 0 <= seconds < MAX_TIMESTAMP_SECONDS + 1
     assert grant.expire_time > max(grant.not_before, grant.issue_time, 0)
@@ -366,6 +368,59 @@ def test_one_source_parse_for_every_text(text: str) -> None:
     assert network == ipaddress.ip_network(text)
     assert text == text.strip() and "%" not in text
     assert special_source(network) is None or network.prefixlen == 0
+
+
+dotted_quads = st.builds(
+    lambda parts, prefix: ".".join(parts) + ("" if prefix is None else f"/{prefix}"),
+    st.lists(
+        st.sampled_from(
+            [
+                "0",
+                "00",
+                "01",
+                "1",
+                "9",
+                "10",
+                "99",
+                "100",
+                "127",
+                "199",
+                "224",
+                "240",
+                "249",
+                "250",
+                "255",
+                "256",
+                "300",
+                "1e1",
+                "-1",
+            ]
+        ),
+        min_size=3,
+        max_size=5,
+    ),
+    st.one_of(st.none(), st.integers(-1, 40).map(str), st.sampled_from(["08", "032", "", "3 "])),
+)
+
+
+@settings(FAST, max_examples=2000)
+@given(st.one_of(dotted_quads, hostile_sources, st.text(max_size=40)))
+def test_compact_source_parse_is_the_same_parse(text: str) -> None:
+    # The agent's fast path (no ipaddress objects) accepts exactly what parse_network
+    # accepts, as the same network, and refuses the rest with the same message.
+    try:
+        expected = parse_network(text)
+    except ValueError as error:
+        with pytest.raises(ValueError) as raised:
+            parse_network_int(text)
+        assert str(raised.value) == str(error)
+        return
+    version, value, prefixlen = parse_network_int(text)
+    assert (version, value, prefixlen) == (
+        expected.version,
+        int(expected.network_address),
+        expected.prefixlen,
+    )
 
 
 # --- (c) any non-canonical encoding of a valid grant is refused ------------------------

@@ -28,9 +28,9 @@ def shifted(plan: Plan, late: float) -> Plan:
     kernel may really hold after a late commit."""
     return replace(
         plan,
-        add=tuple(replace(e, expire_time=e.expire_time + late) for e in plan.add),
+        add=tuple(e._replace(expire_time=e.expire_time + late) for e in plan.add),
         replace=tuple(
-            (old, replace(new, expire_time=new.expire_time + late)) for old, new in plan.replace
+            (old, new._replace(expire_time=new.expire_time + late)) for old, new in plan.replace
         ),
         marks_add=tuple(replace(m, expire_time=m.expire_time + late) for m in plan.marks_add),
     )

@@ -1,17 +1,55 @@
 """The domain model: what a verified grant is, and what the kernel holds for it.
 
-Everything here is immutable and does no I/O. Ports, protocols and networks are
-the shared values of portagent.wire.ports. Addresses are `ipaddress` objects
-by the time they reach this module, so nothing downstream ever hands a string
-that could be a hostname to libnftables.
+Everything here is immutable and does no I/O. Ports and protocols are the shared
+values of portagent.wire.ports. A source network is a `Source` (version, integer
+address, prefix length) by the time it reaches this module, so nothing downstream
+ever hands a string that could be a hostname to the kernel, and 100k grants do not
+carry 100k `ipaddress` objects (each ~600 bytes with its cached attributes).
+
+Kernel keys and elements are named tuples: hashing and comparing them is C tuple
+code, which the planner does millions of times at 100k grants.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from portagent.wire.ports import IPNetwork, PortRange, Protocol
+
+
+class Source(NamedTuple):
+    """A source network: IP version, network address as an integer (host bits zero,
+    checked where it is parsed), prefix length."""
+
+    version: int
+    value: int
+    prefixlen: int
+
+    @staticmethod
+    def of(network: IPNetwork) -> Source:
+        return Source(network.version, int(network.network_address), network.prefixlen)
+
+    @property
+    def network_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        if self.version == 4:
+            return ipaddress.IPv4Address(self.value)
+        return ipaddress.IPv6Address(self.value)
+
+    @property
+    def packed(self) -> bytes:
+        """The address in network byte order (4 or 16 bytes), as the kernel keys it."""
+        return self.value.to_bytes(4 if self.version == 4 else 16, "big")
+
+    def network(self) -> IPNetwork:
+        if self.version == 4:
+            return ipaddress.IPv4Network((self.value, self.prefixlen))
+        return ipaddress.IPv6Network((self.value, self.prefixlen))
+
+    def __str__(self) -> str:
+        return f"{self.network_address}/{self.prefixlen}"
 
 
 class GrantState(Enum):
@@ -27,7 +65,7 @@ class Grant:
     grant_id: str
     host_id: str
     subject: str
-    sources: tuple[IPNetwork, ...]
+    sources: tuple[Source, ...]
     protocol: Protocol
     ports: PortRange
     not_before: float
@@ -56,14 +94,13 @@ class GrantRecord:
     revoke_time: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ElementKey:
+class ElementKey(NamedTuple):
     """One kernel map element's key: masked source network, protocol, one port.
 
     The map it lives in is determined by the network's version and prefix length.
     """
 
-    network: IPNetwork
+    network: Source
     protocol: Protocol
     port: int
 
@@ -77,8 +114,7 @@ def map_name(version: int, prefixlen: int) -> str:
     return f"g{version}_{prefixlen}"
 
 
-@dataclass(frozen=True, slots=True)
-class Element:
+class Element(NamedTuple):
     """A kernel map element: key -> grant handle, closing itself at `expire_time`."""
 
     key: ElementKey

@@ -1,6 +1,6 @@
 """Rendering plans to nft batches, and parsing `list table` JSON back into the model.
 
-Pure. Text is built only from validated values (ipaddress objects, enums, ints),
+Pure. Text is built only from validated values (Source networks, enums, ints),
 so nothing here can inject nft syntax or make libnftables resolve a hostname.
 Text batches are what the adapter sends: they carry millisecond timeouts (the JSON
 input only takes whole seconds) and commit ~35% faster at 100k elements.
@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from portagent.agent.model import KEEP_SET, Element, ElementKey, MarkElement, limit_set, map_name
+from portagent.agent.model import (
+    KEEP_SET,
+    Element,
+    ElementKey,
+    MarkElement,
+    Source,
+    limit_set,
+    map_name,
+)
 from portagent.agent.plan import MarkKey, Plan
 from portagent.wire.ports import GuardedPort, Protocol
 
@@ -236,7 +244,7 @@ def _parse_element(
     network = ipaddress.ip_network((address, prefixlen))
     if network.version != version:
         raise ValueError(f"address {address} in an IPv{version} map")
-    key = ElementKey(network, _protocol_of(protocol), int(port))
+    key = ElementKey(Source.of(network), _protocol_of(protocol), int(port))
     expires = meta.get("expires")
     expire_time = now + float(expires) if expires is not None else math.inf
     counter = meta.get("counter") or {}

@@ -16,6 +16,7 @@ source parsing) live in portagent.wire.envelope and portagent.wire.sources.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from portagent.agent.model import Grant
+from portagent.agent.model import Grant, Source
 from portagent.agent.settings import Policy, TrustedKey
 from portagent.v1 import agent_pb2 as pb
 from portagent.v1 import fleet_pb2
@@ -43,8 +44,8 @@ from portagent.wire.envelope import (
 )
 from portagent.wire.errors import GrantDenied, GrantNotInWindow, InvalidGrant, PortagentError
 from portagent.wire.hoststate import open_host_state
-from portagent.wire.ports import GuardedPort, IPNetwork, PortRange, Protocol
-from portagent.wire.sources import parse_network
+from portagent.wire.ports import GuardedPort, PortRange, Protocol
+from portagent.wire.sources import parse_network_int
 from portagent.wire.timestamps import seconds_of
 
 # Each (source, port) pair is one kernel element; keep a single grant bounded.
@@ -64,11 +65,11 @@ class Revocation:
     reason: str
 
 
-def parse_source(text: str, field: str = "source_prefixes") -> IPNetwork:
+def parse_source(text: str, field: str = "source_prefixes") -> Source:
     """An IP address or CIDR network that can be a client; never a hostname
     (libnftables would resolve it). InvalidGrant(INVALID_SOURCE) names `field`."""
     try:
-        return parse_network(text)
+        return Source(*parse_network_int(text))
     except ValueError as exc:
         raise InvalidGrant(f"{field}: {exc}", reason="INVALID_SOURCE") from None
 
@@ -130,7 +131,7 @@ def _check_common(msg: Any, key_id: str, host_id: str, what: str) -> None:
         )
 
 
-def _sources(texts: Sequence[str]) -> tuple[IPNetwork, ...]:
+def _sources(texts: Sequence[str]) -> tuple[Source, ...]:
     if not texts:
         raise InvalidGrant(
             "source_prefixes: at least one source is required", reason="INVALID_SOURCE"
@@ -140,7 +141,9 @@ def _sources(texts: Sequence[str]) -> tuple[IPNetwork, ...]:
             f"source_prefixes: {len(texts)} sources, at most {MAX_SOURCES}",
             reason="INVALID_SOURCE",
         )
-    seen: dict[IPNetwork, int] = {}
+    if len(texts) == 1:
+        return (parse_source(texts[0], "source_prefixes[0]"),)
+    seen: dict[Source, int] = {}
     for index, text in enumerate(texts):
         network = parse_source(text, f"source_prefixes[{index}]")
         if network in seen:
@@ -150,10 +153,9 @@ def _sources(texts: Sequence[str]) -> tuple[IPNetwork, ...]:
                 reason="INVALID_SOURCE",
             )
         seen[network] = index
-    if len(seen) == 1:
-        return tuple(seen)
-    # One order for one set, whatever order it was signed in: by family, then address.
-    return tuple(sorted(seen, key=lambda n: (n.version, int(n.network_address), n.prefixlen)))
+    # One order for one set, whatever order it was signed in: by family, then address
+    # (a Source sorts as that tuple).
+    return tuple(sorted(seen))
 
 
 def parse_grant(payload: bytes, key_id: str, host_id: str) -> Grant:
@@ -205,15 +207,17 @@ def parse_grant(payload: bytes, key_id: str, host_id: str) -> Grant:
         )
     return Grant(
         grant_id=msg.grant_id,
-        host_id=msg.host_id,
-        subject=msg.subject,
+        # The caller's strings (equal, checked above) and interned subjects: 100k grants
+        # share a handful of each instead of carrying 100k copies.
+        host_id=host_id,
+        subject=sys.intern(msg.subject),
         sources=sources,
         protocol=protocol,
         ports=ports,
         not_before=not_before,
         expire_time=expire_time,
         issue_time=issue_time,
-        key_id=msg.key_id,
+        key_id=sys.intern(key_id),
         reason=msg.reason,
         keep_established=msg.options.keep_established,
         max_connections=msg.options.max_connections,

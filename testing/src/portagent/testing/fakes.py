@@ -57,9 +57,9 @@ class FakeFirewall:
             # A timeout of (expire - now) inserted `late` seconds after `now`.
             plan = replace(
                 plan,
-                add=tuple(replace(e, expire_time=e.expire_time + late) for e in plan.add),
+                add=tuple(e._replace(expire_time=e.expire_time + late) for e in plan.add),
                 replace=tuple(
-                    (o, replace(n, expire_time=n.expire_time + late)) for o, n in plan.replace
+                    (o, n._replace(expire_time=n.expire_time + late)) for o, n in plan.replace
                 ),
             )
         self.state.elements = self._live(self.clock.now)

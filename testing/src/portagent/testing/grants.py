@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from portagent.agent.engine import SignedInput
-from portagent.agent.model import Grant, GrantRecord, GrantState
+from portagent.agent.model import Grant, GrantRecord, GrantState, Source
 from portagent.agent.settings import TrustedKey
 from portagent.v1 import agent_pb2 as pb
 from portagent.wire.ports import PortRange, Protocol
@@ -95,7 +95,7 @@ def grant_record(
         f"g{handle}",
         "h",
         "alice",
-        tuple(ipaddress.ip_network(s) for s in sources),
+        tuple(Source.of(ipaddress.ip_network(s)) for s in sources),
         protocol,
         PortRange(*ports),
         now,

@@ -85,6 +85,36 @@ def parse_network(text: str) -> IPNetwork:
     return network
 
 
+# The plain dotted quad with an optional prefix, no leading zeros: most sources are
+# this, and it parses here without building ipaddress objects (microseconds at 100k).
+_V4_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_V4_PLAIN = re.compile(
+    rf"{_V4_OCTET}\.{_V4_OCTET}\.{_V4_OCTET}\.{_V4_OCTET}(?:/(3[0-2]|[12]?[0-9]))?"
+)
+
+
+def parse_network_int(text: str) -> tuple[int, int, int]:
+    """`parse_network` as (version, network address as an integer, prefix length): the
+    same acceptance and the same errors (anything but a plain, fit IPv4 source takes
+    `parse_network`'s path), for callers that keep networks compact."""
+    match = _V4_PLAIN.fullmatch(text) if isinstance(text, str) else None
+    if match is not None:
+        a, b, c, d, prefix = match.groups()
+        prefixlen = 32 if prefix is None else int(prefix)
+        value = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+        hostmask = (1 << (32 - prefixlen)) - 1
+        if not value & hostmask and (
+            prefixlen == 0 or _fit(_SPECIAL_RANGES[4], value, value | hostmask)
+        ):
+            return 4, value, prefixlen
+    network = parse_network(text)  # the general case, and every error message
+    return network.version, int(network.network_address), network.prefixlen
+
+
+def _fit(blocks: tuple[tuple[int, int, int, str], ...], first: int, last: int) -> bool:
+    return not any(first <= b_last and b_first <= last for b_first, b_last, _, _ in blocks)
+
+
 def special_source(network: IPNetwork) -> str | None:
     """What makes `network` unfit as a grant source, or None when it is fit."""
     if network.prefixlen == 0 or network == _LOOPBACK_V6:
