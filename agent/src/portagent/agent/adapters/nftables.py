@@ -59,6 +59,12 @@ class NftablesFirewall:
     def close(self) -> None:
         self._netlink.close()
 
+    def __enter__(self) -> NftablesFirewall:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def _libnftables(self) -> Any:
         # Imported on first structural change only: an element-only agent never loads it.
         if self._nft is None:
