@@ -25,12 +25,12 @@ from bench.context import Context
 from bench.stats import Table
 
 SCENARIOS: dict[str, str] = {
-    "open": "1. open latency vs fwknop, fail2ban, firewalld",
-    "bulk": "2. bulk apply 1k/10k/100k grants",
+    "open": "1. open latency vs a bare mTLS gRPC echo, fwknop, fail2ban, firewalld",
+    "bulk": "2. bulk: 1k/10k/100k grants as one signed snapshot, and per-grant",
     "packet": "3. packet path vs per-rule baseline",
     "expiry": "4. expiry precision",
-    "sustained": "5. sustained load, 50 clients",
-    "restart": "6. restart with 100k grants",
+    "sustained": "5. sustained load, 50 clients: closed loop and paced 1,000/s",
+    "restart": "6. restart with 100k grants (loaded by snapshot)",
     "broker-fleet": "7. broker service: 10,000 simulated agents, grant delivery, storms",
     "broker-agents": "8. broker service: real agents, API grant -> port open vs direct",
     "broker-failover": "9. broker service: two replicas on PostgreSQL, failover",
