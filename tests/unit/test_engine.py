@@ -11,14 +11,16 @@ from typing import Any
 
 import pytest
 
-from portagent.agent.engine import Engine, default_verifier
+from portagent.agent.engine import Engine, SignedInput, default_verifier
 from portagent.agent.model import Grant, GrantState
 from portagent.agent.settings import ApiSettings, Policy, Settings
 from portagent.agent.store import Store, StoreError
 from portagent.agent.verify import Verifier
 from portagent.testing.fakes import FakeClock, FakeConnections, FakeFirewall, memory_log
 from portagent.testing.grants import TestSigner
+from portagent.v1 import agent_pb2
 from portagent.wire.errors import EnforcementError, GrantConflict, GrantNotFound, GrantNotInWindow
+from portagent.wire.hoststate import sign_host_state
 from portagent.wire.ports import parse_port_spec
 
 
@@ -517,3 +519,68 @@ def test_a_batch_that_applies_and_revokes_one_grant_leaves_it_revoked_everywhere
     assert len(applied) == 1
     with pytest.raises(GrantNotInWindow):
         engine.apply_grant(signed)
+
+
+def _snapshot_of(harness: Harness, grants: list[Any]) -> Any:
+    now = harness.clock.now
+    signed = [
+        agent_pb2.SignedGrant(grant=g.payload, signature=g.signature, key_id=g.key_id)
+        for g in grants
+    ]
+    return sign_host_state(
+        harness.signer.private_key,
+        harness.signer.key_id,
+        host_id="host-a",
+        generation=1,
+        grants=signed,
+        now=now,
+    )
+
+
+def test_a_snapshot_signature_covers_its_grants_now_and_after_a_restart(
+    harness: Harness,
+) -> None:
+    # The grants' own signatures are garbage: only the snapshot's one signature covers
+    # their bytes. Enforced, kept across a restart while that snapshot verifies, and
+    # quarantined (fail closed) once the stored snapshot no longer does.
+    now = harness.clock.now
+    grants = [
+        SignedInput(harness.signer.grant(now, grant_id=f"g-{i}").payload, b"\0" * 64, "test-key")
+        for i in range(3)
+    ]
+    signed = _snapshot_of(harness, grants)
+    opened = harness.engine.open_host_state(signed)
+    result = harness.engine.converge_to(
+        [SignedInput(g.grant, g.signature, g.key_id) for g in opened.grants], issue_time=now
+    )
+    assert all(not isinstance(r, Exception) for r in result.applied)
+    harness.engine.set_broker_state(1, opened.digest, snapshot=signed)
+    harness.restart()
+    assert [r.grant.grant_id for r in harness.engine.list_grants()] == ["g-0", "g-1", "g-2"]
+    assert "quarantine" not in harness.log.getvalue()
+    _stop(harness)
+    ((state,),) = _sql(harness, "SELECT state FROM broker_snapshot")
+    assert isinstance(state, bytes)
+    _sql(harness, "UPDATE broker_snapshot SET state=?", state[:-1] + bytes([state[-1] ^ 1]))
+    harness.restart()
+    assert harness.engine.list_grants() == []
+    log = harness.log.getvalue()
+    assert "stored broker snapshot does not verify" in log and "BAD_SIGNATURE" in log
+    assert sorted(_sql(harness, "SELECT grant_id FROM quarantine")) == [
+        ("g-0",),
+        ("g-1",),
+        ("g-2",),
+    ]
+
+
+def test_a_grant_not_in_the_snapshot_still_needs_its_own_signature(harness: Harness) -> None:
+    now = harness.clock.now
+    good = harness.signer.grant(now, grant_id="g-own")
+    signed = _snapshot_of(harness, [harness.signer.grant(now, grant_id="g-snap")])
+    harness.engine.apply_grant(good)
+    harness.engine.set_broker_state(1, b"", snapshot=signed)
+    _stop(harness)
+    _sql(harness, "UPDATE grants SET signature=? WHERE grant_id='g-own'", b"\0" * 64)
+    harness.restart()
+    assert harness.engine.list_grants() == []
+    assert _sql(harness, "SELECT grant_id FROM quarantine") == [("g-own",)]

@@ -49,7 +49,7 @@ from portagent.agent.staging import (
     Unchanged,
     stage,
 )
-from portagent.agent.store import BadRow, Store, StoredGrant, StoreError
+from portagent.agent.store import BadRow, NewRow, Store, StoredGrant, StoreError
 from portagent.agent.verify import Verifier, audit_fields
 from portagent.agent.writer import Writer
 from portagent.v1 import fleet_pb2
@@ -330,17 +330,23 @@ class Engine:
         self.request_full_reconcile()
 
     def _load_grants(self) -> None:
-        """Every stored row is verified again (signature over its bytes, canonical parse,
-        host): the file is not trusted. A row that fails is quarantined and never
+        """Every stored row is verified again (a trusted signature over its bytes,
+        canonical parse, host): the file is not trusted. The signature is the row's own,
+        or the stored broker snapshot's when that snapshot verifies and carries exactly
+        these bytes (one check for 100k rows). A row that fails is quarantined and never
         enforced; one bad row never stops the agent."""
         now = self._clock()
+        covered = self._stored_snapshot_grants()
         bad: list[tuple[str, bytes, bytes, str, str]] = []
         for row in self._store.load():
             if isinstance(row, BadRow):
                 bad.append((row.grant_id, row.grant_bytes, row.signature, row.key_id, row.problem))
                 continue
             try:
-                grant = self._verify_stored(row)
+                if row.grant_bytes in covered:
+                    grant = self._verifier.parse_covered_grant(row.grant_bytes, row.key_id)
+                else:
+                    grant = self._verify_stored(row)
                 if grant.grant_id != row.grant_id:
                     raise EnforcementError(
                         f"grant_id: the row says {row.grant_id[:MAX_LOGGED_VALUE]!r}, the signed "
@@ -374,6 +380,28 @@ class Engine:
             self._table.put(record, self._due(record))
         if bad:
             self._quarantine(bad, now)
+
+    def _stored_snapshot_grants(self) -> frozenset[bytes]:
+        """The grant bytes of the stored broker snapshot, if it still verifies (trusted key
+        now, this host, digest); else none, and every row is checked on its own."""
+        stored = self._store.broker_snapshot()
+        if stored is None:
+            return frozenset()
+        state_bytes, signature, key_id = stored
+        signed = fleet_pb2.SignedHostState(state=state_bytes, signature=signature, key_id=key_id)
+        try:
+            state = self._verifier.open_host_state(signed)
+        except PortagentError as exc:
+            self._events.emit(
+                "error",
+                f"the stored broker snapshot does not verify ({exc.message[:MAX_LOGGED_MESSAGE]}); "
+                "every stored grant is checked on its own signature",
+                Priority.WARNING,
+                REASON=exc.reason,
+                STATE_FILE=str(self._store.path),
+            )
+            return frozenset()
+        return frozenset(g.grant for g in state.grants)
 
     def _quarantine(self, bad: list[tuple[str, bytes, bytes, str, str]], now: float) -> None:
         for grant_id, _, _, _, problem in bad:
@@ -447,10 +475,11 @@ class Engine:
         actor: str = "broker",
         timeout: float = 300.0,
     ) -> ConvergeResult:
-        """Make the enforced set exactly `grants` (a broker snapshot, opened) in ONE
-        kernel transaction: APPLY each grant (each verified as any grant is: signature,
-        canonical bytes, host, policy, window) and REVOKE_LOCAL by `actor` every active
-        grant not in the set, queued as one group so no drain splits them.
+        """Make the enforced set exactly `grants` (a broker snapshot, opened: its one
+        signature covers every grant's bytes) in ONE kernel transaction: APPLY each grant
+        (canonical bytes, a trusted key id, host, policy, window — not its own signature
+        again) and REVOKE_LOCAL by `actor` every active grant not in the set, queued as
+        one group so no drain splits them.
 
         A snapshot issued (`issue_time`, the broker's clock, within the clock skew)
         after this state began vouches that its grants are current, so they are not
@@ -469,7 +498,7 @@ class Engine:
             if state_at(r, now) is GrantState.ACTIVE and r.grant_bytes not in wanted
         )
         applies = [
-            _Command(Request(CommandKind.APPLY, signed=signed, vouched=vouched))
+            _Command(Request(CommandKind.APPLY, signed=signed, vouched=vouched, covered=True))
             for signed in grants
         ]
         revokes = [
@@ -526,10 +555,24 @@ class Engine:
         """The broker (generation, digest) recorded in the store."""
         return self._writer.exclusive(self._store.broker_state, timeout)
 
-    def set_broker_state(self, generation: int, digest: bytes, timeout: float = 30.0) -> None:
-        """Record the broker generation now enforced (the store is the writer's: this
-        runs under the writer lock, after the kernel commit it follows)."""
-        self._writer.exclusive(lambda: self._store.set_broker_state(generation, digest), timeout)
+    def set_broker_state(
+        self,
+        generation: int,
+        digest: bytes,
+        timeout: float = 30.0,
+        *,
+        snapshot: fleet_pb2.SignedHostState | None = None,
+    ) -> None:
+        """Record the broker generation now enforced, and the snapshot that brought it
+        (kept as signed, for the next start). The store is the writer's: this runs under
+        the writer lock, after the kernel commit it follows."""
+
+        def record() -> None:
+            if snapshot is not None:
+                self._store.set_broker_snapshot(snapshot.state, snapshot.signature, snapshot.key_id)
+            self._store.set_broker_state(generation, digest)
+
+        self._writer.exclusive(record, timeout)
 
     def revoke_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord | None:
         return self._submit(Request(CommandKind.REVOKE, signed=signed), timeout)
@@ -728,19 +771,26 @@ class Engine:
         try:
             with store.transaction():
                 self._debt.write(store, self._clock())
-                for grant_id in decisions.inserts:
-                    handles[grant_id] = store.next_handle()
-                    draft = decisions.drafts[grant_id]
-                    grant = draft.grant
-                    store.insert(
-                        grant_id=grant_id,
-                        handle=handles[grant_id],
-                        grant_bytes=draft.grant_bytes,
-                        signature=draft.signature,
-                        key_id=grant.key_id,
-                        expire_time=grant.expire_time,
-                        state=GrantState.ACTIVE.value,
-                        apply_time=draft.apply_time,
+                if decisions.inserts:
+                    handles = dict(
+                        zip(
+                            decisions.inserts,
+                            store.next_handles(len(decisions.inserts)),
+                            strict=True,
+                        )
+                    )
+                    drafts = [decisions.drafts[grant_id] for grant_id in decisions.inserts]
+                    store.insert_many(
+                        NewRow(
+                            d.grant.grant_id,
+                            handles[d.grant.grant_id],
+                            d.grant_bytes,
+                            d.signature,
+                            d.grant.key_id,
+                            d.grant.expire_time,
+                            d.apply_time,
+                        )
+                        for d in drafts
                     )
                 for note in decisions.revokes:
                     store.mark_revoked(note.grant_id, now)

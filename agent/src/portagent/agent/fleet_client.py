@@ -449,7 +449,7 @@ class FleetClient:
                 )
             else:
                 revoked += 1
-        self._enforced(session, generation, snapshot=True)
+        self._enforced(session, generation, snapshot=signed)
         self._events.emit(
             "converge",
             f"converged to broker generation {generation}: {len(payloads)} grants in the "
@@ -506,13 +506,22 @@ class FleetClient:
             session.outbox.put(
                 fleet_pb2.ConnectRequest(refusal=_refusal(generation, exc, grant_id))
             )
-        self._enforced(session, generation, snapshot=False)
+        self._enforced(session, generation, snapshot=None)
 
-    def _enforced(self, session: _Session, generation: int, *, snapshot: bool) -> None:
+    def _enforced(
+        self,
+        session: _Session,
+        generation: int,
+        *,
+        snapshot: fleet_pb2.SignedHostState | None,
+    ) -> None:
         digest = self._engine.enforced_digest()
-        session.sync.enforced(generation, digest, snapshot=snapshot)
+        session.sync.enforced(generation, digest, snapshot=snapshot is not None)
+        # Acknowledged first: the kernel holds it already, and the record may lag what is
+        # enforced (a restart before it is written asks for the generation again).
+        session.outbox.put(fleet_pb2.ConnectRequest(ack=fleet_pb2.Ack(generation=generation)))
         try:
-            self._engine.set_broker_state(generation, digest)
+            self._engine.set_broker_state(generation, digest, snapshot=snapshot)
         except Exception as exc:
             # Enforced but not recorded: a restart asks for it again (idempotent).
             self._events.emit(
@@ -520,7 +529,6 @@ class FleetClient:
                 f"could not record broker generation {generation} ({exc})",
                 Priority.ERR,
             )
-        session.outbox.put(fleet_pb2.ConnectRequest(ack=fleet_pb2.Ack(generation=generation)))
 
     def _refuse_decision(self, session: _Session, generation: int, decision: Decision) -> None:
         error = GrantNotInWindow(decision.message, reason=decision.reason)

@@ -23,10 +23,11 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SCHEMA_VERSION = 2
 MAX_HANDLE = 0xFFFFFFFF  # ct mark is 32 bits; 0 means "no grant"
@@ -48,6 +49,12 @@ CREATE TABLE IF NOT EXISTS revoked_ids (
     grant_id TEXT PRIMARY KEY,
     forget_after REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS broker_snapshot (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    key_id TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS quarantine (
     grant_id TEXT,
     grant_bytes BLOB,
@@ -68,6 +75,18 @@ _STATES = ("active", "expired", "revoked")
 
 class StoreError(Exception):
     """The state file cannot be opened, read or written. The message names the file."""
+
+
+class NewRow(NamedTuple):
+    """A grant row as the engine inserts it (state active)."""
+
+    grant_id: str
+    handle: int
+    grant_bytes: bytes
+    signature: bytes
+    key_id: str
+    expire_time: float
+    apply_time: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +275,27 @@ class Store:
                 "INSERT OR REPLACE INTO meta VALUES ('broker_digest', ?)", (digest.hex(),)
             )
 
+    def set_broker_snapshot(self, state: bytes, signature: bytes, key_id: str) -> None:
+        """Keep the last broker snapshot enforced, exactly as signed: at the next start
+        its one signature vouches for the stored grants it carries (instead of one
+        signature check per row). Its own small transaction, like set_broker_state."""
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO broker_snapshot VALUES (1, ?, ?, ?)",
+                (state, signature, key_id),
+            )
+
+    def broker_snapshot(self) -> tuple[bytes, bytes, str] | None:
+        """(state, signature, key id) of the stored snapshot, or None (also when a column
+        has the wrong type: the engine then checks every row on its own)."""
+        row = self._read("SELECT state, signature, key_id FROM broker_snapshot").fetchone()
+        if row is None:
+            return None
+        state, signature, key_id = row
+        if isinstance(state, bytes) and isinstance(signature, bytes) and isinstance(key_id, str):
+            return state, signature, key_id
+        return None
+
     def forget_broker_state(self) -> bool:
         """Drop the broker generation (its database was wiped and counts from 1 again):
         the next snapshot is accepted whatever its generation. True if one was held."""
@@ -319,19 +359,50 @@ class Store:
         return found
 
     def next_handle(self) -> int:
+        return self.next_handles(1)[0]
+
+    def next_handles(self, count: int) -> list[int]:
+        """`count` free handles after the last one given out (wrapping at MAX_HANDLE), each
+        window of candidates checked against the table with one query."""
         row = self._db.execute("SELECT value FROM meta WHERE key='last_handle'").fetchone()
         try:
             last = int(row[0]) if row else 0
         except (TypeError, ValueError):
             last = 0
-        for _ in range(1000):
-            last = last % MAX_HANDLE + 1
-            if self._db.execute("SELECT 1 FROM grants WHERE handle=?", (last,)).fetchone() is None:
+        last = last if 0 <= last <= MAX_HANDLE else 0
+        found: list[int] = []
+        # Bounded: each window holds at least `count` candidates; wrapping around the whole
+        # 32-bit space would need billions of live grants.
+        for _ in range(10_000):
+            high = min(last + 2 * (count - len(found)) + 16, MAX_HANDLE)
+            used = {
+                r[0]
+                for r in self._db.execute(
+                    "SELECT handle FROM grants WHERE handle > ? AND handle <= ?", (last, high)
+                )
+            }
+            for handle in range(last + 1, high + 1):
+                if handle not in used:
+                    found.append(handle)
+                    if len(found) == count:
+                        break
+            if len(found) == count:
                 break
-        else:  # pragma: no cover - needs a billion live grants
+            last = high if high < MAX_HANDLE else 0
+        else:  # pragma: no cover - needs billions of live grants
             raise StoreError(f"{self.path}: no free grant handle")
-        self._db.execute("INSERT OR REPLACE INTO meta VALUES ('last_handle', ?)", (str(last),))
-        return last
+        self._db.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('last_handle', ?)", (str(found[-1]),)
+        )
+        return found
+
+    def insert_many(self, rows: Iterable[NewRow]) -> None:
+        """New active grants, one statement for the batch."""
+        self._db.executemany(
+            "INSERT INTO grants (grant_id, handle, grant_bytes, signature, key_id, expire_time, "
+            "apply_time, state, revoke_time) VALUES (?, ?, ?, ?, ?, ?, ?, 'active', NULL)",
+            rows,
+        )
 
     def insert(
         self,
