@@ -338,6 +338,30 @@ def test_layout_then_failing_elements_keeps_the_layout_only(ns: Namespace) -> No
     assert extra_commits == 2  # two plans with layout and elements: one extra commit each
 
 
+def test_layout_with_elements_is_one_transaction_by_default(ns: Namespace) -> None:
+    def body(stack: ExitStack) -> Any:
+        fw = stack.enter_context(NftablesFirewall())
+        now = time.time()
+        elements, marks = sample(now)
+        fw.apply_plan(Plan(add=tuple(elements), marks_add=tuple(marks)), now, LAYOUT)
+        first = fw.read_state(now)
+        wider = Layout(LAYOUT.guarded, "drop", LAYOUT.maps | {(4, 16)}, LAYOUT.limits)
+        bad = Plan(
+            add=(
+                Element(ElementKey(src(4, V4, 16), Protocol.TCP, 1), 30, now + 60),
+                Element(elements[0].key, 77, now + 60),  # EEXIST: the whole change fails
+            )
+        )
+        with pytest.raises(EnforcementError):
+            fw.apply_plan(bad, now, wider)
+        return first, fw.read_state(now)
+
+    first, after = ns.inside(body)
+    assert len(first.elements) == 4 and len(first.marks) == 2
+    assert (4, 16) not in after.maps  # the layout went with the elements: not applied
+    assert held_by(after) == held_by(first)
+
+
 def test_delete_of_an_element_that_already_timed_out_succeeds(ns: Namespace) -> None:
     def body(stack: ExitStack) -> Any:
         fw = stack.enter_context(NftablesFirewall())

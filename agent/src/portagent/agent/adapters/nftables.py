@@ -7,14 +7,18 @@ Two paths into the kernel:
 - *elements* (grant map elements, handle-set elements) go as one NETLINK_NETFILTER
   batch packed by `nft_netlink`, and the table is listed with netlink dumps.
 
-`apply_plan` with a layout is therefore two kernel transactions: the layout first
-(grant-neutral: it only declares structure; maps it declares start empty or keep their
-elements). If it fails, nothing else is sent. If the element batch that follows
-fails, the layout stays (harmless, the next layout re-asserts it) and apply_plan
-raises EnforcementError with the kernel's elements exactly as before. An element-only
-plan (layout None) is one netlink batch: one transaction, all of it or none of it.
-Each extra transaction is announced through `on_extra_commit` first (the engine
-counts its own NEWGENs to tell them from tampering).
+An element-only plan (layout None) is one netlink batch: one transaction, all of it or
+none of it. A plan with a layout:
+- by default is ONE libnftables text transaction, structure and elements together
+  (render.render_plan, as before netlink): atomic, and one NEWGEN, which is what the
+  engine counts per apply to tell its own commits from tampering;
+- with `on_extra_commit` set, is two transactions: the layout through libnftables
+  first (grant-neutral: it only declares structure; maps it declares start empty or
+  keep their elements), then the elements over netlink, announced through
+  `on_extra_commit` first (so the engine can expect the second NEWGEN). If the layout
+  fails nothing else is sent; if the element batch fails, the layout stays (harmless:
+  the next layout re-asserts it) and apply_plan raises EnforcementError with the
+  kernel's elements exactly as before.
 
 Each instance owns one libnftables context and one netlink socket, both of the
 network namespace it was created in; use an instance from one thread at a time
@@ -36,6 +40,7 @@ from portagent.agent.render import (
     Layout,
     render_delete_table,
     render_layout,
+    render_plan,
 )
 from portagent.wire.errors import EnforcementError
 
@@ -102,6 +107,9 @@ class NftablesFirewall:
 
     def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None:
         """`plan` with render.render_plan's semantics (see the module docstring)."""
+        if layout is not None and self.on_extra_commit is None:
+            self.apply(render_plan(plan, now, layout))
+            return
         batch = nft_netlink.build_plan_batch(plan, now, self._netlink.next_seq())
         if layout is not None:
             self.apply("\n".join(render_layout(layout)) + "\n")
