@@ -5,7 +5,17 @@ handle-set *elements* travel here, packed and parsed with `struct` against the f
 kernel ABI (linux/netlink.h, linux/netfilter/nfnetlink.h, linux/netfilter/nf_tables.h).
 libnftables costs ~11 us per element to render and parse text, and its JSON listing of
 100k elements takes seconds and ~14 MB of text; pyroute2's nftables message classes are
-slower still (80-160 us per element to encode).
+slower still (80-160 us per element to encode). `python -m bench.nft_path` compares.
+
+A batch is BATCH_BEGIN, NEWSETELEM/DELSETELEM messages (each element list < 64 KiB, as
+a nested attribute's length is a u16; each message acked), BATCH_END, sent in one
+sendmsg: the kernel runs the whole batch as one transaction inside that call, and
+any error aborts all of it. The kernel keeps timeouts in jiffies, rounding down again.
+
+A listing is GETTABLE, a GETSET dump of our table, then a GETSETELEM dump per map and
+handle set. Map elements after the first are unpacked by one struct learned from the
+first (_learn_shape) when their headers match it byte for byte, else parsed attribute
+by attribute; both give the same result.
 
 Element layouts, as libnftables writes them (checked against it by
 tests/integration/test_nft_netlink.py):
