@@ -379,9 +379,10 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     def connection_events_complete() -> bool:
         return connection_events is not None and connection_events.overruns == 0
 
+    firewall = NftablesFirewall()
     engine = Engine(
         settings,
-        NftablesFirewall(list_in_child=True),
+        firewall,
         store,
         events,
         watchdog=ping if callable(ping) else None,
@@ -391,6 +392,9 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             connection_events_complete=connection_events_complete,
         ),
     )
+    # A plan that also changes the table's structure commits twice (structure through
+    # libnftables, then the elements over netlink): the engine expects both NEWGENs.
+    firewall.on_extra_commit = engine.expect_own_commit
     if watcher is not None:
         watcher.start()
 
@@ -429,7 +433,7 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             daemon=True,
         ).start()
     usage = UsageReader(
-        NftablesFirewall(list_in_child=True),
+        NftablesFirewall(),
         usage_conntrack,
         engine.seen,
         expected_elements=engine.kernel_element_count,

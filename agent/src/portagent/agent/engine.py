@@ -25,7 +25,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -45,6 +45,7 @@ from portagent.agent.staging import (
     Decisions,
     Refused,
     Request,
+    RevokeNote,
     SignedInput,
     Unchanged,
     stage,
@@ -78,6 +79,8 @@ LOST_EVENTS_RECHECK = 5.0
 # Upper bound on the delay from rendering an element to the kernel inserting it.
 INSERT_DELAY_BASE = 0.005
 INSERT_DELAY_PER_ELEMENT = 20e-6
+# A batch changing more grants than this writes their records after answering.
+LOG_INLINE_MAX = 256
 # After a batch this large, hand freed heap back to the OS (RSS, not correctness).
 TRIM_AFTER_BATCH = 1_000
 # A commit that ends this much later than the time its timeouts were computed from
@@ -285,6 +288,8 @@ class Engine:
             self._process_commands, self._tick, self._sleep_for, watchdog
         )
         self._full_reconcile = threading.Event()
+        # One thread, so records keep their order: large batches log after answering.
+        self._audit = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         self._lock = threading.Lock()  # guards _table and _ended for readers elsewhere
         self._table = GrantTable()
         self._revoked = RevokedIds()
@@ -320,6 +325,8 @@ class Engine:
             command.future.set_exception(
                 EnforcementError("agent is shutting down", reason="SHUTTING_DOWN")
             )
+        # Records of large batches still being written are not lost on a clean stop.
+        self._audit.shutdown(wait=True)
 
     def update_settings(self, settings: Settings) -> None:
         """Reload: new trust and policy for new grants; active grants stay as they are."""
@@ -608,6 +615,11 @@ class Engine:
         if not self._own_commits.take():
             self.on_foreign_change(pid, process)
 
+    def expect_own_commit(self) -> None:
+        """One more ruleset generation of ours is on its way (a plan the firewall
+        commits in two transactions): not tampering when it arrives."""
+        self._own_commits.started()
+
     def on_foreign_change(self, pid: int, process: str) -> None:
         self._events.emit(
             "tamper",
@@ -816,19 +828,31 @@ class Engine:
                 self._table.put(replace(record, signature=b""), self._due(record))
             for grant_id, forget_after in decisions.revoked_ids:
                 self._revoked.remember(grant_id, forget_after)
-        for grant_id in decisions.inserts:
-            self._log_grant("apply", "grant applied", Priority.NOTICE, by_id[grant_id])
-        self._cut_connections([by_id[note.grant_id].handle for note in decisions.revokes])
-        for note in decisions.revokes:
+        applied = [by_id[grant_id] for grant_id in decisions.inserts]
+        revoked = [(by_id[note.grant_id], note) for note in decisions.revokes]
+        self._cut_connections([record.handle for record, _ in revoked])
+        if len(applied) + len(revoked) > LOG_INLINE_MAX:
+            # A snapshot of 100k grants: one record each is the audit trail, and writing
+            # them costs seconds; they follow the answer, in order, on their own thread.
+            self._audit.submit(lambda: self._log_changes(applied, revoked))
+        else:
+            self._log_changes(applied, revoked)
+        return handles
+
+    def _log_changes(
+        self, applied: list[GrantRecord], revoked: list[tuple[GrantRecord, RevokeNote]]
+    ) -> None:
+        for record in applied:
+            self._log_grant("apply", "grant applied", Priority.NOTICE, record)
+        for record, note in revoked:
             self._log_grant(
                 "revoke",
                 f"grant revoked by {note.actor}",
                 Priority.NOTICE,
-                by_id[note.grant_id],
+                record,
                 REASON=note.revocation.reason if note.revocation else None,
                 ACTOR=note.actor,
             )
-        return handles
 
     def _due(self, record: GrantRecord) -> float:
         policy = self._settings.policy

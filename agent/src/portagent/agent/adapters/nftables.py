@@ -51,12 +51,8 @@ class NftablesFirewall:
     def __init__(
         self,
         *,
-        list_in_child: bool = False,
         on_extra_commit: Callable[[], None] | None = None,
     ) -> None:
-        # list_in_child is accepted and ignored: the netlink listing is compact enough
-        # in-process (it replaced the child-process JSON listing).
-        del list_in_child
         self.on_extra_commit = on_extra_commit
         self._nft: Any = None
         self._netlink = nft_netlink.NetlinkSocket()
