@@ -141,3 +141,43 @@ def test_a_failed_commit_leaves_nothing_and_the_store_usable(tmp_path: Path) -> 
     with store.transaction():
         store.remember_revoked("g-9", 3e9)
     assert store.revoked_ids() == {"g-9": 3e9}
+
+
+def test_load_sorts_rows_by_their_types_in_sqlite_and_reads_times_as_floats(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    store = Store(path)
+    with store.transaction():
+        for i in range(1, 9):
+            store.insert(
+                grant_id=f"g-{i}", handle=i, grant_bytes=b"x", signature=b"s", key_id="k",
+                expire_time=2e9, state="active", apply_time=1.5,
+            )
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE grants SET apply_time=7, revoke_time=8, state='revoked' WHERE handle=1")
+    garble = {
+        2: "handle=4294967296",
+        3: "apply_time=9e999",  # SQLite keeps infinity as a REAL
+        4: "revoke_time='soon'",
+        5: "grant_bytes='text, not a blob'",
+        6: "state='gone'",
+        7: "grant_id=x'00'",
+    }
+    for handle, change in garble.items():
+        db.execute(f"UPDATE grants SET {change} WHERE handle={handle}")
+    db.commit()
+    db.close()
+    rows = Store(path).load()
+    good = [r for r in rows if isinstance(r, StoredGrant)]
+    bad = sorted(r.problem for r in rows if isinstance(r, BadRow))
+    assert [(r.grant_id, r.state, r.apply_time, r.revoke_time) for r in good] == [
+        ("g-1", "revoked", 7.0, 8.0),
+        ("g-8", "active", 1.5, None),
+    ]
+    assert all(type(r.apply_time) is float for r in good)
+    assert len(bad) == len(garble)
+    assert any("handle 4294967296" in p for p in bad)
+    assert any("state 'gone'" in p for p in bad)
+    assert sum("apply_time/revoke_time" in p for p in bad) == 2
