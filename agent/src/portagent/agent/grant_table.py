@@ -10,7 +10,7 @@ is due. `RevokedIds` is the replay memory: revoked ids until they may be forgott
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 from portagent.agent.model import (
     KEEP_SET,
@@ -23,11 +23,12 @@ from portagent.agent.model import (
 from portagent.agent.plan import MarkKey
 
 
-def element_keys(record: GrantRecord) -> Iterator[ElementKey]:
+def element_keys(record: GrantRecord) -> list[ElementKey]:
     grant = record.grant
-    for network in grant.sources:
-        for port in grant.ports.ports():
-            yield ElementKey(network, grant.protocol, port)
+    protocol, ports = grant.protocol, grant.ports
+    if ports.first == ports.last:  # the common case: one port
+        return [ElementKey(network, protocol, ports.first) for network in grant.sources]
+    return [ElementKey(n, protocol, port) for n in grant.sources for port in ports.ports()]
 
 
 def mark_keys(record: GrantRecord) -> list[MarkKey]:
@@ -41,7 +42,8 @@ class GrantTable:
     def __init__(self) -> None:
         self.by_id: dict[str, GrantRecord] = {}
         self.by_handle: dict[int, GrantRecord] = {}
-        self._covering: dict[ElementKey, list[int]] = {}
+        # Handles covering each key: a tuple (mostly of one), smaller than a list.
+        self._covering: dict[ElementKey, tuple[int, ...]] = {}
         self._due: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
@@ -56,8 +58,9 @@ class GrantTable:
         self.by_id[record.grant.grant_id] = record
         self.by_handle[record.handle] = record
         if previous is None:
+            covering = self._covering
             for key in element_keys(record):
-                self._covering.setdefault(key, []).append(record.handle)
+                covering[key] = (*covering.get(key, ()), record.handle)
         heapq.heappush(self._due, (due, record.grant.grant_id))
 
     def remove(self, grant_id: str) -> GrantRecord | None:
@@ -68,8 +71,10 @@ class GrantTable:
         for key in element_keys(record):
             handles = self._covering.get(key)
             if handles is not None:
-                handles.remove(record.handle)
-                if not handles:
+                left = tuple(h for h in handles if h != record.handle)
+                if left:
+                    self._covering[key] = left
+                else:
                     del self._covering[key]
         return record
 

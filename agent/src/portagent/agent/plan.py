@@ -174,12 +174,7 @@ def apply_plan(actual: dict[ElementKey, Element], plan: Plan) -> None:
         actual[element.key] = element
 
 
-def _order(element: Element) -> tuple[int, int, str, str, int]:
+def _order(element: Element) -> tuple[int, int, int, str, int]:
     key = element.key
-    return (
-        key.network.version,
-        key.network.prefixlen,
-        str(key.network.network_address),
-        key.protocol.value,
-        key.port,
-    )
+    network = key.network
+    return (network.version, network.prefixlen, network.value, key.protocol.value, key.port)

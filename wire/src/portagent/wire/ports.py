@@ -17,6 +17,10 @@ class Protocol(Enum):
     TCP = "tcp"
     UDP = "udp"
 
+    # Members are singletons compared by identity: hash them by identity too (C code)
+    # instead of Enum's Python __hash__, called millions of times through kernel keys.
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, order=True, slots=True)
 class PortRange:

@@ -112,7 +112,10 @@ def parse_network_int(text: str) -> tuple[int, int, int]:
 
 
 def _fit(blocks: tuple[tuple[int, int, int, str], ...], first: int, last: int) -> bool:
-    return not any(first <= b_last and b_first <= last for b_first, b_last, _, _ in blocks)
+    for block_first, block_last, _, _ in blocks:
+        if first <= block_last and block_first <= last:
+            return False
+    return True
 
 
 def special_source(network: IPNetwork) -> str | None:
