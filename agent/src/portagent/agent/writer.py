@@ -6,13 +6,17 @@ holds it for each tick of its loop; a caller thread may take it too (`lead`) whe
 one holds it, and then drains the queue itself: one writer at a time, not always the
 same thread. Whoever writes drains *every* pending command, so concurrent requests
 are coalesced into one transaction.
+
+The pending commands are a deque (one C-level append/popleft each, no Condition):
+callers never block on it, and it holds at most what the API's caps let in (one entry
+per waiting caller, a snapshot's group as one entry).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -25,6 +29,10 @@ MAX_BATCH = 100_000
 FAILURE_PAUSE = 0.2
 # Wake at least this often, so watchdog pings keep flowing.
 MAX_SLEEP = 2.0
+# At most one heartbeat (a WATCHDOG=1 datagram to systemd) this often: under load the
+# loop passes thousands of times a second, and each ping costs a syscall here and a
+# wake-up of PID 1. Far below any usable WatchdogSec (the loop wakes every MAX_SLEEP).
+HEARTBEAT_SPACING = 0.25
 
 
 class Writer(Generic[C]):
@@ -48,13 +56,14 @@ class Writer(Generic[C]):
         self._heartbeat = heartbeat
         self._name = name
         # An entry is one command, or a group that must be drained whole (put_group).
-        self._queue: queue.Queue[C | _Group[C]] = queue.Queue()
+        self._queue: _Pending[C | _Group[C]] = _Pending()
         # A group that did not fit the last drain: first in the next one.
         self._carry: _Group[C] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_heartbeat = float("-inf")
 
     @property
     def stopping(self) -> bool:
@@ -76,8 +85,8 @@ class Writer(Generic[C]):
             self._carry = None
         while True:
             try:
-                entry = self._queue.get_nowait()
-            except queue.Empty:
+                entry = self._queue.popleft()
+            except IndexError:
                 return left
             left += entry.commands if isinstance(entry, _Group) else [entry]
 
@@ -85,14 +94,14 @@ class Writer(Generic[C]):
         self._wake.set()
 
     def put(self, command: C) -> None:
-        self._queue.put(command)
+        self._queue.append(command)
 
     def put_group(self, commands: list[C]) -> None:
         """Queue commands that one drain takes together (one kernel transaction), whatever
         else is pending: a snapshot's applies and revocations are never split. A group
         larger than MAX_BATCH is drained alone."""
         if commands:
-            self._queue.put(_Group(list(commands)))
+            self._queue.append(_Group(list(commands)))
 
     def exclusive(self, action: Callable[[], R], timeout: float = 30.0) -> R:
         """Run `action` while holding the writer lock (what only the writer may touch:
@@ -111,10 +120,11 @@ class Writer(Generic[C]):
         if self._carry is not None:
             commands += self._carry.commands
             self._carry = None
+        pending = self._queue
         while len(commands) < MAX_BATCH:
             try:
-                entry = self._queue.get_nowait()
-            except queue.Empty:
+                entry = pending.popleft()
+            except IndexError:
                 break
             if not isinstance(entry, _Group):
                 commands.append(entry)
@@ -139,9 +149,10 @@ class Writer(Generic[C]):
                     self._process(self.drain())
             finally:
                 self._lock.release()
-            if self._queue.empty() and self._carry is None:
+            if not self._queue and self._carry is None:
                 return
-        self._wake.set()
+        if not self._wake.is_set():  # many callers pile up under load: one set is enough
+            self._wake.set()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -154,7 +165,21 @@ class Writer(Generic[C]):
             if failed:
                 time.sleep(FAILURE_PAUSE)
             if self._heartbeat is not None:
-                self._heartbeat()
+                now = time.monotonic()
+                if now - self._last_heartbeat >= HEARTBEAT_SPACING:
+                    self._last_heartbeat = now
+                    self._heartbeat()
+
+
+class _Pending(deque[C]):
+    """The writer's pending entries: a deque (thread-safe append/popleft), with the two
+    questions tests and callers ask of a queue."""
+
+    def empty(self) -> bool:
+        return not self
+
+    def qsize(self) -> int:
+        return len(self)
 
 
 class _Group(Generic[C]):
