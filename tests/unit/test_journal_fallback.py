@@ -90,13 +90,14 @@ def test_escape_is_unambiguous() -> None:
 def test_journald_path_caps_fields_and_survives_refusal() -> None:
     sent: list[dict[str, Any]] = []
 
-    def send(message: str, **fields: Any) -> None:
-        if "\x00" in message:
+    def sendv(*lines: str) -> None:
+        # systemd.journal.sendv refuses a NUL in any line as the C API would.
+        if any("\x00" in line for line in lines):
             raise ValueError("embedded null character")
-        sent.append({"MESSAGE": message, **fields})
+        sent.append(dict(line.split("=", 1) for line in lines))
 
     out, log = fallback()
-    log._send = send  # what a reachable journald looks like to the log
+    log._sendv = sendv  # what a reachable journald looks like to the log
     log.emit("refuse", "x" * 100_000, KEY_ID="k" * 100_000)
     assert len(sent[0]["MESSAGE"]) == MAX_MESSAGE_CHARS
     assert len(sent[0]["KEY_ID"]) == MAX_FIELD_CHARS
