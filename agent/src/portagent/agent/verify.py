@@ -76,6 +76,9 @@ def parse_source(text: str, field: str = "source_prefixes") -> Source:
 
 def is_guarded(guarded: Iterable[GuardedPort], protocol: object, ports: PortRange) -> bool:
     """True when every port of `ports` lies in some guarded range of that protocol."""
+    for g in guarded:  # the common case: one guarded range holds them all
+        if g.protocol is protocol and g.ports.first <= ports.first and ports.last <= g.ports.last:
+            return True
     ranges = sorted(g.ports for g in guarded if g.protocol == protocol)
     next_needed = ports.first
     for port_range in ranges:
@@ -95,9 +98,8 @@ def _check_text(field: str, text: str, limit: int, reason: str, *, required: boo
 
 
 def _time(msg: Any, field: str, reason: str) -> float:
-    """Seconds of an optional Timestamp field (0.0 when absent), range-checked."""
-    if not msg.HasField(field):
-        return 0.0
+    """Seconds of an optional Timestamp field (0.0 when absent: an absent Timestamp reads
+    as 0 s 0 ns), range-checked."""
     ts: Timestamp = getattr(msg, field)
     if not 0 <= ts.seconds <= MAX_TIMESTAMP_SECONDS or not 0 <= ts.nanos <= MAX_NANOS:
         raise InvalidGrant(
@@ -183,15 +185,16 @@ def parse_grant(payload: bytes, key_id: str, host_id: str) -> Grant:
             reason="INVALID_PORT",
         )
     ports = PortRange(msg.port_start, last)
-    if len(sources) * len(ports.ports()) > MAX_ELEMENTS_PER_GRANT:
+    if len(sources) * (last - msg.port_start + 1) > MAX_ELEMENTS_PER_GRANT:
         raise GrantDenied(
             f"grant: {len(sources)} sources x {len(ports.ports())} ports exceeds "
             f"{MAX_ELEMENTS_PER_GRANT} kernel elements",
             reason="GRANT_TOO_LARGE",
         )
-    if msg.options.max_connections > MAX_CONNECTIONS_LIMIT:
+    options = msg.options
+    if options.max_connections > MAX_CONNECTIONS_LIMIT:
         raise InvalidGrant(
-            f"options.max_connections: {msg.options.max_connections} exceeds "
+            f"options.max_connections: {options.max_connections} exceeds "
             f"{MAX_CONNECTIONS_LIMIT} (0 means no limit)",
             reason="INVALID_OPTIONS",
         )
@@ -219,8 +222,8 @@ def parse_grant(payload: bytes, key_id: str, host_id: str) -> Grant:
         issue_time=issue_time,
         key_id=sys.intern(key_id),
         reason=msg.reason,
-        keep_established=msg.options.keep_established,
-        max_connections=msg.options.max_connections,
+        keep_established=options.keep_established,
+        max_connections=options.max_connections,
     )
 
 
