@@ -25,7 +25,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -104,8 +104,11 @@ _HUB_KINDS = {
 
 def release_free_memory() -> None:
     """Return freed heap to the OS after a large batch: glibc keeps it otherwise, and
-    a 100k-grant request leaves hundreds of MB of freed request objects behind."""
+    a 100k-grant request leaves hundreds of MB of freed request objects behind. What
+    survives is frozen out of the cyclic collector: at 100k grants each full collection
+    walks a million objects (~0.5 s) that are freed by reference counting anyway."""
     gc.collect()
+    gc.freeze()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
@@ -154,10 +157,68 @@ def default_verifier(settings: Settings) -> Verifier:
     return Verifier(settings.host_id, settings.trusted_keys, settings.policy)
 
 
-@dataclass(frozen=True)
+class _Latch:
+    """Counts the answers a caller waits for: one for a single command, one per grant
+    for a snapshot's group (one event for 100k answers instead of 100k futures)."""
+
+    __slots__ = ("_event", "_left", "_lock")
+
+    def __init__(self, count: int = 1) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._left = count
+        if count <= 0:
+            self._event.set()
+
+    def count_down(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+class _Answer:
+    """What one command answers: a record (None: a revocation of an unknown id) or an
+    error, set once by the writer; `result()` waits for the command's latch."""
+
+    __slots__ = ("_done", "_error", "_latch", "_value")
+
+    def __init__(self, latch: _Latch | None = None) -> None:
+        self._latch = latch or _Latch()
+        self._done = False
+        self._value: GrantRecord | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: GrantRecord | None) -> None:
+        if not self._done:
+            self._value, self._done = value, True
+            self._latch.count_down()
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self._done:
+            self._error, self._done = error, True
+            self._latch.count_down()
+
+    def result(self, timeout: float) -> GrantRecord | None:
+        if not self._done:
+            self._latch.wait(timeout)
+        if not self._done:
+            raise TimeoutError(f"no answer in {timeout:.0f}s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@dataclass(frozen=True, slots=True)
 class _Command:
     request: Request
-    future: Future[GrantRecord | None] = field(default_factory=Future)
+    future: _Answer = field(default_factory=_Answer)
 
     @property
     def kind(self) -> CommandKind:
@@ -311,11 +372,42 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the store and converge the kernel once (synchronously), then run the loop."""
+        """Load the store and converge the kernel once (synchronously), then run the loop.
+
+        The kernel is listed on a thread while the store loads and its rows are parsed:
+        a 100k dump is mostly kernel time (the GIL is free), so the two overlap. Only
+        reading: nothing is written to the kernel before the whole store has loaded."""
         self._epoch = self._store.epoch
-        self._load_grants()
-        self._revoked = RevokedIds(self._store.revoked_ids())
-        self._reconcile_full()
+        listed: list[tuple[float, KernelState] | BaseException] = []
+
+        def read() -> None:
+            now = self._clock()
+            try:
+                listed.append((now, self._firewall.read_state(now)))
+            except BaseException as exc:  # handed to the starting thread
+                listed.append(exc)
+
+        # A 100k start allocates millions of objects and frees almost none: the cyclic
+        # collector would walk the growing heap again and again (half the start's CPU).
+        # Reference counting still frees everything meanwhile.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            reader = threading.Thread(target=read, name="kernel-listing", daemon=True)
+            reader.start()
+            try:
+                self._load_grants()
+                self._revoked = RevokedIds(self._store.revoked_ids())
+            finally:
+                # Never return (or fail) while the listing still uses the firewall's socket.
+                reader.join()
+            (result,) = listed
+            if isinstance(result, BaseException):
+                raise result
+            self._reconcile_full(result)
+        finally:
+            if collecting:
+                gc.enable()
         self._next_full = self._clock() + self._settings.reconcile_interval
         self._writer.start()
 
@@ -345,13 +437,17 @@ class Engine:
         now = self._clock()
         covered = self._stored_snapshot_grants()
         bad: list[tuple[str, bytes, bytes, str, str]] = []
+        # Bound once: the loop runs 100k times at every start.
+        parse_covered = self._verifier.parse_covered_grant
+        by_handle, put, due = self._table.by_handle, self._table.put, self._due
+        states = {state.value: state for state in GrantState}
         for row in self._store.load():
             if isinstance(row, BadRow):
                 bad.append((row.grant_id, row.grant_bytes, row.signature, row.key_id, row.problem))
                 continue
             try:
                 if row.grant_bytes in covered:
-                    grant = self._verifier.parse_covered_grant(row.grant_bytes, row.key_id)
+                    grant = parse_covered(row.grant_bytes, row.key_id)
                 else:
                     grant = self._verify_stored(row)
                 if grant.grant_id != row.grant_id:
@@ -360,7 +456,7 @@ class Engine:
                         f"grant {grant.grant_id!r}",
                         reason="STORED_ID_MISMATCH",
                     )
-                if row.handle in self._table.by_handle:
+                if row.handle in by_handle:
                     raise EnforcementError(
                         f"handle {row.handle} is used twice", reason="STORED_HANDLE_REUSED"
                     )
@@ -380,11 +476,11 @@ class Engine:
                 handle=row.handle,
                 grant_bytes=row.grant_bytes,
                 signature=b"",  # stays on disk: memory holds only what is served
-                state=GrantState(row.state),
+                state=states[row.state],  # one of them: the store checked
                 apply_time=row.apply_time,
                 revoke_time=row.revoke_time,
             )
-            self._table.put(record, self._due(record))
+            put(record, due(record))
         if bad:
             self._quarantine(bad, now)
 
@@ -459,7 +555,10 @@ class Engine:
     ) -> list[GrantRecord | PortagentError]:
         """Apply many grants in one kernel transaction; one result (or refusal) per input."""
         self._refuse_if_stopping()
-        commands = [_Command(Request(CommandKind.APPLY, signed=signed)) for signed in batch]
+        latch = _Latch(len(batch))
+        commands = [
+            _Command(Request(CommandKind.APPLY, signed=signed), _Answer(latch)) for signed in batch
+        ]
         for command in commands:
             self._writer.put(command)
         self._writer.lead()
@@ -504,12 +603,18 @@ class Engine:
             for r in records
             if state_at(r, now) is GrantState.ACTIVE and r.grant_bytes not in wanted
         )
+        latch = _Latch(len(grants) + len(stale))
         applies = [
-            _Command(Request(CommandKind.APPLY, signed=signed, vouched=vouched, covered=True))
+            _Command(
+                Request(CommandKind.APPLY, signed=signed, vouched=vouched, covered=True),
+                _Answer(latch),
+            )
             for signed in grants
         ]
         revokes = [
-            _Command(Request(CommandKind.REVOKE_LOCAL, grant_id=grant_id, actor=actor))
+            _Command(
+                Request(CommandKind.REVOKE_LOCAL, grant_id=grant_id, actor=actor), _Answer(latch)
+            )
             for grant_id in stale
         ]
         self._writer.put_group(applies + revokes)
@@ -719,8 +824,9 @@ class Engine:
         if commands:
             self._process(commands)
             if len(commands) >= TRIM_AFTER_BATCH:
-                del commands
-                release_free_memory()
+                # Off the answer's path, after the batch's records (one audit thread):
+                # by then the caller has dropped its request objects too.
+                self._audit.submit(release_free_memory)
         self._reassert_late()
 
     def _process(self, commands: list[_Command]) -> None:
@@ -808,7 +914,19 @@ class Engine:
                     store.mark_revoked(note.grant_id, now)
                 for grant_id, forget_after in decisions.revoked_ids:
                     store.remember_revoked(grant_id, forget_after)
-                changed = [d.record(handles) for d in decisions.drafts.values()]
+                # The signature stays in the store: memory holds only what is served.
+                changed = [
+                    GrantRecord(
+                        d.grant,
+                        d.handle if d.handle is not None else handles[d.grant.grant_id],
+                        d.grant_bytes,
+                        b"",
+                        d.state,
+                        d.apply_time,
+                        d.revoke_time,
+                    )
+                    for d in decisions.drafts.values()
+                ]
                 # Kernel last, inside the store transaction: if nftables refuses (one
                 # atomic batch), the store rolls back and nothing changed anywhere.
                 self._converge_records(changed, now)
@@ -824,8 +942,7 @@ class Engine:
         by_id = {r.grant.grant_id: r for r in changed}
         with self._lock:
             for record in changed:
-                # The signature lives in the store; memory holds only what is served.
-                self._table.put(replace(record, signature=b""), self._due(record))
+                self._table.put(record, self._due(record))
             for grant_id, forget_after in decisions.revoked_ids:
                 self._revoked.remember(grant_id, forget_after)
         applied = [by_id[grant_id] for grant_id in decisions.inserts]
@@ -1094,12 +1211,28 @@ class Engine:
         self._apply(Plan(), self._clock())
         self.last_reconcile = self._clock()
 
-    def _reconcile_full(self) -> None:
-        """Read the kernel, then converge with the layout re-asserted."""
-        now = self._clock()
-        expected = max(len(self._kernel), len(self._table))
-        self._kernel.adopt(self._firewall.read_state(now, expected=expected))
-        self._converge_all(now)
+    def _reconcile_full(self, listing: tuple[float, KernelState] | None = None) -> None:
+        """Read the kernel (or take `listing`: (the time read before it, the listing)),
+        then converge with the layout re-asserted."""
+        if listing is None:
+            now = self._clock()
+            expected = max(len(self._kernel), len(self._table))
+            state = self._firewall.read_state(now, expected=expected)
+        else:
+            state = listing[1]
+        self._kernel.adopt(state)
+        # Our own commits give timeouts up to the insert margin short of their grants
+        # (2 s in a 100k batch), the kernel rounds them down to a jiffy (<= 10 ms), and
+        # the listing reads them short by up to its own uncertainty: an element that
+        # reads short by no more than the sum is what we wrote, and refreshing it would
+        # only move the margin (68k of 100k replaced at every restart). Longer than the
+        # grant, or shorter by more, is still replaced.
+        own_margin = INSERT_DELAY_BASE + INSERT_DELAY_PER_ELEMENT * (
+            len(state.elements) + len(state.marks)
+        )
+        self._kernel.listing_uncertainty = state.uncertainty + own_margin + 0.01
+        # Expiries in the listing are absolute: planning uses the time now, after it.
+        self._converge_all(self._clock())
         self.last_reconcile = self._clock()
 
     # ---- connections -----------------------------------------------------------------

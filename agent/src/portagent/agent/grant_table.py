@@ -96,15 +96,28 @@ class GrantTable:
     ) -> dict[ElementKey, Element]:
         """The element each key should hold, from every grant covering it, with `overlay`
         (handle -> record) standing in for grants a batch adds or changes."""
-        extra: dict[ElementKey, list[int]] = {}
+        by_handle, covering = self.by_handle, self._covering
+        extra: dict[ElementKey, tuple[int, ...]] = {}
         for handle, record in overlay.items():
-            if handle not in self.by_handle:
+            if handle not in by_handle:
                 for key in element_keys(record):
-                    extra.setdefault(key, []).append(handle)
+                    extra[key] = (*extra.get(key, ()), handle)
+        active = GrantState.ACTIVE
         wanted: dict[ElementKey, Element] = {}
         for key in keys:
+            handles = covering.get(key, ())
+            more = extra.get(key)
+            if more is not None:
+                handles = (*handles, *more) if handles else more
+            if len(handles) == 1:  # the common case: one grant holds the key
+                handle = handles[0]
+                record = overlay.get(handle) or by_handle[handle]
+                expire_time = record.grant.expire_time
+                if record.state is active and expire_time > now:
+                    wanted[key] = Element(key, handle, expire_time)
+                continue
             best: Element | None = None
-            for handle in (*self._covering.get(key, ()), *extra.get(key, ())):
+            for handle in handles:
                 record = overlay.get(handle) or self.by_handle[handle]
                 grant = record.grant
                 if record.state is not GrantState.ACTIVE or grant.expire_time <= now:

@@ -140,10 +140,12 @@ def plan_changes(
     limits = {
         int(name.rsplit("_", 1)[1]) for name, _ in [*want_marks, *have_marks] if name != KEEP_SET
     }
+    # Sorted for deterministic batches; elements are tuples ordered by their key (family,
+    # address, prefix, protocol, port), compared in C.
     return Plan(
-        tuple(sorted(add, key=_order)),
-        tuple(sorted(replace, key=lambda p: _order(p[1]))),
-        tuple(sorted(delete, key=_order)),
+        tuple(sorted(add)),
+        tuple(sorted(replace)),
+        tuple(sorted(delete)),
         frozenset(maps),
         tuple(sorted(marks_add, key=_mark_order)),
         tuple(sorted(marks_delete, key=_mark_order)),
@@ -172,9 +174,3 @@ def apply_plan(actual: dict[ElementKey, Element], plan: Plan) -> None:
         actual[new.key] = new
     for element in plan.add:
         actual[element.key] = element
-
-
-def _order(element: Element) -> tuple[int, int, int, str, int]:
-    key = element.key
-    network = key.network
-    return (network.version, network.prefixlen, network.value, key.protocol.value, key.port)

@@ -21,6 +21,12 @@ class Protocol(Enum):
     # instead of Enum's Python __hash__, called millions of times through kernel keys.
     __hash__ = object.__hash__
 
+    def __lt__(self, other: object) -> bool:
+        # Orderable, so kernel keys sort as plain tuples (C comparisons).
+        if not isinstance(other, Protocol):
+            return NotImplemented
+        return self.value < other.value
+
 
 @dataclass(frozen=True, order=True, slots=True)
 class PortRange:
