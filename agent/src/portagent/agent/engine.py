@@ -656,6 +656,13 @@ class Engine:
             records = list(self._table.by_id.values())
         return state_digest(r.grant_bytes for r in records if state_at(r, now) is GrantState.ACTIVE)
 
+    def active_count(self) -> int:
+        """How many grants are active now (what enforced_digest covers)."""
+        now = self._clock()
+        with self._lock:
+            records = list(self._table.by_id.values())
+        return sum(1 for r in records if state_at(r, now) is GrantState.ACTIVE)
+
     def holds_all(self, payloads: list[bytes]) -> bool:
         """True when every one of these grants (signed bytes) is one the agent holds, in
         any state."""

@@ -437,19 +437,33 @@ class FleetClient:
                 session.outbox.put(
                     fleet_pb2.ConnectRequest(refusal=_refusal(generation, outcome, grant_id))
                 )
-        revoked = 0
+        revoked = revoked_failed = 0
         for grant_id, outcome in result.revoked:
             if isinstance(outcome, EnforcementError):
                 raise StreamBroken(f"snapshot {generation} not enforced: {outcome.message}")
             if isinstance(outcome, GrantNotFound):
                 continue  # gone meanwhile (expired): nothing left to revoke
             if isinstance(outcome, PortagentError):
+                revoked_failed += 1
                 session.outbox.put(
                     fleet_pb2.ConnectRequest(refusal=_refusal(generation, outcome, grant_id))
                 )
             else:
                 revoked += 1
-        self._enforced(session, generation, snapshot=signed)
+        # Every grant of the snapshot active and nothing else left active: the enforced
+        # set is the snapshot's, whose digest was checked when it was opened (hashing
+        # 100k grants again would delay the ack).
+        exact = (
+            revoked_failed == 0
+            and all(
+                not isinstance(r, PortagentError) and r.state is GrantState.ACTIVE
+                for r in result.applied
+            )
+            and self._engine.active_count() == len(result.applied)
+        )
+        self._enforced(
+            session, generation, snapshot=signed, digest=state.digest if exact else None
+        )
         self._events.emit(
             "converge",
             f"converged to broker generation {generation}: {len(payloads)} grants in the "
@@ -514,8 +528,10 @@ class FleetClient:
         generation: int,
         *,
         snapshot: fleet_pb2.SignedHostState | None,
+        digest: bytes | None = None,
     ) -> None:
-        digest = self._engine.enforced_digest()
+        if digest is None:
+            digest = self._engine.enforced_digest()
         session.sync.enforced(generation, digest, snapshot=snapshot is not None)
         # Acknowledged first: the kernel holds it already, and the record may lag what is
         # enforced (a restart before it is written asks for the generation again).
