@@ -143,7 +143,7 @@ def test_a_failed_commit_leaves_nothing_and_the_store_usable(tmp_path: Path) -> 
     assert store.revoked_ids() == {"g-9": 3e9}
 
 
-def test_load_sorts_rows_by_their_types_in_sqlite_and_reads_times_as_floats(
+def test_load_checks_every_column_and_reads_integer_times_as_floats(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "state.db"

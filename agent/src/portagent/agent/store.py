@@ -149,29 +149,11 @@ def _row(raw: tuple[object, ...]) -> StoredGrant | BadRow:
     )
 
 
-# The rows whose every column has the type and range _row wants, tested by SQLite in C
-# instead of per row in Python (100k rows at every start); the others (a garbled file)
-# go through _row, which says what is wrong. coalesce: a NULL never drops a row from
-# both queries. 1.797e308 is the largest finite double: Inf fails it, NaN is NULL.
-_FINITE = "abs({0}) <= 1.7976931348623157e308"
-_WELL_TYPED = (
-    "coalesce(typeof(grant_id) = 'text' AND typeof(handle) = 'integer' "
-    f"AND handle BETWEEN 1 AND {MAX_HANDLE} "
-    "AND typeof(grant_bytes) = 'blob' AND typeof(signature) = 'blob' "
-    "AND typeof(key_id) = 'text' AND typeof(state) = 'text' "
-    f"AND state IN ({', '.join(repr(state) for state in _STATES)}) "
-    f"AND typeof(apply_time) IN ('integer', 'real') AND {_FINITE.format('apply_time')} "
-    "AND (revoke_time IS NULL OR (typeof(revoke_time) IN ('integer', 'real') "
-    f"AND {_FINITE.format('revoke_time')})), 0)"
-)
-_GRANT_COLUMNS = "grant_id, handle, grant_bytes, signature, key_id, state"
-# Built from the constants above only (no value from outside).
-_LOAD_WELL_TYPED = (
-    f"SELECT {_GRANT_COLUMNS}, CAST(apply_time AS REAL), CAST(revoke_time AS REAL) "  # noqa: S608
-    f"FROM grants WHERE {_WELL_TYPED}"
-)
-_LOAD_OTHERS = (
-    f"SELECT {_GRANT_COLUMNS}, apply_time, revoke_time FROM grants WHERE NOT {_WELL_TYPED}"  # noqa: S608
+_STATE_SET = frozenset(_STATES)
+_new_tuple = tuple.__new__
+_GRANT_QUERY = (
+    "SELECT grant_id, handle, grant_bytes, signature, key_id, state, apply_time, "
+    "revoke_time FROM grants"
 )
 
 
@@ -358,17 +340,34 @@ class Store:
             raise
 
     def load(self) -> list[StoredGrant | BadRow]:
-        """Every grant row, typed but not verified (the engine verifies): the well-typed
-        rows as SQLite returns them, then any others through _row (BadRow, or a row
-        _row still accepts)."""
+        """Every grant row, typed but not verified (the engine verifies)."""
         try:
-            good: list[StoredGrant | BadRow] = list(
-                map(StoredGrant._make, self._db.execute(_LOAD_WELL_TYPED))
-            )
-            others = self._db.execute(_LOAD_OTHERS).fetchall()
+            rows = self._db.execute(_GRANT_QUERY).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {_describe(exc)}") from None
-        return good + [_row(raw) for raw in others]
+        loaded: list[StoredGrant | BadRow] = []
+        append, isfinite, states = loaded.append, math.isfinite, _STATE_SET
+        for raw in rows:
+            # The usual row, checked inline and kept as the tuple SQLite made (100k rows
+            # at every start); anything else (an integer time, a garbled column) goes
+            # through _row, which converts it or says what is wrong.
+            grant_id, handle, blob, signature, key_id, state, applied, revoked = raw
+            if (
+                type(grant_id) is str
+                and type(handle) is int
+                and 0 < handle <= MAX_HANDLE
+                and type(blob) is bytes
+                and type(signature) is bytes
+                and type(key_id) is str
+                and state in states
+                and type(applied) is float
+                and isfinite(applied)
+                and (revoked is None or (type(revoked) is float and isfinite(revoked)))
+            ):
+                append(_new_tuple(StoredGrant, raw))
+            else:
+                append(_row(raw))
+        return loaded
 
     def quarantine(self, rows: list[tuple[str, bytes, bytes, str, str]], now: float) -> None:
         """Move rows (grant_id, bytes, signature, key id, reason) out of `grants`: they are
