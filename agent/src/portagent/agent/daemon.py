@@ -16,6 +16,7 @@ use or not configured yet, the kernel refused): systemd retries.
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import os
 import signal
@@ -343,7 +344,7 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     from portagent.agent.adapters.services import ServiceFinder
     from portagent.agent.admin import AdminServer
     from portagent.agent.api.grpc_server import start_server
-    from portagent.agent.engine import Engine, Observers
+    from portagent.agent.engine import Engine, Observers, release_free_memory
     from portagent.agent.fleet_client import FleetClient
     from portagent.agent.store import StoreError
     from portagent.agent.usage import UsageReader
@@ -411,6 +412,10 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             watcher.stop()
         events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON=exc.reason)
         return EX_FAILURE
+    # What the start built (the grant table, the kernel model: millions of objects at
+    # 100k grants) lives as long as the process: the cyclic collector no longer walks it
+    # on every full collection (pauses of a few hundred ms on the grant path otherwise).
+    gc.freeze()
     # Per-flow byte counters and DESTROY events for every entry are per-namespace
     # sysctls; both only affect connections created from now on. After the first
     # reconcile, so that a start that fails earlier leaves them as they were.
@@ -476,6 +481,8 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
 
     signal.signal(signal.SIGHUP, on_hup)
 
+    _notify("READY=1")
+    # After READY=1: listing 100k grants to count them is not what a start waits for.
     active = sum(1 for r in engine.list_grants() if r.state.value == "active")
     events.emit(
         "start",
@@ -485,7 +492,9 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
         HOST_ID=settings.host_id,
         WATCHDOG_SECONDS=watchdog_interval,
     )
-    _notify("READY=1")
+    # The start's freed heap (the store's rows, the snapshot, the kernel listing) goes
+    # back to the OS instead of staying in glibc's free lists (~50 MB at 100k grants).
+    release_free_memory()
     while True:
         stop.wait()
         if reload_requested.is_set():

@@ -1,0 +1,220 @@
+"""A restart against the real kernel, in a network namespace each test creates
+(`ip netns add pt-rs-<random>`; removed after): the engine loads a store filled by one
+signed broker snapshot while it lists the table on a thread, and converges.
+
+What is checked: a restart of an unchanged table commits no element change (no flush,
+no churn: the elements the engine wrote are adopted as they are); what changed while
+the agent was stopped is repaired in the restart's one transaction (a foreign element
+deleted, an element given a timeout longer than its grant replaced, one deleted put
+back), and the kernel then holds exactly what it held before. The root namespace's
+ruleset is never touched: every socket is opened by a thread that entered the test's
+namespace, and `nft` runs through `ip netns exec`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from portagent.agent.adapters.nftables import NftablesFirewall
+from portagent.agent.engine import Engine, SignedInput
+from portagent.agent.model import ElementKey, Source
+from portagent.agent.plan import Plan
+from portagent.agent.render import Layout
+from portagent.agent.settings import ApiSettings, Policy, Settings
+from portagent.agent.store import Store
+from portagent.testing.fakes import memory_log
+from portagent.testing.grants import TestSigner
+from portagent.v1 import agent_pb2
+from portagent.wire.hoststate import sign_host_state
+from portagent.wire.ports import Protocol, parse_port_spec
+from portagent.wire.timestamps import canonical_bytes
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates network namespaces"),
+    pytest.mark.skipif(
+        not (shutil.which("ip") and shutil.which("nft")), reason="needs iproute2 and nftables"
+    ),
+]
+
+T = TypeVar("T")
+_libc = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+PORT = 5432
+GRANTS = 3000
+TTL = 3 * 3600.0
+
+
+class RecordingFirewall(NftablesFirewall):
+    """The real adapter, keeping every plan it applied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plans: list[Plan] = []
+
+    def apply_plan(self, plan: Plan, now: float, layout: Layout | None) -> None:
+        super().apply_plan(plan, now, layout)
+        self.plans.append(plan)
+
+
+def _in_namespace(name: str, fn: Callable[[], T], timeout: float = 240.0) -> T:
+    """Run `fn` in a thread that entered namespace `name` (setns is per thread)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"netns-{name}")
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"work in {name} did not finish in {timeout} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"pt-rs-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
+
+
+def _nft(netns: str, script: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "-f", "-"],
+        input=script,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _settings(signer: TestSigner, state_dir: Path) -> Settings:
+    return Settings(
+        host_id="host-a",
+        api=ApiSettings("127.0.0.1:0", Path("ca"), Path("c"), Path("k")),
+        trusted_keys=(signer.trusted,),
+        policy=Policy(guarded=(parse_port_spec(f"{PORT}/tcp"),), max_ttl=4 * 3600.0),
+        state_dir=state_dir,
+        reconcile_interval=3600.0,
+    )
+
+
+def _source(i: int) -> str:
+    return f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+
+
+def _key(address: str) -> ElementKey:
+    a, b, c, d = (int(part) for part in address.split("."))
+    return ElementKey(Source(4, (a << 24) | (b << 16) | (c << 8) | d, 32), Protocol.TCP, PORT)
+
+
+def _load_by_snapshot(settings: Settings, signer: TestSigner) -> None:
+    """GRANTS grants from one signed snapshot, as the fleet client delivers them."""
+    now = time.time()
+    grants = [
+        agent_pb2.SignedGrant(
+            grant=canonical_bytes(
+                signer.grant_message(
+                    now, grant_id=f"g-{i:05d}", source_prefixes=[f"{_source(i)}/32"], ttl=TTL
+                )
+            ),
+            signature=b"\0" * 64,  # the snapshot's one signature covers it
+            key_id=signer.key_id,
+        )
+        for i in range(1, GRANTS + 1)
+    ]
+    snapshot = sign_host_state(
+        signer.private_key, signer.key_id, host_id="host-a", generation=1, grants=grants, now=now
+    )
+    store, firewall = Store(settings.store_path), NftablesFirewall()
+    engine = Engine(settings, firewall, store, memory_log()[1])
+    try:
+        engine.start()
+        opened = engine.open_host_state(snapshot)
+        result = engine.converge_to(
+            [SignedInput(g.grant, g.signature, g.key_id) for g in opened.grants], issue_time=now
+        )
+        assert not [r for r in result.applied if isinstance(r, Exception)]
+        engine.set_broker_state(1, opened.digest, snapshot=snapshot)
+    finally:
+        engine.stop()
+        store.close()
+        firewall.close()
+
+
+def _restart(settings: Settings) -> tuple[list[Plan], dict[ElementKey, tuple[int, float]], int]:
+    """Start a fresh engine on the stored state: the plans it applied, what the kernel
+    holds after (handle, expiry), and how many grants it enforces."""
+    store, firewall = Store(settings.store_path), RecordingFirewall()
+    engine = Engine(settings, firewall, store, memory_log()[1])
+    try:
+        engine.start()
+        held = {
+            k: (e.handle, e.expire_time)
+            for k, e in firewall.read_state(time.time()).elements.items()
+        }
+        return firewall.plans, held, len(engine.list_grants())
+    finally:
+        engine.stop()
+        store.close()
+        firewall.close()
+
+
+def test_a_restart_adopts_an_unchanged_table_and_repairs_what_changed_while_stopped(
+    tmp_path: Path, netns: str
+) -> None:
+    signer = TestSigner()
+    settings = _settings(signer, tmp_path)
+    _in_namespace(netns, lambda: _load_by_snapshot(settings, signer))
+
+    plans, before, enforced = _in_namespace(netns, lambda: _restart(settings))
+    assert enforced == GRANTS and len(before) == GRANTS
+    # The layout is re-asserted; not one element is added, replaced or deleted.
+    assert [p.is_empty for p in plans] == [True]
+
+    # While the agent is stopped: a foreign element, one granted key given a timeout
+    # past its grant, one deleted.
+    extended, deleted = _source(7), _source(8)
+    _nft(
+        netns,
+        f"add element inet portagent g4_32 {{ 10.99.0.1 . tcp . {PORT} timeout 1h : 4242 }}\n"
+        f"delete element inet portagent g4_32 {{ {extended} . tcp . {PORT} }}\n"
+        f"add element inet portagent g4_32 {{ {extended} . tcp . {PORT} timeout 5h : "
+        f"{before[_key(extended)][0]} }}\n"
+        f"delete element inet portagent g4_32 {{ {deleted} . tcp . {PORT} }}\n",
+    )
+    plans, after, _ = _in_namespace(netns, lambda: _restart(settings))
+    (plan,) = plans
+    assert [e.key for e in plan.delete] == [_key("10.99.0.1")]
+    assert [new.key for _, new in plan.replace] == [_key(extended)]
+    assert [e.key for e in plan.add] == [_key(deleted)]
+    assert {k: h for k, (h, _) in after.items()} == {k: h for k, (h, _) in before.items()}
+    # No element outlives its grant: the replaced one expires no later than before.
+    assert after[_key(extended)][1] <= before[_key(extended)][1] + 1.0
