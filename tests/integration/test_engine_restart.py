@@ -14,6 +14,7 @@ namespace, and `nft` runs through `ip netns exec`.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import secrets
 import shutil
@@ -26,9 +27,10 @@ from typing import Any, TypeVar
 
 import pytest
 
+from portagent.agent.adapters import nft_netlink as nl
 from portagent.agent.adapters.nftables import NftablesFirewall
 from portagent.agent.engine import Engine, SignedInput
-from portagent.agent.model import ElementKey, Source
+from portagent.agent.model import Element, ElementKey, Source
 from portagent.agent.plan import Plan
 from portagent.agent.render import Layout
 from portagent.agent.settings import ApiSettings, Policy, Settings
@@ -218,3 +220,67 @@ def test_a_restart_adopts_an_unchanged_table_and_repairs_what_changed_while_stop
     assert {k: h for k, (h, _) in after.items()} == {k: h for k, (h, _) in before.items()}
     # No element outlives its grant: the replaced one expires no later than before.
     assert after[_key(extended)][1] <= before[_key(extended)][1] + 1.0
+
+
+def test_a_listing_reads_element_lists_at_once_and_odd_elements_one_by_one(
+    netns: str,
+) -> None:
+    # Thousands of elements in the kernel's own layout (each dump datagram's list read
+    # with one struct per element) and, in between, elements laid out otherwise (no
+    # timeout): both read as the element-by-element decoder reads them.
+    now = time.time()
+    v4 = [
+        Element(ElementKey(Source(4, (10 << 24) + i, 32), Protocol.TCP, PORT), i, now + 600 + i)
+        for i in range(1, 3001)
+    ]
+    v6 = [
+        Element(
+            ElementKey(Source(6, (0xFD00 << 112) + i, 128), Protocol.UDP, 53), 5000 + i, now + 900
+        )
+        for i in range(1, 801)
+    ]
+    layout = Layout(
+        (parse_port_spec(f"{PORT}/tcp"), parse_port_spec("53/udp")),
+        "drop",
+        frozenset({(4, 32), (6, 128)}),
+        frozenset(),
+    )
+
+    def listing() -> tuple[Any, dict[str, dict[ElementKey, tuple[int, float]]]]:
+        with NftablesFirewall() as firewall:
+            # Timeouts from a moment ahead, as the engine renders them: none outlives.
+            firewall.apply_plan(Plan(add=tuple(v4 + v6)), time.time() + 0.5, layout)
+            _nft(
+                netns,
+                f"add element inet portagent g4_32 {{ 10.200.0.1 . tcp . {PORT} : 77 }}\n"
+                "add element inet portagent g6_128 { fd00::beef . udp . 53 : 78 }\n",
+            )
+            read_at = time.time()
+            state = firewall.read_state(read_at)
+            # The same table, element by element (parse_element + MapDecoder.decode).
+            one_by_one: dict[str, dict[ElementKey, tuple[int, float]]] = {}
+            sock = firewall._netlink
+            for name, version, prefixlen in (("g4_32", 4, 32), ("g6_128", 6, 128)):
+                decoder = nl.MapDecoder(version, prefixlen, read_at)
+                seq = sock.take_seq()
+                found = one_by_one.setdefault(name, {})
+                for msg in sock.request(nl.dump_request(nl.NFT_MSG_GETSETELEM, seq, name), seq):
+                    for raw in nl.parse_set_elements(msg, name):
+                        element, _ = decoder.decode(raw)
+                        found[element.key] = (element.handle, element.expire_time)
+            return state, one_by_one
+
+    state, one_by_one = _in_namespace(netns, listing)
+    read = {k: (e.handle, e.expire_time) for k, e in state.elements.items()}
+    expected = {**one_by_one["g4_32"], **one_by_one["g6_128"]}
+    assert read.keys() == expected.keys() and len(read) == len(v4) + len(v6) + 2
+    for key, (handle, expiry) in read.items():
+        assert handle == expected[key][0]
+        # Two dumps a moment apart: the kernel counted down in between.
+        assert expiry == expected[key][1] or abs(expiry - expected[key][1]) < 1.0
+    assert read[_key("10.200.0.1")] == (77, math.inf)
+    for element in v4 + v6:
+        handle, expiry = read[element.key]
+        assert (
+            handle == element.handle and element.expire_time - 5.0 < expiry <= element.expire_time
+        )

@@ -110,6 +110,7 @@ NFTA_COUNTER_PACKETS = 2
 _HDR = struct.Struct("=IHHII")  # struct nlmsghdr: len, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # struct nfgenmsg: family, version, res_id (be16)
 _ATTR = struct.Struct("=HH")  # struct nlattr: len, type
+_BE_ATTR = struct.Struct(">HH")  # the same, read as an _ElementList record reads it
 _ERR = struct.Struct("=i")  # struct nlmsgerr: error, then the refused message's header
 _U32 = struct.Struct("=I")
 _BE64 = struct.Struct(">Q")
@@ -521,8 +522,9 @@ def parse_set_elements(msg: Message, set_name: str) -> Iterator[RawElement]:
         yield parse_element(buf, start, end)
 
 
-def element_spans(msg: Message, set_name: str) -> Iterator[tuple[bytes, int, int]]:
-    """(buffer, start, end) of each element of a NEWSETELEM message of our set."""
+def element_lists(msg: Message, set_name: str) -> Iterator[tuple[int, int]]:
+    """(start, end) in msg.buf of each NFTA_SET_ELEM_LIST_ELEMENTS of a NEWSETELEM
+    message of our set."""
     start, end = nft_payload(msg, NFT_MSG_NEWSETELEM)
     for kind, vs, ve in attrs(msg.buf, start, end):
         if kind == NFTA_SET_ELEM_LIST_TABLE and _text(msg.buf, vs, ve) != TABLE:
@@ -530,9 +532,15 @@ def element_spans(msg: Message, set_name: str) -> Iterator[tuple[bytes, int, int
         if kind == NFTA_SET_ELEM_LIST_SET and _text(msg.buf, vs, ve) != set_name:
             raise _bad("elements of another set")
         if kind == NFTA_SET_ELEM_LIST_ELEMENTS:
-            for sub, ss, se in attrs(msg.buf, vs, ve):
-                if sub == NFTA_LIST_ELEM:
-                    yield msg.buf, ss, se
+            yield vs, ve
+
+
+def element_spans(msg: Message, set_name: str) -> Iterator[tuple[bytes, int, int]]:
+    """(buffer, start, end) of each element of a NEWSETELEM message of our set."""
+    for vs, ve in element_lists(msg, set_name):
+        for sub, ss, se in attrs(msg.buf, vs, ve):
+            if sub == NFTA_LIST_ELEM:
+                yield msg.buf, ss, se
 
 
 class MapDecoder:
@@ -547,6 +555,7 @@ class MapDecoder:
         self._hostmask = (1 << (bits - prefixlen)) - 1
         self._networks: dict[int, Source] = {}
         self._shape: _Shape | None = None
+        self._list: _ElementList | None = None
         self._learned = False
 
     def network(self, value: int) -> Source:
@@ -558,6 +567,42 @@ class MapDecoder:
             network = Source(self.version, value, self.prefixlen)
             self._networks[value] = network
         return network
+
+    def element_list(
+        self, buf: bytes, start: int, end: int
+    ) -> list[tuple[Element, tuple[int, int]]] | None:
+        """Every element of the NFTA_SET_ELEM_LIST_ELEMENTS body buf[start:end] when
+        all are laid out like the learned one (the usual case: one struct call per
+        element); None otherwise (nothing decoded: the caller goes element by element)."""
+        fast = self._list
+        if fast is None or (end - start) % fast.record.size:
+            return None
+        consts, const_values, pick = fast.consts, fast.const_values, fast.pick
+        networks, now = self._networks, self._now
+        version, prefixlen, hostmask = self.version, self.prefixlen, self._hostmask
+        version4 = version == 4
+        decoded: list[tuple[Element, tuple[int, int]]] = []
+        append = decoded.append
+        for fields in fast.record.iter_unpack(memoryview(buf)[start:end]):
+            if consts(fields) != const_values:
+                return None
+            if version4:
+                value, proto, port, mark, exp, packets, octets = pick(fields)
+            else:
+                high, low, proto, port, mark, exp, packets, octets = pick(fields)
+                value = (high << 64) | low
+            protocol = _PROTOCOLS.get(proto)
+            if protocol is None:
+                raise _bad(f"protocol {proto} in a grant map")
+            network = networks.get(value)
+            if network is None:  # self.network, inline: 100k distinct sources at 100k
+                if value & hostmask:
+                    self.network(value)  # raises, naming the element
+                network = networks[value] = _new(Source, (version, value, prefixlen))
+            key = _new(ElementKey, (network, protocol, port))
+            element = _new(Element, (key, _U32.unpack(mark)[0], now + exp / 1000))
+            append((element, (packets, octets) if packets or octets else _NO_TRAFFIC))
+        return decoded
 
     def element(self, buf: bytes, start: int, end: int) -> tuple[Element, tuple[int, int]]:
         """The NFTA_LIST_ELEM body buf[start:end]."""
@@ -585,6 +630,9 @@ class MapDecoder:
         if not self._learned:  # learn from the first element only: bounded work
             self._learned = True
             self._shape = _learn_shape(buf, start, end, self._addr_len)
+            if self._shape is not None and start >= 4:
+                header = _BE_ATTR.unpack_from(buf, start - 4)
+                self._list = _ElementList.of(self._shape, header)
         return decoded
 
     def _fast(
@@ -654,6 +702,9 @@ class _Shape:
     # With every value present (the usual case): picks (address or its two halves,
     # protocol, port, mark, expiration, packets, bytes) in one C call.
     pick: Callable[[tuple[Any, ...]], tuple[Any, ...]] | None = None
+    # Field indexes of the constants and of what `pick` picks (for _ElementList).
+    const_at: tuple[int, ...] = ()
+    pick_at: tuple[int, ...] = ()
 
 
 def _learn_shape(buf: bytes, start: int, end: int, addr_len: int) -> _Shape | None:
@@ -715,11 +766,44 @@ def _learn_shape(buf: bytes, start: int, end: int, addr_len: int) -> _Shape | No
     where = {r: i for i, r in enumerate(roles) if r not in (_CONST, _SKIP)}
     if layout.size != end - start or _MARK not in where or _PROTO not in where:
         return None
-    consts = operator.itemgetter(*(i for i, r in enumerate(roles) if r == _CONST))
+    const_at = tuple(i for i, r in enumerate(roles) if r == _CONST)
+    consts = operator.itemgetter(*const_at)
     full: tuple[int, ...] = (_ADDR,) if addr_len == 4 else (_ADDR_HI, _ADDR_LO)
     full += (_PROTO, _PORT_F, _MARK, _EXP, _PACKETS, _BYTES)
-    pick = operator.itemgetter(*(where[r] for r in full)) if set(full) <= set(where) else None
-    return _Shape(layout, consts, consts(layout.unpack_from(buf, start)), where, pick)
+    pick_at = tuple(where[r] for r in full) if set(full) <= set(where) else ()
+    pick = operator.itemgetter(*pick_at) if pick_at else None
+    return _Shape(
+        layout, consts, consts(layout.unpack_from(buf, start)), where, pick, const_at, pick_at
+    )
+
+
+@dataclass(frozen=True)
+class _ElementList:
+    """A whole NFTA_SET_ELEM_LIST_ELEMENTS of elements shaped like the learned one, as
+    one run of fixed-size records (attribute header + element), unpacked by
+    struct.iter_unpack: no per-element attribute walk. Every record's header and
+    constant fields must hold exactly what the learned element's held."""
+
+    record: struct.Struct
+    consts: Callable[[tuple[Any, ...]], Any]
+    const_values: Any
+    pick: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+
+    @staticmethod
+    def of(shape: _Shape, header: tuple[int, int]) -> _ElementList | None:
+        """For elements of `shape` under the NFTA_LIST_ELEM header (length, type) read
+        as big-endian u16s (constants are compared as read, whatever the byte order);
+        None when the records would not be contiguous or a value is missing."""
+        if not shape.pick_at or shape.struct.size % 4 or shape.struct.format[:1] != ">":
+            return None
+        record = struct.Struct(">HH" + shape.struct.format[1:])
+        const_at = (0, 1, *(i + 2 for i in shape.const_at))
+        return _ElementList(
+            record,
+            operator.itemgetter(*const_at),
+            (*header, *shape.const_values),
+            operator.itemgetter(*(i + 2 for i in shape.pick_at)),
+        )
 
 
 def decode_mark(set_name: str, raw: RawElement, now: float) -> MarkElement:
@@ -932,13 +1016,7 @@ def _read_state(sock: NetlinkSocket, now: float) -> KernelState:
             ):
                 raise _bad(f"map {name} with key length {key_len}, data length {data_len}")
             state.maps.add((version, prefixlen))
-            decoder = MapDecoder(version, prefixlen, now)
-            for buf, start, end in _set_element_spans(sock, name):
-                element, counter = decoder.element(buf, start, end)
-                if element.key in state.elements:
-                    raise DumpInterrupted(f"{name} listed an element twice")
-                state.elements[element.key] = element
-                state.counters[element.key] = counter
+            _read_map(sock, name, MapDecoder(version, prefixlen, now), state)
         elif _MARK_SET_NAME.fullmatch(name):
             if key_len != 4:
                 raise _bad(f"handle set {name} with key length {key_len}")
@@ -951,6 +1029,33 @@ def _read_state(sock: NetlinkSocket, now: float) -> KernelState:
     # dump's duration, plus the kernel's millisecond rounding.
     state.uncertainty = max(0.0, time.time() - min(now, started)) + 0.001
     return state
+
+
+def _read_map(sock: NetlinkSocket, name: str, decoder: MapDecoder, state: KernelState) -> None:
+    """The elements of map `name` into `state`: each element list at once when it is
+    laid out like the map's first element (MapDecoder.element_list), else one by one."""
+    elements, counters = state.elements, state.counters
+    count = 0
+    seq = sock.take_seq()
+    for msg in sock.request(dump_request(NFT_MSG_GETSETELEM, seq, name), seq):
+        buf = msg.buf
+        for start, end in element_lists(msg, name):
+            decoded = decoder.element_list(buf, start, end)
+            if decoded is None:
+                decoded = [
+                    decoder.element(buf, ss, se)
+                    for sub, ss, se in attrs(buf, start, end)
+                    if sub == NFTA_LIST_ELEM
+                ]
+            count += len(decoded)
+            if count > MAX_ELEMENTS_PER_SET:
+                raise _bad(f"more than {MAX_ELEMENTS_PER_SET} elements in {name}")
+            for element, counter in decoded:
+                key = element.key
+                if key in elements:
+                    raise DumpInterrupted(f"{name} listed an element twice")
+                elements[key] = element
+                counters[key] = counter
 
 
 def _set_element_spans(sock: NetlinkSocket, name: str) -> Iterator[tuple[bytes, int, int]]:
