@@ -7,11 +7,14 @@ process): nothing here touches the caller's ruleset. Inside, it builds a real st
 (a store in a temporary directory, loaded by ONE signed broker snapshot through
 Engine.converge_to, as the fleet client does, with the real nftables table), stops that
 engine, and then starts a fresh one `--repeats` times, each in a new child process
-(fresh imports, fresh heap), printing per step: store open, engine construction,
-store load, snapshot verify, row parse + table, revoked ids, kernel read, plan and
-apply, the whole start, and the process's RSS after it. The import cost of the
-daemon's start path is timed once with `python -X importtime`. Cleans up its
-directory on every exit.
+(fresh imports, fresh heap), printing per step its wall time and the CPU time of
+the thread that ran it (steadier on a shared machine): store open, engine
+construction, store load, snapshot verify, row parse + table, the kernel listing (on
+its own thread, beside the load), plan and apply, the whole start, and the process's
+RSS after it and after malloc_trim. --cprofile adds cProfile's view of each start.
+The import cost of the daemon's start path is timed once with `python -X importtime`
+(the daemon's whole start, imports and servers included: `python -m bench.run
+--scenario restart`). Cleans up its directory on every exit.
 """
 
 from __future__ import annotations
@@ -179,14 +182,7 @@ def _start_child(state_dir: Path, profile: bool) -> int:
             engine.start()
         pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(45)
     else:
-        if os.environ.get("RESTART_PROFILE_NO_GC") == "1":
-            import gc
-
-            gc.disable()
-            engine.start()
-            gc.enable()
-        else:
-            engine.start()
+        engine.start()
     steps["Engine.start"] = time.perf_counter() - began
     steps["Engine.start cpu"] = time.process_time() - cpu
     steps["rows parse + table"] = (
