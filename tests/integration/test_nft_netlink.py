@@ -34,6 +34,7 @@ import pytest
 
 from portagent.agent.adapters import nft_netlink as nl
 from portagent.agent.adapters.nftables import NftablesFirewall
+from portagent.agent.adapters.ruleset_watch import RulesetWatcher, decode_newgen
 from portagent.agent.model import Element, ElementKey, MarkElement, Source
 from portagent.agent.plan import Plan
 from portagent.agent.render import Layout, parse_listing, render_plan
@@ -415,3 +416,46 @@ def test_20k_elements_round_trip_exactly(ns: Namespace) -> None:
             assert jiffy_floor(sent, timeouts[nl.map_key(key)])
         # read back no later than wanted (plus the time the test took to read)
         assert state.elements[key].expire_time <= element.expire_time + (time.time() - now)
+
+
+def test_the_ruleset_watcher_sees_every_commit_and_none_of_the_element_echoes(
+    ns: Namespace,
+) -> None:
+    # A 20k-element batch echoes 20k messages to the nftables group: the watcher's
+    # filter drops them in the kernel, so it sees exactly the two NEWGENs (structure,
+    # then elements) and never loses events.
+    commits: list[tuple[int, str]] = []
+    lost: list[bool] = []
+
+    def body(stack: ExitStack) -> None:
+        watcher = RulesetWatcher(
+            lambda pid, name: commits.append((pid, name)), lambda: lost.append(True)
+        )
+        watcher.start()
+        stack.callback(watcher.stop)
+        firewall = NftablesFirewall()
+        stack.callback(firewall.close)
+        now = time.time()
+        firewall.apply_plan(Plan(), now, LAYOUT)
+        elements = tuple(
+            Element(ElementKey(src(4, 0x0A000000 + i, 32), Protocol.TCP, PORT), i + 1, now + 600)
+            for i in range(20_000)
+        )
+        firewall.apply_plan(Plan(add=elements), now, None)
+        deadline = time.monotonic() + 10
+        while len(commits) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything more would have arrived by now
+
+    ns.inside(body)
+    assert len(commits) == 2 and not lost
+    assert all(pid > 0 and name != "?" for pid, name in commits)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\0\0\0", b"\0\0\0\0" + b"\x08\0", b"\0\0\0\0" + b"\x40\0\x02\0" + b"\0" * 4],
+)
+def test_a_malformed_newgen_is_refused_not_crashing(payload: bytes) -> None:
+    with pytest.raises(EnforcementError):
+        decode_newgen(payload, 0, len(payload))
