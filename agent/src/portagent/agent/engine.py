@@ -407,6 +407,12 @@ class Engine:
             self._reconcile_full(result)
         finally:
             if collecting:
+                if len(self._table) >= 10_000:
+                    # What the load built lives as long as the engine: moved out of the
+                    # collector's sight, else the first collection after gc.enable()
+                    # walks all of it (~1M objects, 0.2 s at 100k, before READY).
+                    # Small tables (tests) are left alone.
+                    gc.freeze()
                 gc.enable()
         self._next_full = self._clock() + self._settings.reconcile_interval
         self._writer.start()
@@ -887,8 +893,8 @@ class Engine:
                 command.future.set_result(answer.record)
 
     def _commit(self, decisions: Decisions, now: float) -> dict[str, int]:
-        """Store rows, one kernel batch, COMMIT; then the table, logs and cuts. Returns
-        the handles the store gave the new grants."""
+        """Handles, one kernel batch, store rows, COMMIT; then the table, logs and cuts.
+        Returns the handles the store gave the new grants."""
         store = self._store
         handles: dict[str, int] = {}
         changed: list[GrantRecord] = []
@@ -904,23 +910,6 @@ class Engine:
                             strict=True,
                         )
                     )
-                    drafts = [decisions.drafts[grant_id] for grant_id in decisions.inserts]
-                    store.insert_many(
-                        NewRow(
-                            d.grant.grant_id,
-                            handles[d.grant.grant_id],
-                            d.grant_bytes,
-                            d.signature,
-                            d.grant.key_id,
-                            d.grant.expire_time,
-                            d.apply_time,
-                        )
-                        for d in drafts
-                    )
-                for note in decisions.revokes:
-                    store.mark_revoked(note.grant_id, now)
-                for grant_id, forget_after in decisions.revoked_ids:
-                    store.remember_revoked(grant_id, forget_after)
                 # The signature stays in the store: memory holds only what is served.
                 changed = [
                     GrantRecord(
@@ -934,10 +923,29 @@ class Engine:
                     )
                     for d in decisions.drafts.values()
                 ]
-                # Kernel last, inside the store transaction: if nftables refuses (one
-                # atomic batch), the store rolls back and nothing changed anywhere.
+                # The kernel inside the store transaction, before the rows (a port opens
+                # without waiting for them): if nftables refuses (one atomic batch), the
+                # store rolls back and nothing changed anywhere; if anything after it
+                # fails, the kernel change is taken back (_revert_kernel).
                 self._converge_records(changed, now)
                 kernel_changed = True
+                if decisions.inserts:
+                    store.insert_many(
+                        NewRow(
+                            d.grant.grant_id,
+                            handles[d.grant.grant_id],
+                            d.grant_bytes,
+                            d.signature,
+                            d.grant.key_id,
+                            d.grant.expire_time,
+                            d.apply_time,
+                        )
+                        for d in (decisions.drafts[grant_id] for grant_id in decisions.inserts)
+                    )
+                for note in decisions.revokes:
+                    store.mark_revoked(note.grant_id, now)
+                for grant_id, forget_after in decisions.revoked_ids:
+                    store.remember_revoked(grant_id, forget_after)
             # COMMIT happened on leaving the block; only now is the change real.
         except PortagentError:
             raise  # the kernel refused the batch: it changed nothing, the store rolled back
