@@ -79,3 +79,21 @@ def test_remove_drops_the_grant_from_every_key_and_due_times_pop_once() -> None:
     keys = set(element_keys(a))
     assert {k.port: e.handle for k, e in table.desired_for(keys, NOW, {}).items()} == {22: 2}
     assert len(table) == 1 and 1 not in table.by_handle
+
+
+def test_only_active_grants_cover_keys_so_revoked_ones_do_not_pile_up() -> None:
+    # Sustained grant + revoke on one source and port: revoked grants stay in the table
+    # until their replay window ends, but planning that key walks only the active one.
+    table = GrantTable()
+    key = element_keys(record(1, "10.0.0.1/32", 22, 22, 60.0))[0]
+    for handle in range(1, 1001):
+        granted = record(handle, "10.0.0.1/32", 22, 22, 60.0)
+        table.put(granted, NOW + 60)
+        table.put(replace(granted, state=GrantState.REVOKED), NOW + 60)
+    kept = record(1001, "10.0.0.1/32", 22, 22, 30.0)
+    table.put(kept, NOW + 30)
+    assert len(table) == 1001
+    assert table._covering == {key: (1001,)}
+    assert table.desired_for([key], NOW, {}) == desired_elements(table.by_id.values(), NOW)
+    table.remove(kept.grant.grant_id)
+    assert table._covering == {}

@@ -53,14 +53,21 @@ class GrantTable:
         return self.by_id.get(grant_id)
 
     def put(self, record: GrantRecord, due: float) -> None:
-        """Add a grant or replace one (same id, same handle: a state change)."""
+        """Add a grant or replace one (same id, same handle: a state change). Only active
+        grants cover keys: a revoked or expired one stays in the table (for its records
+        and the replay memory) without growing the handles every plan of its keys walks
+        (thousands on one key under sustained grant + revoke)."""
         previous = self.by_id.get(record.grant.grant_id)
         self.by_id[record.grant.grant_id] = record
         self.by_handle[record.handle] = record
-        if previous is None:
-            covering = self._covering
-            for key in element_keys(record):
-                covering[key] = (*covering.get(key, ()), record.handle)
+        was_active = previous is not None and previous.state is GrantState.ACTIVE
+        if record.state is GrantState.ACTIVE:
+            if not was_active:
+                covering = self._covering
+                for key in element_keys(record):
+                    covering[key] = (*covering.get(key, ()), record.handle)
+        elif was_active:
+            self._uncover(record)
         heapq.heappush(self._due, (due, record.grant.grant_id))
 
     def remove(self, grant_id: str) -> GrantRecord | None:
@@ -68,6 +75,10 @@ class GrantTable:
         if record is None:
             return None
         self.by_handle.pop(record.handle, None)
+        self._uncover(record)
+        return record
+
+    def _uncover(self, record: GrantRecord) -> None:
         for key in element_keys(record):
             handles = self._covering.get(key)
             if handles is not None:
@@ -76,7 +87,6 @@ class GrantTable:
                     self._covering[key] = left
                 else:
                     del self._covering[key]
-        return record
 
     def pop_due(self, now: float) -> list[GrantRecord]:
         """Grants with a due time at or before `now` (each once; stale entries dropped)."""
