@@ -59,8 +59,9 @@ def grants(count: int, measured: list[tuple[str, str, int]]) -> list[Grant]:
 def portagent_layout(all_grants: list[Grant], refuse: str = "drop") -> str:
     now = time.time()
     elements = tuple(
-        Element(ElementKey(Source.of(ipaddress.ip_network(f"{g.source}/32")), Protocol(g.protocol), g.port),
-                 g.handle, now + TTL_S)
+        Element(ElementKey(Source.of(ipaddress.ip_network(f"{g.source}/32")),
+                           Protocol(g.protocol), g.port),
+                g.handle, now + TTL_S)
         for g in all_grants)
     layout = Layout(guarded=GUARDED, refuse_action=refuse, maps=frozenset({(4, 32)}))
     return render_plan(Plan(add=elements, maps=frozenset({(4, 32)})), now, layout)
