@@ -34,7 +34,7 @@ import grpc
 
 from portagent.agent import __version__
 from portagent.agent.adapters.journal import EventLog, Priority
-from portagent.agent.engine import Engine, SignedInput
+from portagent.agent.engine import Engine, SignedInput, release_free_memory
 from portagent.agent.fleet_sync import (
     STABLE_AFTER,
     Action,
@@ -58,6 +58,9 @@ from portagent.wire.errors import (
 )
 from portagent.wire.hoststate import MAX_FLEET_MESSAGE_BYTES
 from portagent.wire.timestamps import seconds_of, timestamp
+
+# A snapshot this large is followed by handing freed memory back to the OS (~4k grants).
+LARGE_SNAPSHOT_BYTES = 1 << 20
 
 CONNECT_METHOD = "/portagent.v1.FleetService/Connect"
 # TCP + TLS must be up within this, or the next address is tried.
@@ -339,7 +342,16 @@ class FleetClient:
         try:
             for response in call:
                 session.got_message = True
+                large = response.WhichOneof("message") == "snapshot" and (
+                    len(response.snapshot.state) >= LARGE_SNAPSHOT_BYTES
+                )
                 self._handle(session, response)
+                if large:
+                    # A 100k-grant snapshot leaves its message (~25 MB), its parse and
+                    # the request objects built from it: drop them and hand the freed
+                    # heap back now, not when the next message replaces this one.
+                    del response
+                    release_free_memory()
         finally:
             done.set()
             session.outbox.close()
