@@ -15,7 +15,6 @@ Debian-like venv: `PYTHONPATH=src /tmp/pr072/bin/python -m pytest ...`).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import shutil
@@ -27,7 +26,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -39,7 +37,7 @@ from portagent.agent.adapters.conntrack import (
     EventKind,
     Flow,
 )
-from portagent.testing.netns import NetnsPair
+from portagent.testing.netns import NetnsPair, in_netns
 from portagent.wire.errors import EnforcementError
 
 pytestmark = [
@@ -111,36 +109,7 @@ while time.monotonic() < deadline:
     udp.sendto(data, peer)
 """
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
-T = TypeVar("T")
 
-
-def in_netns(ns: str, fn: Callable[[], T], timeout: float = 20.0) -> T:
-    """Run `fn` in a short-lived thread that entered `ns` (setns affects only that
-    thread). Sockets it creates stay in `ns` when used from other threads."""
-    box: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"netns-{ns}")
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"work in {ns} did not finish within {timeout} s"
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
 
 
 @dataclass

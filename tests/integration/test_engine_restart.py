@@ -13,17 +13,15 @@ namespace, and `nft` runs through `ip netns exec`.
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import secrets
 import shutil
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -37,6 +35,7 @@ from portagent.agent.settings import ApiSettings, Policy, Settings
 from portagent.agent.store import Store
 from portagent.testing.fakes import memory_log
 from portagent.testing.grants import TestSigner
+from portagent.testing.netns import in_netns
 from portagent.v1 import agent_pb2
 from portagent.wire.hoststate import sign_host_state
 from portagent.wire.ports import Protocol, parse_port_spec
@@ -50,9 +49,6 @@ pytestmark = [
     ),
 ]
 
-T = TypeVar("T")
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
 PORT = 5432
 GRANTS = 3000
 TTL = 3 * 3600.0
@@ -69,31 +65,6 @@ class RecordingFirewall(NftablesFirewall):
         super().apply_plan(plan, now, layout)
         self.plans.append(plan)
 
-
-def _in_namespace(name: str, fn: Callable[[], T], timeout: float = 240.0) -> T:
-    """Run `fn` in a thread that entered namespace `name` (setns is per thread)."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"netns-{name}")
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"work in {name} did not finish in {timeout} s"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
 
 
 @pytest.fixture
@@ -194,9 +165,9 @@ def test_a_restart_adopts_an_unchanged_table_and_repairs_what_changed_while_stop
 ) -> None:
     signer = TestSigner()
     settings = _settings(signer, tmp_path)
-    _in_namespace(netns, lambda: _load_by_snapshot(settings, signer))
+    in_netns(netns, lambda: _load_by_snapshot(settings, signer))
 
-    plans, before, enforced = _in_namespace(netns, lambda: _restart(settings))
+    plans, before, enforced = in_netns(netns, lambda: _restart(settings))
     assert enforced == GRANTS and len(before) == GRANTS
     # The layout is re-asserted; not one element is added, replaced or deleted.
     assert [p.is_empty for p in plans] == [True]
@@ -212,7 +183,7 @@ def test_a_restart_adopts_an_unchanged_table_and_repairs_what_changed_while_stop
         f"{before[_key(extended)][0]} }}\n"
         f"delete element inet portagent g4_32 {{ {deleted} . tcp . {PORT} }}\n",
     )
-    plans, after, _ = _in_namespace(netns, lambda: _restart(settings))
+    plans, after, _ = in_netns(netns, lambda: _restart(settings))
     (plan,) = plans
     assert [e.key for e in plan.delete] == [_key("10.99.0.1")]
     assert [new.key for _, new in plan.replace] == [_key(extended)]
@@ -270,7 +241,7 @@ def test_a_listing_reads_element_lists_at_once_and_odd_elements_one_by_one(
                         found[element.key] = (element.handle, element.expire_time)
             return state, one_by_one
 
-    state, one_by_one = _in_namespace(netns, listing)
+    state, one_by_one = in_netns(netns, listing)
     read = {k: (e.handle, e.expire_time) for k, e in state.elements.items()}
     expected = {**one_by_one["g4_32"], **one_by_one["g6_128"]}
     assert read.keys() == expected.keys() and len(read) == len(v4) + len(v6) + 2

@@ -24,7 +24,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -38,6 +37,7 @@ from portagent.agent.adapters.ruleset_watch import RulesetWatcher, decode_newgen
 from portagent.agent.model import Element, ElementKey, MarkElement, Source
 from portagent.agent.plan import Plan
 from portagent.agent.render import Layout, parse_listing, render_plan
+from portagent.testing.netns import in_netns
 from portagent.wire.errors import EnforcementError
 from portagent.wire.ports import Protocol, parse_port_spec
 
@@ -89,29 +89,12 @@ class Namespace:
     def inside(self, fn: Callable[[ExitStack], T], timeout: float = 240.0) -> T:
         """Run `fn` in a short-lived thread that entered the namespace; what it puts on
         its ExitStack (sockets) is closed there when it returns."""
-        box: dict[str, Any] = {}
 
-        def target() -> None:
-            try:
-                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
-                try:
-                    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                        err = ctypes.get_errno()
-                        raise OSError(err, os.strerror(err))
-                finally:
-                    os.close(fd)
-                with ExitStack() as stack:
-                    box["value"] = fn(stack)
-            except BaseException as exc:
-                box["error"] = exc
+        def body() -> T:
+            with ExitStack() as stack:
+                return fn(stack)
 
-        thread = threading.Thread(target=target, name=f"netns-{self.name}")
-        thread.start()
-        thread.join(timeout)
-        assert not thread.is_alive(), f"work in {self.name} did not finish in {timeout} s"
-        if "error" in box:
-            raise box["error"]
-        return box["value"]  # type: ignore[no-any-return]
+        return in_netns(self.name, body, timeout)
 
 
 @pytest.fixture

@@ -8,12 +8,19 @@ when used as a context manager).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+_CLONE_NEWNET = 0x40000000
 
 
 def run(
@@ -128,3 +135,33 @@ def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> boo
             return True
         time.sleep(interval)
     return False
+
+
+def in_netns(name: str, fn: Callable[[], T], timeout: float = 240.0) -> T:
+    """Run `fn` in a short-lived thread that entered namespace `name` (setns affects only
+    that thread) and return what it returns, or raise what it raised. Sockets it creates
+    stay in `name` when used from other threads."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+            finally:
+                os.close(fd)
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"netns-{name}")
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"work in {name} did not finish within {timeout} s"
+    error = box.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    return box["value"]  # type: ignore[return-value]
