@@ -48,6 +48,20 @@ def run(argv: list[str], *, check: bool = True, timeout: float = 120.0,
     return proc
 
 
+def rerun_in_private_netns(module: str, argv: list[str] | None, marker: str,
+                           timeout: float) -> int:
+    """Run `python -m module argv` again in a private network namespace that ends with
+    it (`unshare -n`), with `marker`=1 in its environment: the caller's namespace is
+    never touched. Needs root."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        print("needs root and unshare (util-linux)", file=sys.stderr)
+        return 2
+    argv_inside = [sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])]
+    environ = dict(os.environ, **{marker: "1"})
+    return subprocess.run(["unshare", "-n", *argv_inside], env=environ,
+                          timeout=timeout).returncode
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for processes that import portagent or bench."""
     path = [*AGENT_SRC, str(REPO)]

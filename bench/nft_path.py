@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from bench import env
 
 INSIDE = "PORTAGENT_BENCH_NFT_PATH_INSIDE"
 TIMEOUT = 600.0
@@ -146,13 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dump_child()
     if os.environ.get(INSIDE) == "1":
         return _inside(args.elements, args.singles, args.json)
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        print("needs root and unshare (util-linux)", file=sys.stderr)
-        return 2
-    # A private network namespace that ends with the child: the caller's is never touched.
-    argv_inside = [sys.executable, "-m", "bench.nft_path", *(argv or sys.argv[1:])]
-    env = dict(os.environ, **{INSIDE: "1"})
-    return subprocess.run(["unshare", "-n", *argv_inside], env=env, timeout=TIMEOUT).returncode
+    return env.rerun_in_private_netns("bench.nft_path", argv, INSIDE, TIMEOUT)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bench import env
+
 INSIDE = "PORTAGENT_BENCH_RESTART_PROFILE_INSIDE"
 TIMEOUT = 900.0
 PORT = 5432
@@ -303,13 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return _start_child(args.start_child, args.cprofile)
     if os.environ.get(INSIDE) == "1":
         return _inside(args.grants, args.repeats, args.cprofile)
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        print("needs root and unshare (util-linux)", file=sys.stderr)
-        return 2
-    # A private network namespace that ends with the child: the caller's is never touched.
-    argv_inside = [sys.executable, "-m", "bench.restart_profile", *(argv or sys.argv[1:])]
-    env = dict(os.environ, **{INSIDE: "1"})
-    return subprocess.run(["unshare", "-n", *argv_inside], env=env, timeout=TIMEOUT).returncode
+    return env.rerun_in_private_netns("bench.restart_profile", argv, INSIDE, TIMEOUT)
 
 
 if __name__ == "__main__":
