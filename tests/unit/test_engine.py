@@ -584,3 +584,14 @@ def test_a_grant_not_in_the_snapshot_still_needs_its_own_signature(harness: Harn
     harness.restart()
     assert harness.engine.list_grants() == []
     assert _sql(harness, "SELECT grant_id FROM quarantine") == [("g-own",)]
+
+
+def test_work_after_the_answer_still_runs_once_the_engine_stopped(harness: Harness) -> None:
+    # A large batch that ends while stop() shuts the audit thread down writes its
+    # records inline instead of losing them.
+    ran: list[str] = []
+    harness.engine._after_answer(lambda: ran.append(threading.current_thread().name))
+    harness.engine.stop()
+    harness.engine._after_answer(lambda: ran.append(threading.current_thread().name))
+    assert len(ran) == 2
+    assert ran[0].startswith("audit") and ran[1] == threading.current_thread().name

@@ -16,7 +16,6 @@ use or not configured yet, the kernel refused): systemd retries.
 from __future__ import annotations
 
 import argparse
-import gc
 import ipaddress
 import os
 import signal
@@ -412,10 +411,6 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             watcher.stop()
         events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON=exc.reason)
         return EX_FAILURE
-    # What the start built (the grant table, the kernel model: millions of objects at
-    # 100k grants) lives as long as the process: the cyclic collector no longer walks it
-    # on every full collection (pauses of a few hundred ms on the grant path otherwise).
-    gc.freeze()
     # Per-flow byte counters and DESTROY events for every entry are per-namespace
     # sysctls; both only affect connections created from now on. After the first
     # reconcile, so that a start that fails earlier leaves them as they were.

@@ -839,7 +839,7 @@ class Engine:
             if len(commands) >= TRIM_AFTER_BATCH:
                 # Off the answer's path, after the batch's records (one audit thread):
                 # by then the caller has dropped its request objects too.
-                self._audit.submit(release_free_memory)
+                self._after_answer(release_free_memory)
         self._reassert_late()
 
     def _process(self, commands: list[_Command]) -> None:
@@ -966,10 +966,18 @@ class Engine:
         if len(applied) + len(revoked) > LOG_INLINE_MAX:
             # A snapshot of 100k grants: one record each is the audit trail, and writing
             # them costs seconds; they follow the answer, in order, on their own thread.
-            self._audit.submit(lambda: self._log_changes(applied, revoked))
+            self._after_answer(lambda: self._log_changes(applied, revoked))
         else:
             self._log_changes(applied, revoked)
         return handles
+
+    def _after_answer(self, work: Callable[[], None]) -> None:
+        """Run `work` on the audit thread; inline once stop() shut it down (a batch that
+        ends while the engine stops still writes its records)."""
+        try:
+            self._audit.submit(work)
+        except RuntimeError:
+            work()
 
     def _log_changes(
         self, applied: list[GrantRecord], revoked: list[tuple[GrantRecord, RevokeNote]]

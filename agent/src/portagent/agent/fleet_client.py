@@ -59,8 +59,8 @@ from portagent.wire.errors import (
 from portagent.wire.hoststate import MAX_FLEET_MESSAGE_BYTES
 from portagent.wire.timestamps import seconds_of, timestamp
 
-# A snapshot this large is followed by handing freed memory back to the OS (~4k grants).
-LARGE_SNAPSHOT_BYTES = 1 << 20
+# A snapshot this large is followed by handing freed memory back to the OS.
+LARGE_SNAPSHOT_GRANTS = 1_000
 
 CONNECT_METHOD = "/portagent.v1.FleetService/Connect"
 # TCP + TLS must be up within this, or the next address is tried.
@@ -342,11 +342,7 @@ class FleetClient:
         try:
             for response in call:
                 session.got_message = True
-                large = response.WhichOneof("message") == "snapshot" and (
-                    len(response.snapshot.state) >= LARGE_SNAPSHOT_BYTES
-                )
-                self._handle(session, response)
-                if large:
+                if self._handle(session, response) >= LARGE_SNAPSHOT_GRANTS:
                     # A 100k-grant snapshot leaves its message (~25 MB), its parse and
                     # the request objects built from it: drop them and hand the freed
                     # heap back now, not when the next message replaces this one.
@@ -396,11 +392,12 @@ class FleetClient:
 
     # ---- messages --------------------------------------------------------------------
 
-    def _handle(self, session: _Session, response: fleet_pb2.ConnectResponse) -> None:
+    def _handle(self, session: _Session, response: fleet_pb2.ConnectResponse) -> int:
+        """Act on one message; returns how many grants a snapshot carried (else 0)."""
         kind = response.WhichOneof("message")
         if kind == "snapshot":
-            self._on_snapshot(session, response.snapshot)
-        elif kind == "change":
+            return self._on_snapshot(session, response.snapshot)
+        if kind == "change":
             self._on_change(session, response.change)
         else:
             self._events.emit(
@@ -409,8 +406,10 @@ class FleetClient:
                 Priority.WARNING,
                 BROKER=session.address,
             )
+        return 0
 
-    def _on_snapshot(self, session: _Session, signed: fleet_pb2.SignedHostState) -> None:
+    def _on_snapshot(self, session: _Session, signed: fleet_pb2.SignedHostState) -> int:
+        """Converge to a snapshot; returns how many grants it carried (0 if unopened)."""
         try:
             state = self._engine.open_host_state(signed)
         except PortagentError as exc:
@@ -423,7 +422,7 @@ class FleetClient:
                 PAYLOAD_SHA256=hashlib.sha256(signed.state).hexdigest(),
                 PAYLOAD_BYTES=len(signed.state),
             )
-            return
+            return 0
         generation = state.generation
         payloads = [g.grant for g in state.grants]
         decision = session.sync.on_snapshot(
@@ -431,7 +430,7 @@ class FleetClient:
         )
         if decision.action is Action.REFUSE:
             self._refuse_decision(session, generation, decision)
-            return
+            return len(payloads)
         try:
             result = self._engine.converge_to(
                 [_signed(g) for g in state.grants], issue_time=seconds_of(state.issue_time)
@@ -487,6 +486,7 @@ class FleetClient:
             REFUSED=refused,
             REVOKED=revoked,
         )
+        return len(payloads)
 
     def _on_change(self, session: _Session, change: fleet_pb2.Change) -> None:
         generation = change.generation
