@@ -103,3 +103,24 @@ def test_journald_path_caps_fields_and_survives_refusal() -> None:
     assert len(sent[0]["KEY_ID"]) == MAX_FIELD_CHARS
     log.emit("refuse", "nul\x00here", KEY_ID="k")
     assert out.getvalue() == "<6>nul\\x00here ACTION=refuse KEY_ID=k\n"
+
+
+def test_observers_see_the_record_as_sent_and_cannot_stop_it() -> None:
+    out, log = fallback()
+    seen: list[tuple[str, int, str, dict[str, str]]] = []
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("disk full")
+
+    log.add_observer(lambda a, p, m, r: seen.append((a, int(p), m, dict(r))))
+    log.add_observer(broken)
+    log.emit("apply", "x" * (MAX_MESSAGE_CHARS + 10), grant_id="g1", port=5432, none=None)
+    assert seen == [
+        ("apply", 6, "x" * (MAX_MESSAGE_CHARS - 1) + "…", {"GRANT_ID": "g1", "PORT": "5432"})
+    ]
+    lines = out.getvalue().splitlines()
+    assert "event observer failed: RuntimeError: disk full" in lines[0]
+    assert "GRANT_ID=g1" in lines[1] and "ACTION=apply" in lines[1]
+    log.remove_observer(broken)
+    log.emit("stop", "bye")
+    assert len(out.getvalue().splitlines()) == 3 and seen[-1][0] == "stop"
