@@ -251,6 +251,189 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- audit: the local audit chain, read from its file (no daemon needed) ----------------
+
+
+def _audit_files(args: argparse.Namespace) -> list[Path]:
+    if args.file:
+        path = Path(args.file)
+    else:
+        try:
+            path = load_settings_file(Path(args.config)).audit_path
+        except ConfigError as exc:
+            raise SystemExit(f"portagent: {args.config}: " + "; ".join(exc.problems)) from None
+    from portagent.agent.audit_chain import chain_files
+
+    files = chain_files(path)
+    if not files:
+        raise SystemExit(f"portagent: {path}: no audit chain here (is [audit] enabled?)")
+    return files
+
+
+def _audit_unreadable(exc: OSError) -> SystemExit:
+    hint = (
+        "; run as root or as a member of group portagent"
+        if isinstance(exc, PermissionError)
+        else ""
+    )
+    return SystemExit(f"portagent: {exc.filename}: {exc.strerror or exc}{hint}")
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from portagent.agent.audit_chain import parse_head, verify_files
+
+    try:
+        expect = parse_head(args.expect_head) if args.expect_head else None
+    except ValueError as exc:
+        raise SystemExit(f"portagent: --expect-head: {exc}") from None
+    files = _audit_files(args)
+    try:
+        verdict = verify_files(files, expect)
+    except OSError as exc:
+        raise _audit_unreadable(exc) from None
+    if args.output == "json":
+        print(
+            json.dumps(
+                {
+                    "ok": verdict.ok,
+                    "records": verdict.records,
+                    "first_seq": verdict.first_seq,
+                    "head_seq": verdict.head_seq,
+                    "head_hash": verdict.head_hash,
+                    "problem": verdict.problem,
+                    "notes": verdict.notes,
+                    "files": [str(f) for f in files],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for note in verdict.notes:
+            print(f"note: {note}")
+        print(verdict.summary())
+    return 0 if verdict.ok else 1
+
+
+def _since(text: str) -> float:
+    """--since: an RFC 3339 time, or a duration back from now ("1h")."""
+    from portagent.wire.durations import parse_duration
+
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an RFC 3339 time or a duration like 1h, got {text[:80]!r}"
+        ) from None
+    return when.timestamp()
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from collections import deque
+
+    from portagent.agent.audit_chain import LineError, read_records
+
+    files = _audit_files(args)
+    shown: deque[dict[str, Any]] = deque(maxlen=args.lines or None)
+    try:
+        for where, item in read_records(files):
+            if isinstance(item, LineError):
+                print(
+                    f"portagent: {where}: unreadable line ({item}); see portagent audit verify",
+                    file=sys.stderr,
+                )
+                continue
+            when = dt.datetime.fromisoformat(item.time.replace("Z", "+00:00")).timestamp()
+            if args.since is None or when >= args.since:
+                shown.append(item.as_json())
+    except OSError as exc:
+        raise _audit_unreadable(exc) from None
+    if args.output == "json":
+        for record in shown:  # JSON lines: the records as stored
+            print(json.dumps(record, sort_keys=True))
+        return 0
+    rows = [
+        [
+            _local(r["time"].replace("Z", "+00:00"), "%Y-%m-%d %H:%M:%S %z"),
+            str(r["seq"]),
+            r["action"],
+            escape_text(r["message"]),
+        ]
+        for r in shown
+    ]
+    print(_table(rows, ["TIME", "SEQ", "ACTION", "MESSAGE"]) if rows else "no records")
+    return 0
+
+
+def escape_text(text: str) -> str:
+    """One terminal-safe line: control and format characters as escapes."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def add_audit_commands(sub: Any) -> None:
+    audit = sub.add_parser(
+        "audit",
+        help="verify or show the local audit chain (reads its file; no daemon needed)",
+        description="The agent's decisions in a hash-chained file (docs/audit.md). Reads "
+        "[audit] file from --config, or --file.",
+    )
+    commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = commands.add_parser(
+        "verify",
+        help="check every record and link; exit 0 intact, 1 broken",
+        description="Check every record, its hash and its link to the one before, across the "
+        "rotated files: exit 0 and the head (SEQ:HASH) if intact, 1 naming the first bad "
+        "place (edited, deleted, reordered, garbled). A cut end is only found with "
+        "--expect-head.",
+    )
+    verify.add_argument(
+        "--expect-head",
+        metavar="SEQ:HASH",
+        help="fail unless the chain still holds this head (saved earlier, or "
+        "from journalctl ACTION=audit_head)",
+    )
+    verify.set_defaults(func=cmd_audit_verify)
+    show = commands.add_parser(
+        "show",
+        help="print the records, oldest first",
+        description="Print the records, oldest first (across the "
+        "rotated files). Does not verify them.",
+    )
+    show.add_argument(
+        "--since",
+        type=_since,
+        metavar="WHEN",
+        help="only records from WHEN on: an RFC 3339 time or a duration back from now (1h, 30m)",
+    )
+    show.add_argument(
+        "-n",
+        "--lines",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only the last N records (default: all)",
+    )
+    show.set_defaults(func=cmd_audit_show)
+    for command in (verify, show):
+        command.add_argument(
+            "--file",
+            help="the chain's current file (default: [audit] file "
+            "of --config, else audit.log in the state directory)",
+        )
+        command.add_argument(
+            "-o",
+            "--output",
+            type=output_format,
+            choices=OUTPUT_CHOICES,
+            default="table",
+            help="output format (default table); json: "
+            "verify's result as an object, show's records as JSON lines",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portagent",
@@ -310,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "daemon status: host, API, guarded ports, grant counts").set_defaults(
         func=cmd_status
     )
+    add_audit_commands(sub)
     return parser
 
 

@@ -46,6 +46,7 @@ from portagent.agent.settings import (
 from portagent.wire.errors import ConfigError, PortagentError
 
 if TYPE_CHECKING:
+    from portagent.agent.audit_chain import AuditTrail
     from portagent.agent.store import Store
 
 EX_CONFIG = 78  # sysexits.h: systemd does not restart-loop on a bad config with this
@@ -349,6 +350,7 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     from portagent.agent.usage import UsageReader
 
     events = EventLog()
+    audit = _start_audit(settings, events)
     started = time.time()
     watchdog_interval, ping = _watchdog_pinger()
     try:
@@ -533,7 +535,31 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     if connection_events is not None:
         connection_events.stop()
     engine.stop()
+    if audit is not None:  # after the engine: a batch that ends during stop is recorded
+        events.remove_observer(audit.observe)
+        audit.close()
     return 0
+
+
+def _start_audit(settings: Settings, events: EventLog) -> AuditTrail | None:
+    """The local audit chain (docs/audit.md), or None when [audit] enabled = false. It
+    never stops a start: a file that cannot be written is reported and retried."""
+    if not settings.audit.enabled:
+        return None
+    from portagent.agent.audit_chain import AuditTrail, ChainWriter
+
+    audit = settings.audit
+    trail = AuditTrail(
+        ChainWriter(settings.audit_path, max_bytes=audit.max_file_bytes, keep=audit.keep_files),
+        lambda action, priority, message, fields: events.emit(
+            action, message, Priority(priority), **fields
+        ),
+        sync_interval=audit.sync_interval,
+        anchor_interval=audit.anchor_interval,
+    )
+    trail.start()
+    events.add_observer(trail.observe)
+    return trail
 
 
 def _fleet_changed(old: Settings, new: Settings) -> bool:

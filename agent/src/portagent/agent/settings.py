@@ -84,6 +84,18 @@ class BrokerSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """The local audit chain ([audit], docs/audit.md). Read at start only."""
+
+    enabled: bool = True
+    file: Path | None = None  # None: audit.log in the state directory
+    max_file_bytes: int = 16 << 20  # rotate before a file grows past this
+    keep_files: int = 8  # rotated files kept (file.1 .. file.N)
+    sync_interval: float = 1.0  # fsync at most this long after a record
+    anchor_interval: float = 300.0  # head into journald at most this often while it moves
+
+
+@dataclass(frozen=True)
 class Settings:
     host_id: str
     api: ApiSettings
@@ -99,11 +111,16 @@ class Settings:
     reconcile_interval: float = 30.0
     # None: no [broker] section, no fleet client (grants come through the API only).
     broker: BrokerSettings | None = None
+    audit: AuditSettings = AuditSettings()
     source_path: Path | None = field(default=None, compare=False)
 
     @property
     def store_path(self) -> Path:
         return self.state_dir / "state.db"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.file or self.state_dir / "audit.log"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -153,6 +170,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         "nftables",
         "agent",
         "broker",
+        "audit",
     }
     read.unknown(doc, known_top, "")
 
@@ -271,6 +289,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         problems.append(f"admin.group: not a group name: {admin_group!r}")
 
     broker = _read_broker(doc, read, problems, base_dir, api) if "broker" in doc else None
+    audit = _read_audit(doc, read, problems, base_dir)
 
     if problems:
         raise ConfigError(problems)
@@ -285,7 +304,34 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         refuse_action=refuse,
         reconcile_interval=interval,
         broker=broker,
+        audit=audit,
         source_path=source,
+    )
+
+
+def _read_audit(
+    doc: dict[str, object], read: Reader, problems: list[str], base_dir: Path
+) -> AuditSettings:
+    where = "audit."
+    known = {"enabled", "file", "max_file_mib", "keep_files", "sync_interval", "anchor_interval"}
+    table = read.table(doc, "audit", "", known)
+    mib = read.get(table, "max_file_mib", int, where, 16)
+    if type(mib) is not int or not 1 <= mib <= 4096:
+        problems.append(f"{where}max_file_mib: must be 1..4096, got {mib!r}")
+        mib = 16
+    keep = read.get(table, "keep_files", int, where, 8)
+    if type(keep) is not int or not 1 <= keep <= 1000:
+        problems.append(f"{where}keep_files: must be 1..1000, got {keep!r}")
+        keep = 8
+    return AuditSettings(
+        enabled=read.get(table, "enabled", bool, where, True),
+        file=read.path(table, "file", where, base_dir) if "file" in table else None,
+        max_file_bytes=mib << 20,
+        keep_files=keep,
+        sync_interval=read.duration(table, "sync_interval", where, 1.0, low=0.01, high=60.0),
+        anchor_interval=read.duration(
+            table, "anchor_interval", where, 300.0, low=1.0, high=86400.0
+        ),
     )
 
 
