@@ -309,3 +309,30 @@ def test_any_value_in_any_setting_is_a_config_error_or_valid(value: object, name
         load_settings(text)
     except ConfigError as exc:
         assert exc.problems
+
+
+def test_audit_section_defaults_and_limits() -> None:
+    base = Path("/etc/portagent")
+    default = load_settings(VALID + TestSigner().toml(), base_dir=base)
+    assert default.audit.enabled
+    assert default.audit_path == Path("/etc/portagent/state/audit.log")
+    custom = load_settings(
+        VALID
+        + '[audit]\nfile = "/var/log/pa/audit.log"\nmax_file_mib = 4\nkeep_files = 2\n'
+        + 'sync_interval = "500ms"\nanchor_interval = "1m"\n'
+        + TestSigner().toml(),
+        base_dir=base,
+    )
+    assert custom.audit_path == Path("/var/log/pa/audit.log")
+    assert (custom.audit.max_file_bytes, custom.audit.keep_files) == (4 << 20, 2)
+    assert (custom.audit.sync_interval, custom.audit.anchor_interval) == (0.5, 60.0)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            VALID
+            + '[audit]\nenabled = "yes"\nmax_file_mib = 0\nkeep_files = 5000\nsize = 1\n'
+            + TestSigner().toml(),
+            base_dir=base,
+        )
+    problems = " | ".join(caught.value.problems)
+    for name in ("audit.enabled", "audit.max_file_mib", "audit.keep_files", "audit.size"):
+        assert name in problems, problems

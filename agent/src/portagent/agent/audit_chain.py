@@ -593,9 +593,11 @@ class ChainWriter:
                 and (self._lost or self._unreadable or self._missing or self._torn)
             ):
                 self._flush_pending()
-            if self._fd >= 0 and self._failing is None:
-                self._write(action, priority, message, fields)
-            else:
+            if not (
+                self._fd >= 0
+                and self._failing is None
+                and self._write(action, priority, message, fields)
+            ):
                 self._lost += 1
             return self._transition(failing_before)
 
