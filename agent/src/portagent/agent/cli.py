@@ -254,6 +254,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ---- audit: the local audit chain, read from its file (no daemon needed) ----------------
 
 
+def _audit_fail(text: str) -> SystemExit:
+    """Exit 2: the chain could not be read at all (1 is kept for "chain broken")."""
+    print(f"portagent: {text}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def _audit_files(args: argparse.Namespace) -> list[Path]:
     if args.file:
         path = Path(args.file)
@@ -261,12 +267,15 @@ def _audit_files(args: argparse.Namespace) -> list[Path]:
         try:
             path = load_settings_file(Path(args.config)).audit_path
         except ConfigError as exc:
-            raise SystemExit(f"portagent: {args.config}: " + "; ".join(exc.problems)) from None
+            raise _audit_fail(f"{args.config}: " + "; ".join(exc.problems)) from None
     from portagent.agent.audit_chain import chain_files
 
-    files = chain_files(path)
+    try:
+        files = chain_files(path)
+    except OSError as exc:
+        raise _audit_unreadable(exc) from None
     if not files:
-        raise SystemExit(f"portagent: {path}: no audit chain here (is [audit] enabled?)")
+        raise _audit_fail(f"{path}: no audit chain here (is [audit] enabled?)")
     return files
 
 
@@ -276,7 +285,7 @@ def _audit_unreadable(exc: OSError) -> SystemExit:
         if isinstance(exc, PermissionError)
         else ""
     )
-    return SystemExit(f"portagent: {exc.filename}: {exc.strerror or exc}{hint}")
+    return _audit_fail(f"{exc.filename}: {exc.strerror or exc}{hint}")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
