@@ -8,7 +8,7 @@ import json
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -271,7 +271,7 @@ def test_every_garbage_request_gets_one_json_line(agent: Agent, data: bytes) -> 
 
 
 def test_the_cli_prints_the_one_projection_with_rfc3339_times(
-    agent: Agent, capsys: pytest.CaptureFixture[str]
+    agent: Agent, capsys: pytest.CaptureFixture[str], local_zone: Callable[[str], None]
 ) -> None:
     grant_id = agent.record.grant.grant_id
     socket_args = ["--socket", str(agent.path)]
@@ -294,8 +294,11 @@ def test_the_cli_prints_the_one_projection_with_rfc3339_times(
     assert listed["grant_id"] == grant_id and listed["expire_time"] == shown["expire_time"]
     # The human formats read the same times back ("text" is the broker's name for it).
     assert cli.main([*socket_args, "show", grant_id, "-o", "text"]) == 0
+    # ... as local time with its offset (here an hour east of UTC).
+    local_zone("CET-1")
+    assert cli.main([*socket_args, "show", grant_id]) == 0
     expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(agent.record.grant.expire_time))
-    assert expires in capsys.readouterr().out
+    assert f"{expires} +01:00" in capsys.readouterr().out
     assert cli.main([*socket_args, "list"]) == 0
     assert grant_id in capsys.readouterr().out
 
