@@ -20,7 +20,13 @@ from typing import Any
 from portagent.agent import __version__
 from portagent.agent.admin_protocol import call, stream
 from portagent.agent.settings import DEFAULT_CONFIG_PATH, load_settings_file
-from portagent.wire.cli import closed_stdout_error, duration_arg, format_time, run
+from portagent.wire.cli import (
+    VersionAction,
+    closed_stdout_error,
+    duration_arg,
+    format_time,
+    run,
+)
 from portagent.wire.durations import format_duration
 from portagent.wire.errors import ConfigError, PortagentError
 
@@ -278,13 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default $PORTAGENT_CONFIG or {DEFAULT_CONFIG_PATH})",
     )
     parser.add_argument("--socket", help="admin socket path (overrides --config)")
-    version = f"portagent {__version__}"
-    parser.add_argument("--version", action="version", version=version)
+    def version() -> str:
+        return f"portagent {__version__}"
+
+    parser.add_argument("--version", action=VersionAction, text=version)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        cmd.add_argument("--version", action="version", version=version)
+        cmd.add_argument("--version", action=VersionAction, text=version)
         cmd.add_argument(
             "-o",
             "--output",

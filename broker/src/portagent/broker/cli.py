@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any
 
 from portagent.broker.api_client import (
     MAX_JWT_BYTES,
@@ -48,6 +48,7 @@ from portagent.broker.settings import (
     parse_address,
 )
 from portagent.wire.cli import (
+    VersionAction,
     closed_stdout_error,
     format_time,
     package_version,
@@ -1484,15 +1485,9 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 
-class _VersionAction(argparse.Action):
-    """--version, resolved only when asked (package metadata costs a directory scan)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
-        print(f"{PROG} {package_version('portagent-broker')}")
-        parser.exit(0)
+def _version() -> str:
+    # Resolved only when asked (package metadata costs a directory scan).
+    return f"{PROG} {package_version('portagent-broker')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1503,7 +1498,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("--version", action=VersionAction, text=_version)
     config_help = f"broker.toml to use (default: ${CONFIG_ENV}, else ./broker.toml)"
     parser.add_argument("--config", metavar="FILE", help=config_help)
     # Also accepted after the command; SUPPRESS keeps it from overwriting the global one.
@@ -1563,7 +1558,7 @@ def build_parser() -> argparse.ArgumentParser:
         if handler is not None:
             p.set_defaults(handler=handler)
         if kwargs.get("add_help", True):  # serve's own parser has its --version
-            p.add_argument("--version", action=_VersionAction)
+            p.add_argument("--version", action=VersionAction, text=_version)
         return p
 
     # ---- the service

@@ -253,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     The same few lines as portagent.wire.cli.run (this client depends on nothing but
     the standard library); tests/unit/test_cli_conventions.py holds both to it."""
     try:
-        status = _entry(argv)
-        sys.stdout.flush()  # a buffered write to a closed pipe fails here, not at exit
-        return status
+        try:
+            return _entry(argv)
+        finally:
+            sys.stdout.flush()  # a write to a closed pipe fails here, not at exit
     except KeyboardInterrupt:
         return EX_INTERRUPTED
     except BrokenPipeError:

@@ -18,10 +18,12 @@ three commands to the same behaviour.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from portagent.wire.durations import parse_duration
 
@@ -54,9 +56,12 @@ def closed_stdout_error(exc: BaseException) -> bool:
 def run(main: Callable[[], int]) -> int:
     """main()'s status; 130 on Ctrl-C, 141 when stdout's reader went away."""
     try:
-        status = main()
-        sys.stdout.flush()  # a buffered write to a closed pipe fails here, not at exit
-        return status
+        try:
+            return main()
+        finally:
+            # A buffered write to a closed pipe fails here, not at exit; also after
+            # argparse's --help/--version (SystemExit), which swallow write errors.
+            sys.stdout.flush()
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -81,6 +86,20 @@ def package_version(distribution: str) -> str:
         return "unknown"
 
 
+class VersionAction(argparse.Action):
+    """--version: prints "PROG X.Y.Z" with print(), not argparse's own writer, which
+    swallows a write error (then a closed pipe would end with 0, not 141 as the rest)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *,
+                 text: Callable[[], str], **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+        self.text = text  # a function: package metadata is read only when asked
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
+        print(self.text())
+        parser.exit(0)
+
+
 def parse_duration_arg(text: str) -> float:
     """Seconds of a duration flag's value: "1s", "5m", "1h30m", "250ms" or a bare
     number of seconds ("90", "0.5"); ValueError with an example otherwise."""
@@ -103,15 +122,15 @@ def parse_duration_arg(text: str) -> float:
 
 def duration_arg(*, allow_zero: bool = False) -> Callable[[str], float]:
     """An argparse `type=` for a duration flag; argparse prefixes the flag's name."""
-    from argparse import ArgumentTypeError
-
     def duration(text: str) -> float:
         try:
             seconds = parse_duration_arg(text)
         except ValueError as exc:
-            raise ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(str(exc)) from None
         if seconds == 0 and not allow_zero:
-            raise ArgumentTypeError(f"{text!r} must be longer than 0s ({DURATION_EXAMPLE})")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be longer than 0s ({DURATION_EXAMPLE})"
+            )
         return seconds
 
     return duration
