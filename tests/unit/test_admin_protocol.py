@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -271,7 +274,7 @@ def test_every_garbage_request_gets_one_json_line(agent: Agent, data: bytes) -> 
 
 
 def test_the_cli_prints_the_one_projection_with_rfc3339_times(
-    agent: Agent, capsys: pytest.CaptureFixture[str]
+    agent: Agent, capsys: pytest.CaptureFixture[str], local_zone: Callable[[str], None]
 ) -> None:
     grant_id = agent.record.grant.grant_id
     socket_args = ["--socket", str(agent.path)]
@@ -294,8 +297,11 @@ def test_the_cli_prints_the_one_projection_with_rfc3339_times(
     assert listed["grant_id"] == grant_id and listed["expire_time"] == shown["expire_time"]
     # The human formats read the same times back ("text" is the broker's name for it).
     assert cli.main([*socket_args, "show", grant_id, "-o", "text"]) == 0
+    # ... as local time with its offset (here an hour east of UTC).
+    local_zone("CET-1")
+    assert cli.main([*socket_args, "show", grant_id]) == 0
     expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(agent.record.grant.expire_time))
-    assert expires in capsys.readouterr().out
+    assert f"{expires} +01:00" in capsys.readouterr().out
     assert cli.main([*socket_args, "list"]) == 0
     assert grant_id in capsys.readouterr().out
 
@@ -306,3 +312,81 @@ def test_events_carry_rfc3339_times(agent: Agent) -> None:
     events.close()  # the stream never ends by itself
     assert first["kind"] == "grant_applied" and first["time"].endswith("Z")
     assert cli.seconds(first["time"]) is not None and first["flow"] is None
+
+
+# ---- the `portagent` process: a closed pipe, --watch -o json, Ctrl-C (real processes) ----
+
+PORTAGENT = str(Path(sys.executable).with_name("portagent"))
+
+
+def test_events_into_head_ends_quietly_with_141(agent: Agent) -> None:
+    # `portagent events | head -1` with a real pipe: head exits after the first event;
+    # the next event finds the pipe closed.
+    events = subprocess.Popen([PORTAGENT, "--socket", str(agent.path), "events"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    head = subprocess.Popen(["head", "-1"], stdin=events.stdout, stdout=subprocess.PIPE)
+    assert events.stdout is not None and events.stderr is not None
+    events.stdout.close()  # head holds the only read end now
+    try:
+        first, _ = head.communicate(timeout=30)
+        assert b"grant_applied" in first
+        agent.engine.apply_grant(agent.signer.grant(agent.clock.now))  # one more event
+        assert events.wait(timeout=30) == 141
+        assert events.stderr.read() == b""
+    finally:
+        for proc in (events, head):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        events.stderr.close()
+
+
+def test_watch_json_writes_json_lines_only(agent: Agent) -> None:
+    argv = [PORTAGENT, "--socket", str(agent.path), "list", "--watch", "--interval",
+            "100ms", "--duration", "0.3", "-o", "json"]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+    lines = out.stdout.split("\n")
+    assert lines[-1] == "" and len(lines) >= 2  # each refresh one line, newline-ended
+    for line in lines[:-1]:
+        grants = json.loads(line)  # no header, no blank line, no escape sequence
+        assert {g["grant_id"] for g in grants} >= {agent.record.grant.grant_id}
+    assert out.stderr == ""
+
+
+def test_ctrl_c_while_waiting_on_the_agent_exits_130(tmp_path: Path) -> None:
+    # An agent that accepts and never answers: portagent waits in recv() for 30 s.
+    path = Path(tempfile.mkdtemp(dir="/tmp")) / "s.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(30)
+        proc = subprocess.Popen([PORTAGENT, "--socket", str(path), "status"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(30)
+                assert b'"op": "status"' in conn.recv(1024)  # it now waits for the answer
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    path.unlink()
+    path.parent.rmdir()
+    assert (proc.returncode, out, err) == (130, b"", b"")
+
+
+def test_errors_name_the_socket_once(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.sock"
+    out = subprocess.run([PORTAGENT, "--socket", str(missing), "list"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == (f"portagent: cannot reach the agent at {missing}: no such file or "
+                          "directory (is portagentd running?)\n")  # fmt: skip
+    config = tmp_path / "agent.toml"
+    out = subprocess.run([PORTAGENT, "--config", str(config), "list"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and out.stderr.count(str(config)) == 1, out.stderr
+    assert out.stderr.startswith(f"portagent: {config}: cannot read")

@@ -531,7 +531,10 @@ def test_vote_refusals_print_code_reason_and_exit_status(
     assert len(stub.requests) == 2
 
 
-def test_show_close_and_whoami(broker_toml: ApiStub, capsys: pytest.CaptureFixture[str]) -> None:
+def test_show_close_and_whoami(
+    broker_toml: ApiStub, capsys: pytest.CaptureFixture[str], local_zone: Callable[[str], None]
+) -> None:
+    local_zone("CET-1")  # times print as local time with their offset
     stub = broker_toml
     stub.on("GET /v1/requests/r-0123456789abcdef",
             (200, {"request": GRANTED, "grant": GRANT, "applied": True}))  # fmt: skip
@@ -548,7 +551,8 @@ def test_show_close_and_whoami(broker_toml: ApiStub, capsys: pytest.CaptureFixtu
     assert status == 0 and fields["state:"] == "granted" and fields["approvals:"] == "2/2"
     assert fields["grant:"] == "g-00000000000000aa active" and fields["applied:"] == "yes"
     assert fields["rule:"] == "dba-db" and fields["sources:"] == "192.0.2.7/32"
-    assert "vote:       corp:bob@example.com approved at 2026-11-30T12:00:05Z: ok" in out
+    assert "vote:       corp:bob@example.com approved at 2026-11-30 13:00:05 +01:00: ok" in out
+    assert fields["created:"] == "2026-11-30 13:00:00 +01:00"
     status, out, _ = _cli(capsys, "requests", "close", "r-0123456789abcdef")
     assert (status, out) == (0, "r-0123456789abcdef: closed (2/2 approvals), "
                                 "grant g-00000000000000aa revoked\n")  # fmt: skip

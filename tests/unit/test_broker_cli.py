@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -161,9 +161,11 @@ def test_list_get_watch_json_use_the_shared_projection(
 
 
 def test_list_get_watch_tables(
-    dev: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    dev: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    local_zone: Callable[[str], None],
 ) -> None:
     monkeypatch.setattr(agent_client, "AgentClient", ListingClient)
+    local_zone("UTC0")  # times print as local time with their offset
     for output in ([], ["-o", "table"], ["-o", "text"]):  # text: the old name, same output
         assert cli.main(["list", "--host", "web1", *output]) == 0
         lines = capsys.readouterr().out.splitlines()
@@ -171,10 +173,10 @@ def test_list_get_watch_tables(
         assert "53-54/udp" in lines[1] and lines[2].split()[1] == "revoked"
     assert cli.main(["get", "--host", "web1", "g-7"]) == 0
     out = capsys.readouterr().out
-    assert "expire_time:" in out and "2099-01-01T00:00:00Z" in out
+    assert "expire_time:       2099-01-01 00:00:00 +00:00" in out
     assert "flow:" in out and "udp 192.0.2.10:999 -> 192.0.2.5:53" in out
     assert cli.main(["watch", "--host", "web1", "--count", "1"]) == 0
-    assert "#1 2026-11-30T14:05:01Z connection_closed g-1" in capsys.readouterr().out
+    assert "#1 2026-11-30 14:05:01 +00:00 connection_closed g-1" in capsys.readouterr().out
 
 
 def test_default_ttl_and_agent_override(dev: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,19 +17,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+from portagent.agent import __version__
 from portagent.agent.admin_protocol import call, stream
 from portagent.agent.settings import DEFAULT_CONFIG_PATH, load_settings_file
+from portagent.wire.cli import (
+    VersionAction,
+    closed_stdout_error,
+    duration_arg,
+    format_time,
+    run,
+)
 from portagent.wire.durations import format_duration
 from portagent.wire.errors import ConfigError, PortagentError
 
 
 def _socket_path(args: argparse.Namespace) -> Path:
-    if args.socket:
-        return Path(args.socket)
-    try:
-        return load_settings_file(Path(args.config)).admin_socket
-    except ConfigError as exc:
-        raise SystemExit(f"portagent: {args.config}: " + "; ".join(exc.problems)) from None
+    """The admin socket; remembered in args.socket, which errors about it name."""
+    if not args.socket:
+        try:
+            args.socket = str(load_settings_file(Path(args.config)).admin_socket)
+        except ConfigError as exc:
+            # Each problem names the file once (some already start with its path).
+            prefix = f"{args.config}: "
+            lines = [p if p.startswith(prefix) else prefix + p for p in exc.problems]
+            print("portagent: " + "\nportagent: ".join(lines), file=sys.stderr)
+            raise SystemExit(2) from None
+    return Path(args.socket)
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -60,9 +73,9 @@ def seconds(when: str | float | None) -> float | None:
         return None
 
 
-def _local(when: str | float | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
-    value = seconds(when)
-    return "-" if value is None else time.strftime(fmt, time.localtime(value))
+def _local(when: str | float | None) -> str:
+    """A wall-clock time with its zone (portagent.wire.cli.format_time)."""
+    return format_time(seconds(when))
 
 
 def human_bytes(count: int) -> str:
@@ -127,17 +140,19 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(grants, indent=2) if args.output == "json" else _render_list(grants))
         return 0
     # Refresh in place like `watch`: clear and redraw on a terminal, append otherwise.
+    # -o json: JSON lines only, one `list -o json` array per refresh (no header, no
+    # clearing), for jq and log shippers. Ctrl-C ends it (status 130, portagent.wire.cli).
     clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
     deadline = time.monotonic() + args.duration if args.duration else None
-    try:
-        while deadline is None or time.monotonic() < deadline:
-            grants = call(path, {"op": "list"})
-            body = json.dumps(grants) if args.output == "json" else _render_list(grants)
-            stamp = time.strftime("%H:%M:%S")
-            print(f"{clear}every {args.interval:g}s  {stamp}\n{body}", flush=True)
-            time.sleep(args.interval)
-    except KeyboardInterrupt:
-        pass
+    while deadline is None or time.monotonic() < deadline:
+        grants = call(path, {"op": "list"})
+        if args.output == "json":
+            print(json.dumps(grants), flush=True)
+        else:
+            stamp = format_time(time.time())
+            print(f"{clear}every {args.interval:g}s  {stamp}\n"
+                  f"{_render_list(grants)}", flush=True)  # fmt: skip
+        time.sleep(args.interval)
     return 0
 
 
@@ -201,7 +216,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _event_line(event: dict[str, Any]) -> str:
-    stamp = _local(event["time"], "%H:%M:%S")
+    stamp = _local(event["time"])
     text = f"{stamp} #{event['sequence']} {event['kind']:<18} {event['grant_id'] or '-'}"
     if event["subject"]:
         text += f" {event['subject']}"
@@ -219,11 +234,9 @@ def _event_line(event: dict[str, Any]) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    try:
-        for event in stream(_socket_path(args), {"op": "events", "after": args.after}):
-            print(json.dumps(event) if args.output == "json" else _event_line(event), flush=True)
-    except KeyboardInterrupt:
-        pass
+    # Until the agent goes or Ctrl-C (status 130, portagent.wire.cli.run).
+    for event in stream(_socket_path(args), {"op": "events", "after": args.after}):
+        print(json.dumps(event) if args.output == "json" else _event_line(event), flush=True)
     return 0
 
 
@@ -448,8 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="portagent",
         description="Inspect and control the portagent agent on this host (admin socket; root "
         "or group portagent).",
-        epilog="examples:\n  portagent list\n  portagent show g-3f2a9c1d0b7e4a55\n"
-        "  portagent revoke g-3f2a9c1d0b7e4a55\n  portagent status -o json",
+        epilog="examples:\n  portagent list\n  portagent list --watch --interval 5s -o json\n"
+        "  portagent show g-3f2a9c1d0b7e4a55\n"
+        "  portagent revoke g-3f2a9c1d0b7e4a55\n  portagent status -o json\n\n"
+        "exit status: 0 done; 1 refused by the agent; 2 bad input, or the admin socket "
+        "cannot be reached or used;\n130 interrupted (Ctrl-C); 141 the output's reader "
+        "went away (`| head`).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -459,10 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default $PORTAGENT_CONFIG or {DEFAULT_CONFIG_PATH})",
     )
     parser.add_argument("--socket", help="admin socket path (overrides --config)")
+    def version() -> str:
+        return f"portagent {__version__}"
+
+    parser.add_argument("--version", action=VersionAction, text=version)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--version", action=VersionAction, text=version)
         cmd.add_argument(
             "-o",
             "--output",
@@ -480,12 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
         "connections, bytes, last seen, listening service",
     )
     listing.add_argument("-w", "--watch", action="store_true", help="refresh until Ctrl-C")
-    listing.add_argument("--interval", type=float, default=2.0, help="--watch period (s)")
+    listing.add_argument(
+        "--interval",
+        type=duration_arg(),
+        default=2.0,
+        metavar="DURATION",
+        help="--watch period: 2s, 500ms, 1m or seconds (default 2s)",
+    )
     listing.add_argument(
         "--duration",
-        type=float,
+        type=duration_arg(allow_zero=True),
         default=0.0,
-        help="stop --watch after this many seconds (0: never)",
+        metavar="DURATION",
+        help="stop --watch after this long, e.g. 30s, 5m (default 0: never)",
     )
     listing.set_defaults(func=cmd_list)
     events = add("events", "follow grant and connection events as they happen")
@@ -507,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script: 130 on Ctrl-C, 141 on a closed pipe (portagent.wire.cli)."""
+    return run(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
@@ -514,14 +548,23 @@ def main(argv: list[str] | None = None) -> int:
     except PortagentError as exc:
         print(f"portagent: {exc.reason}: {exc.message}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        print(
-            f"portagent: cannot reach the agent's admin socket: {exc}. Is portagentd running?",
-            file=sys.stderr,
-        )
+    except OSError as exc:
+        if closed_stdout_error(exc):
+            raise
+        # Socket errors carry no path: name it once here (args.socket is set by then).
+        where = f"the agent at {args.socket}" if args.socket else "the agent"
+        why = (exc.strerror or str(exc) or type(exc).__name__).lower()
+        if isinstance(exc, PermissionError):
+            hint = " (run as root or as a member of group portagent)"
+        elif isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+            hint = " (is portagentd running?)"
+        else:
+            hint = ""
+        print(f"portagent: cannot reach {where}: {why}{hint}", file=sys.stderr)
         return 2
-    except PermissionError as exc:
-        print(f"portagent: {exc}: run as root or as a member of group portagent", file=sys.stderr)
+    except ValueError as exc:  # a reply that is not JSON: the agent went away mid-answer
+        print(f"portagent: no usable answer from the agent at {args.socket}: {exc}",
+              file=sys.stderr)  # fmt: skip
         return 2
 
 

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any
 
 from portagent.broker.api_client import (
     MAX_JWT_BYTES,
@@ -46,6 +46,14 @@ from portagent.broker.settings import (
     BrokerSettings,
     load_broker_settings_file,
     parse_address,
+)
+from portagent.wire.cli import (
+    VersionAction,
+    closed_stdout_error,
+    format_time,
+    package_version,
+    run,
+    seconds_or_duration,
 )
 from portagent.wire.durations import format_duration
 from portagent.wire.errors import ConfigError
@@ -196,6 +204,11 @@ def _ago(value: object, now: float) -> str:
     return f"{format_duration(now - when.timestamp())} ago"
 
 
+def _when(value: object) -> str:
+    """A time the service sent (RFC 3339) as the CLIs print times: with its zone."""
+    return format_time(value) if isinstance(value, str) else "-"
+
+
 def _print_grants(grants: Sequence[Mapping[str, Any]], now: float) -> None:
     header = ("GRANT", "HOST", "SUBJECT", "SOURCES", "PORT", "STATE", "EXPIRES", "CONNS",
               "BYTES", "LAST SEEN")  # fmt: skip
@@ -232,7 +245,7 @@ def _print_hosts(hosts: Sequence[Mapping[str, Any]]) -> None:
             _text(h.get("host_id")),
             _text(h.get("labels")),
             _text(h.get("agent_version")),
-            _text(h.get("connected_since")) if h.get("connected") else "-",
+            _when(h.get("connected_since")) if h.get("connected") else "-",
             str(_number(h.get("generation"))),
             str(_number(h.get("acked_generation"))),
             _text(bool(h.get("drift"))),
@@ -250,9 +263,11 @@ def _load_config(args: argparse.Namespace) -> BrokerSettings:
     try:
         return load_broker_settings_file(path)
     except ConfigError as exc:
-        if len(exc.problems) == 1:
-            raise UsageError(f"{path}: {exc.problems[0]}") from None
-        raise UsageError(f"{path}:\n  " + "\n  ".join(exc.problems)) from None
+        # The file named once: some problems (cannot read) already start with it.
+        problems = [p.removeprefix(f"{path}: ") for p in exc.problems]
+        if len(problems) == 1:
+            raise UsageError(f"{path}: {problems[0]}") from None
+        raise UsageError(f"{path}:\n  " + "\n  ".join(problems)) from None
 
 
 def _api(settings: BrokerSettings, *, token: str | None = None) -> ApiClient:
@@ -518,9 +533,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 # --- grant / revoke: through the service or straight to an agent ---------------------------
 
 
-def _ttl_value(text: str | None, default: float) -> str | int | float:
-    if text is not None:
-        return text
+def _ttl_value(ttl: str | float | None, default: float) -> str | int | float:
+    if ttl is not None:
+        return ttl  # "15m", or a bare number's seconds (seconds_or_duration)
     return int(default) if default == int(default) else default
 
 
@@ -659,6 +674,8 @@ def cmd_get(args: argparse.Namespace) -> int:
         return 0
     flows = status.pop("flows", [])
     for key, value in status.items():
+        if key.endswith("_time") or key in ("first_seen", "last_seen"):
+            value = None if value is None else _when(value)
         shown = ", ".join(value) if isinstance(value, list) else "-" if value is None else value
         print(f"{key + ':':<18} {shown}")
     for flow in flows:
@@ -694,7 +711,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                         extra = f" {_flow_text(flow)}" if flow else ""
                         extra += f" ({data['reason']})" if data["reason"] else ""
                         print(
-                            f"#{data['sequence']} {data['time']} {data['kind']} "
+                            f"#{data['sequence']} {_when(data['time'])} {data['kind']} "
                             f"{data['grant_id']} {data['subject']}{extra}",
                             flush=True,
                         )
@@ -706,8 +723,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 raise
             print(f"{PROG}: {exc}; reconnecting after #{after}", file=sys.stderr)
             time.sleep(1)
-        except KeyboardInterrupt:
-            return 0
         if not args.reconnect:
             return 0
 
@@ -1358,9 +1373,9 @@ def _print_request(answer: Mapping[str, Any], now: float) -> None:
         ("rule", _text(r.get("rule"))),
         ("approvals", cells["approvals"]),
         ("approvers", _text(r.get("approvers"))),
-        ("created", _text(r.get("created_at"))),
-        ("expires", _text(r.get("expires_at"))),
-        ("decided", _text(r.get("decided_at"))),
+        ("created", _when(r.get("created_at"))),
+        ("expires", _when(r.get("expires_at"))),
+        ("decided", _when(r.get("decided_at"))),
     ]
     votes = r.get("approvals")
     for vote in votes if isinstance(votes, list) else []:
@@ -1369,7 +1384,7 @@ def _print_request(answer: Mapping[str, Any], now: float) -> None:
             name = approver.get("label") if isinstance(approver, dict) else approver
             verb = "approved" if vote.get("approve") else "denied"
             comment = f": {vote['comment']}" if vote.get("comment") else ""
-            lines.append(("vote", f"{_text(name)} {verb} at {_text(vote.get('time'))}{comment}"))
+            lines.append(("vote", f"{_text(name)} {verb} at {_when(vote.get('time'))}{comment}"))
     grant = answer.get("grant")
     if isinstance(grant, dict):
         lines.append(("grant", f"{_text(grant.get('grant_id'))} {_text(grant.get('state'))}"))
@@ -1470,21 +1485,9 @@ def cmd_whoami(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 
-class _VersionAction(argparse.Action):
-    """--version, resolved only when asked (package metadata costs a directory scan)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> NoReturn:
-        from importlib import metadata
-
-        try:
-            version = metadata.version("portagent-broker")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        print(f"{PROG} {version}")
-        parser.exit(0)
+def _version() -> str:
+    # Resolved only when asked (package metadata costs a directory scan).
+    return f"{PROG} {package_version('portagent-broker')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1495,7 +1498,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action=_VersionAction)
+    parser.add_argument("--version", action=VersionAction, text=_version)
     config_help = f"broker.toml to use (default: ${CONFIG_ENV}, else ./broker.toml)"
     parser.add_argument("--config", metavar="FILE", help=config_help)
     # Also accepted after the command; SUPPRESS keeps it from overwriting the global one.
@@ -1554,6 +1557,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if handler is not None:
             p.set_defaults(handler=handler)
+        if kwargs.get("add_help", True):  # serve's own parser has its --version
+            p.add_argument("--version", action=VersionAction, text=_version)
         return p
 
     # ---- the service
@@ -1600,8 +1605,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["tcp", "udp"], help="alternative to a /tcp, /udp suffix")
     p.add_argument(
         "--ttl",
+        type=seconds_or_duration,
         metavar="DURATION",
-        help="how long access lasts, e.g. 90s, 15m, 1h30m (default: default_ttl)",
+        help="how long access lasts, e.g. 90s, 15m, 1h30m, or seconds (default: default_ttl)",
     )
     p.add_argument("--subject", required=True, help="who the access is for (audit)")
     p.add_argument("--reason", default="", help="reason or ticket reference (audit)")
@@ -1854,7 +1860,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the host's labels (repeat; online default: the inventory's)",
     )
     p.add_argument("--port", required=True, metavar="PORTSPEC", help="e.g. 5432/tcp, 8000-8010")
-    p.add_argument("--ttl", required=True, metavar="DURATION", help="e.g. 15m, 1h")
+    p.add_argument("--ttl", required=True, type=seconds_or_duration, metavar="DURATION",
+                   help="e.g. 15m, 1h, or seconds")  # fmt: skip
     p.add_argument(
         "--source",
         action="append",
@@ -2064,6 +2071,11 @@ def _direct_error(exc: Exception) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: 130 on Ctrl-C, 141 on a closed pipe (portagent.wire.cli)."""
+    return run(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     # `serve` owns its options (--config is service.toml there): hand them over as is.
     if arguments[:1] == ["serve"]:
@@ -2087,6 +2099,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ApiUnreachableError, ApiConfigError, ApiError) as exc:
         return _error(str(exc))
     except Exception as exc:
+        if closed_stdout_error(exc):
+            raise  # run() ends quietly
         status = _direct_error(exc)
         if status is None:
             raise

@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # typing costs start-up time; annotations are strings here
     from portagent.request.api import Broker
 
 EX_USAGE = 64
+EX_INTERRUPTED = 130  # 128 + SIGINT, as portagent and portagent-broker (portagent.wire.cli)
+EX_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away
 ENV_BROKER = "PORTAGENT_BROKER_URL"
 ENV_CA = "PORTAGENT_BROKER_CA"
 MAX_REASON = 256
@@ -29,7 +31,8 @@ portagent-request [--broker URL] [--ca FILE] [--token-file F | --oidc github|bui
        [--audience portagent] --host H --port 5432/tcp --ttl 15m --reason TEXT
        [--source CIDR ...] [--wait-approval 30m] [--request-id ID] [--json] [-- CMD ARGS...]
 portagent-request [--broker URL] [--ca FILE] [token options] --close REQUEST_ID
-portagent-request [--broker URL] [--ca FILE] [token options] --whoami"""
+portagent-request [--broker URL] [--ca FILE] [token options] --whoami
+portagent-request --version"""
 
 EPILOG = """\
 Without CMD: asks for access, waits for approval and for the host to apply it, prints the
@@ -53,7 +56,8 @@ Exit status: 0 done; CMD's own; 64 usage (or the broker refused the request as m
 e.g. an unknown host); 69 broker or OIDC endpoint unreachable/unavailable; 75 timed out
 (--wait-approval exceeded: the request is closed); 77 denied by policy or an approver,
 expired, or not authenticated (the broker's reason and message are printed); 126/127 CMD
-could not be started."""
+could not be started; 130 interrupted (Ctrl-C; the request is closed); 141 the output's
+reader went away (`| head`)."""
 
 
 class UsageError(Exception):
@@ -79,6 +83,7 @@ class Options:
         self.json = False
         self.close: str | None = None
         self.whoami = False
+        self.version = False
 
 
 # option -> (attribute, takes a value, help, metavar); --source may repeat.
@@ -101,6 +106,7 @@ OPTIONS: dict[str, tuple[str, bool, str, str]] = {
     "--json": ("json", False, "print the broker's answer as JSON", ""),
     "--close": ("close", True, "close this request and exit", "REQUEST_ID"),
     "--whoami": ("whoami", False, "print the identity the broker sees", ""),
+    "--version": ("version", False, "print the version and exit", ""),
 }
 
 
@@ -163,10 +169,11 @@ def _digits(text: str) -> bool:
 def parse_duration(text: str, flag: str) -> float:
     """Seconds from "90", "90s", "15m", "1h30m", "250ms"; UsageError naming the flag."""
     compact = text.strip()
-    bad = UsageError(f"{flag} {text[:40]!r}: not a duration (use e.g. 90s, 15m, 1h30m)")
+    bad = UsageError(f"{flag} {text[:40]!r}: not a duration (e.g. 90s, 15m, 1h30m; a bare "
+                     "number is seconds)")
     if not compact or len(compact) > 32:
         raise bad
-    if _digits(compact):
+    if _digits(compact.replace(".", "", 1)):  # a bare number: seconds
         return float(compact)
     total, pos = 0.0, 0
     while pos < len(compact):
@@ -198,6 +205,12 @@ def parse_port(text: str) -> tuple[str, str | None]:
     return ports, protocol or None
 
 
+def _seconds_or_text(ttl: str) -> object:
+    if not _digits(ttl.replace(".", "", 1)):
+        return ttl  # "15m": the broker parses it
+    return int(ttl) if _digits(ttl) else float(ttl)
+
+
 def request_body(args: Options) -> dict[str, object]:
     """The POST /v1/requests body, checked here so a typo costs no round trip."""
     from portagent.request.api import valid_id
@@ -217,8 +230,11 @@ def request_body(args: Options) -> dict[str, object]:
         raise UsageError(f"--reason must be 1-{MAX_REASON} characters")
     if len(args.source) > MAX_SOURCES or any(not 0 < len(s) <= 64 for s in args.source):
         raise UsageError(f"--source: at most {MAX_SOURCES} CIDRs of at most 64 characters")
-    body: dict[str, object] = {"host": args.host, "port": ports, "ttl": args.ttl.strip(),
-                               "reason": args.reason}
+    # A bare number is seconds here; the broker reads a text TTL as a duration ("15m")
+    # only, so send seconds as a number.
+    ttl = args.ttl.strip()
+    body: dict[str, object] = {"host": args.host, "port": ports,
+                               "ttl": _seconds_or_text(ttl), "reason": args.reason}
     if protocol:
         body["protocol"] = protocol
     if args.source:
@@ -232,6 +248,47 @@ def request_body(args: Options) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script: 130 on Ctrl-C, 141 on a closed pipe, no traceback.
+
+    The same few lines as portagent.wire.cli.run (this client depends on nothing but
+    the standard library); tests/unit/test_cli_conventions.py holds both to it."""
+    try:
+        try:
+            return _entry(argv)
+        finally:
+            sys.stdout.flush()  # a write to a closed pipe fails here, not at exit
+    except KeyboardInterrupt:
+        return EX_INTERRUPTED
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's flush at exit
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EX_PIPE
+
+
+def _stdout_closed() -> bool:
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+    except (AttributeError, ValueError, OSError):
+        return False
+    return any(mask & (select.POLLERR | select.POLLHUP) for _, mask in poller.poll(0))
+
+
+def _version() -> str:
+    from importlib import metadata  # only when asked: it scans the installed packages
+
+    try:
+        return metadata.version("portagent-request")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _entry(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Everything after the first "--" is CMD, untouched by option parsing.
     command: list[str] = []
@@ -240,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         argv, command = argv[:split], argv[split + 1:]
     if "-h" in argv or "--help" in argv:
         print_help()
+        return 0
+    if "--version" in argv:
+        print(f"portagent-request {_version()}")
         return 0
     try:
         return _main(parse_args(argv), command)

@@ -347,6 +347,10 @@ def main(argv: Sequence[str]) -> int:
         help="validate the config, open the database, load the keys, tokens and policy; "
         "exit 0 or 78",
     )
+    from portagent.wire.cli import package_version
+
+    parser.add_argument("--version", action="version",
+                        version=f"portagent-broker {package_version('portagent-broker')}")
     args = parser.parse_args(list(argv))
     from portagent.broker.fleet.model import StoreError
     from portagent.broker.policy.model import PolicyError
@@ -359,7 +363,9 @@ def main(argv: Sequence[str]) -> int:
             print(f"{args.config}: ok")
             return 0
     except ConfigError as exc:
-        print(f"{PROG}: {'; '.join(exc.problems)}", file=sys.stderr)
+        # One line per problem, as portagentd prints them (each names its file once).
+        for problem in exc.problems:
+            print(f"{PROG}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     except PolicyError as exc:
         print(f"{PROG}: policy: {'; '.join(exc.problems)}", file=sys.stderr)

@@ -301,7 +301,11 @@ def load_service_settings_file(path: Path) -> ServiceSettings:
         )
     except ConfigError as exc:
         # Name the file in every problem: the service logs one line and exits 78.
-        raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
+        # (Once: read_config_text's own problems already start with it.)
+        prefix = f"{path}: "
+        raise ConfigError(
+            [p if p.startswith(prefix) else prefix + p for p in exc.problems]
+        ) from None
 
 
 def check_files(settings: ServiceSettings) -> None:
