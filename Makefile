@@ -120,7 +120,8 @@ proto-lint: $(BUF)
 		$(BUF) breaking --against '.git#ref=$(PROTO_BASELINE)'; \
 	fi
 
-test: venv lint
+# $(BUF): tests/e2e/test_reflection.py lists the daemons' services with `buf curl`.
+test: venv lint $(BUF)
 	$(PY) -m pytest
 
 test-unit: venv

@@ -46,6 +46,33 @@ if ! grep -q "^## \[$upstream\]" CHANGELOG.md; then
 	exit 1
 fi
 
+# The maintainer (docs/adr/0004-packaging.md): PORTAGENT_MAINTAINER="Name <local@domain>",
+# else Debian's DEBFULLNAME + DEBEMAIL (DEBEMAIL may hold "Name <addr>" itself); unset,
+# packaging/debian/control's placeholder stands. It lands in the control file and in the
+# changelog trailers, so it must be one "Name <local@domain>" and nothing else.
+placeholder='portagent developers <portagent@example.org>'
+maintainer=${PORTAGENT_MAINTAINER:-}
+if [[ -z $maintainer && -n ${DEBEMAIL:-} ]]; then
+	if [[ $DEBEMAIL == *'<'* ]]; then
+		maintainer=$DEBEMAIL
+	elif [[ -n ${DEBFULLNAME:-} ]]; then
+		maintainer="$DEBFULLNAME <$DEBEMAIL>"
+	else
+		echo "build-deb: DEBEMAIL is set but DEBFULLNAME is not (or set PORTAGENT_MAINTAINER=\"Name <local@domain>\")" >&2
+		exit 1
+	fi
+fi
+if [[ -n $maintainer ]]; then
+	name_re='[^<>,[:cntrl:]]*[^<>,[:space:][:cntrl:]]'
+	addr_re='[^<>@,[:space:][:cntrl:]]+@[^<>@,[:space:][:cntrl:]]+\.[^<>@,[:space:][:cntrl:]]+'
+	if [[ $maintainer == *$'\n'* || ! $maintainer =~ ^[^[:space:]]${name_re}\ \<${addr_re}\>$ ]]; then
+		printf 'build-deb: maintainer %q: expected one line "Name <local@domain>" (from %s)\n' \
+			"$maintainer" "$([[ -n ${PORTAGENT_MAINTAINER:-} ]] && echo PORTAGENT_MAINTAINER || echo DEBFULLNAME/DEBEMAIL)" >&2
+		exit 1
+	fi
+	echo "build-deb: maintainer $maintainer" >&2
+fi
+
 # The vendored wheels: each pinned file from the cache, else downloaded; never used
 # unless its SHA-256 is the pinned one.
 pins=packaging/vendor-wheels.sha256
@@ -108,6 +135,26 @@ grep -v -e '^#' -e '^[[:space:]]*$' "$pins" | cut -d' ' -f3 | sort |
 	gzip -n -9 >"$build/portagent_$upstream.orig-vendor.tar.gz"
 tar -xzf "$build/portagent_$upstream.orig-vendor.tar.gz" -C "$build/$tree"
 cp -a packaging/debian "$build/$tree/debian"
+if [[ -n $maintainer ]]; then
+	# Literal replacement (no sed: a name may hold & or /): the Maintainer line, and the
+	# changelog trailers that carry the placeholder.
+	python3 - "$build/$tree/debian" "$placeholder" "$maintainer" <<'PY'
+import pathlib, sys
+debian, old, new = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+control = debian / "control"
+text = control.read_text()
+line = "Maintainer: " + old + "\n"
+if text.count(line) != 1:
+    sys.exit(f"build-deb: {control}: no line {line.strip()!r} to replace")
+control.write_text(text.replace(line, "Maintainer: " + new + "\n"))
+changelog = debian / "changelog"
+lines = changelog.read_text().splitlines(keepends=True)
+trailer = " -- " + old + "  "
+changelog.write_text("".join(
+    " -- " + new + "  " + x[len(trailer):] if x.startswith(trailer) else x for x in lines
+))
+PY
+fi
 
 echo "build-deb: dpkg-buildpackage in $build/$tree" >&2
 (cd "$build/$tree" && dpkg-buildpackage --no-sign --build=full -j2) >"$build/build.log" 2>&1 || {

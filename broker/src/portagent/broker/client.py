@@ -9,6 +9,7 @@ ErrorInfo in the `grpc-status-details-bin` trailer), never parsed out of prose.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,17 +65,99 @@ class AgentUnreachableError(AgentError):
         self.timed_out = timed_out
 
 
+class ClientCertificateError(AgentUnreachableError):
+    """Our own client certificate cannot work now (expired, not yet valid, unreadable):
+    found before dialing, so the agent was never asked."""
+
+
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM bytes for mutual TLS: the CA that signs agents, the broker's cert and key."""
+    """PEM bytes for mutual TLS: the CA that signs agents, the broker's cert and key;
+    the files' names (when loaded from files) for the messages."""
 
     ca: bytes
     cert: bytes
     key: bytes
+    ca_name: str = "the CA certificate"
+    cert_name: str = "the client certificate"
 
     @classmethod
     def load(cls, ca_file: Path, cert_file: Path, key_file: Path) -> TlsFiles:
-        return cls(ca_file.read_bytes(), cert_file.read_bytes(), key_file.read_bytes())
+        return cls(
+            ca_file.read_bytes(),
+            cert_file.read_bytes(),
+            key_file.read_bytes(),
+            ca_name=str(ca_file),
+            cert_name=str(cert_file),
+        )
+
+
+def _utc(text: dt.datetime) -> str:
+    return text.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def certificate_problem(tls: TlsFiles, now: dt.datetime) -> str | None:
+    """Why our client certificate cannot be used at `now` (timezone-aware), or None.
+
+    Checked before dialing: an agent refuses an expired certificate by closing the
+    connection mid-handshake, which gRPC reports only as "Socket closed"."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(tls.cert)
+    except ValueError:
+        return f"client certificate {tls.cert_name}: not a PEM certificate"
+    # *_utc since cryptography 42; Debian bookworm has 38 (naive UTC datetimes).
+    after = getattr(cert, "not_valid_after_utc", None)
+    before = getattr(cert, "not_valid_before_utc", None)
+    if after is None or before is None:
+        after = cert.not_valid_after.replace(tzinfo=dt.UTC)
+        before = cert.not_valid_before.replace(tzinfo=dt.UTC)
+    if now > after:
+        return (
+            f"client certificate {tls.cert_name} expired on {_utc(after)} "
+            f"(now {_utc(now)}): renew it"
+        )
+    if now < before:
+        return (
+            f"client certificate {tls.cert_name} is not yet valid: from {_utc(before)} "
+            f"(now {_utc(now)}; is this machine's clock right?)"
+        )
+    return None
+
+
+def _handshake_problem(address: str, details: str, tls: TlsFiles | None) -> str | None:
+    """The operator's sentence for a failed TLS handshake, from gRPC's status text (gRPC
+    gives Python nothing better): which side's certificate was refused, and why."""
+    ca = tls.ca_name if tls else "the CA certificate"
+    cert = tls.cert_name if tls else "the client certificate"
+    lowered = details.lower()
+    where = f"TLS handshake with {address}"
+    if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
+        if "has expired" in lowered:
+            return f"the agent's certificate has expired ({where})"
+        if "not yet valid" in lowered:
+            return f"the agent's certificate is not yet valid ({where})"
+        if "issuer" in lowered or "self signed" in lowered or "self-signed" in lowered:
+            return f"the agent's certificate is not signed by CA {ca} ({where})"
+        return f"the agent's certificate failed verification against {ca}: {details}"
+    # grpcio 1.85: "Hostname Verification Check failed"; older: "Peer name X is not in
+    # peer certificate".
+    if "hostname verification" in lowered or "not in peer certificate" in lowered:
+        return (
+            f"the agent's certificate does not name the server name we expect at {address} "
+            "(its address, or the host's server_name in broker.toml)"
+        )
+    if "socket closed" in lowered or "connection reset" in lowered:
+        # Our certificate's dates were checked before dialing: what is left is a
+        # certificate the agent does not trust (TLS 1.3 sends its refusal after our side
+        # of the handshake, so no alert reaches us, only the closed connection).
+        return (
+            f"the agent at {address} refused our client certificate {cert} "
+            "(closed the connection in the TLS handshake: not issued by the CA it trusts, "
+            "or not a clientAuth certificate)"
+        )
+    return None
 
 
 def error_info(code: grpc.StatusCode, trailing_metadata: Any) -> error_details_pb2.ErrorInfo | None:
@@ -107,7 +190,9 @@ def error_info(code: grpc.StatusCode, trailing_metadata: Any) -> error_details_p
     return None
 
 
-def _map_error(address: str, error: grpc.RpcError, timeout: float) -> AgentError:
+def _map_error(
+    address: str, error: grpc.RpcError, timeout: float, tls: TlsFiles | None = None
+) -> AgentError:
     call = error if isinstance(error, grpc.Call) else None
     code = call.code() if call is not None else grpc.StatusCode.UNKNOWN
     details = (call.details() if call is not None else None) or ""
@@ -117,7 +202,8 @@ def _map_error(address: str, error: grpc.RpcError, timeout: float) -> AgentError
     # gRPC reports transport and TLS failures as UNAVAILABLE too; an agent's own
     # UNAVAILABLE (e.g. ENFORCEMENT_FAILED) is the one that carries its ErrorInfo.
     if code == grpc.StatusCode.UNAVAILABLE and info is None:
-        return AgentUnreachableError(address, details or "unavailable")
+        problem = _handshake_problem(address, details, tls)
+        return AgentUnreachableError(address, problem or details or "unavailable")
     if info is None:
         return AgentRefusedError(code.name, details)
     return AgentRefusedError(
@@ -139,6 +225,10 @@ class AgentClient:
         host, port = parse_address(address)  # ValueError early, not a gRPC resolver error
         self.address = address
         self.timeout = timeout
+        self._tls = tls
+        problem = certificate_problem(tls, dt.datetime.now(dt.UTC))
+        if problem is not None:
+            raise ClientCertificateError(address, problem)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
         )
@@ -159,7 +249,7 @@ class AgentClient:
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout)
         except grpc.RpcError as error:
-            raise _map_error(self.address, error, self.timeout) from None
+            raise _map_error(self.address, error, self.timeout, self._tls) from None
 
     def apply(self, signed_grant: pb.SignedGrant) -> pb.GrantStatus:
         response = self._call("ApplyGrant", pb.ApplyGrantRequest(signed_grant=signed_grant))
@@ -220,7 +310,7 @@ class AgentClient:
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.CANCELLED:
                 return
-            raise _map_error(self.address, error, self.timeout) from None
+            raise _map_error(self.address, error, self.timeout, self._tls) from None
         finally:
             stream.cancel()
 

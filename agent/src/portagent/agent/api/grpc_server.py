@@ -68,6 +68,8 @@ MAX_STREAMS_PER_PEER = 4
 MAX_UNARY = 64
 # Workers beyond both caps: Health.Check and immediate refusals always find one.
 SPARE_WORKERS = 8
+# Server reflection streams (grpcurl, buf curl) hold a worker each while open.
+MAX_REFLECTION_STREAMS = 2
 MAX_DETAIL_CHARS = 1024
 MAX_ECHO_CHARS = 128
 MAX_REASON_CHARS = 64
@@ -667,6 +669,56 @@ def add_services(
     )
 
 
+def add_reflection(
+    server: grpc.Server, services: list[str], limit: int = MAX_REFLECTION_STREAMS
+) -> bool:
+    """Serve gRPC server reflection (grpc.reflection.v1alpha) for `services` when the
+    grpcio-reflection package is installed; False when it is not (Debian bookworm has
+    no python3-grpcio-reflection: the agent then runs without it).
+
+    The descriptors come from protobuf's default pool, where the generated modules
+    imported above registered them. Each stream holds a worker while open: at most
+    `limit` at once, and every request is size-checked before it is parsed, like ours."""
+    try:
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
+    except ImportError:
+        return False
+    # Any: grpc-stubs types ServerReflectionInfo as returning None; it is a generator.
+    servicer: Any = reflection.ReflectionServicer([*services, reflection.SERVICE_NAME])
+    gate = Gate(limit)
+
+    def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        for request in requests:
+            _check(request, context)
+            yield request
+
+    def info(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        if not gate.enter():
+            abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "BUSY",
+                f"at most {limit} reflection streams at once; retry shortly",
+            )
+        try:
+            yield from servicer.ServerReflectionInfo(checked(requests, context), context)
+        finally:
+            gate.leave()
+
+    request = reflection_pb2.ServerReflectionRequest
+    handler = grpc.stream_stream_rpc_method_handler(
+        info,
+        request_deserializer=_deserializer(request, _SMALL),
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(
+            reflection.SERVICE_NAME, {"ServerReflectionInfo": handler}
+        ),)
+    )
+    return True
+
+
 def start_server(
     engine: Engine,
     api: ApiSettings,
@@ -679,7 +731,7 @@ def start_server(
         root_certificates=api.ca_file.read_bytes(),
         require_client_auth=True,
     )
-    workers = MAX_STREAMS + MAX_UNARY + SPARE_WORKERS
+    workers = MAX_STREAMS + MAX_UNARY + MAX_REFLECTION_STREAMS + SPARE_WORKERS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=[
@@ -698,6 +750,8 @@ def start_server(
         AgentServicer(engine, usage, StreamLimiter(MAX_STREAMS, MAX_STREAMS_PER_PEER)),
         HealthServicer(is_healthy),
     )
+    # Behind the same mTLS as the rest: only clients with a certificate of our CA list.
+    add_reflection(server, ["portagent.v1.AgentService", "grpc.health.v1.Health"])
     if server.add_secure_port(api.listen, credentials) == 0:
         raise RuntimeError(f"api.listen: cannot bind {api.listen}")
     server.start()

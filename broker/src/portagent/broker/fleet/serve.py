@@ -101,6 +101,19 @@ def _uvicorn_server(config: Any) -> Any:
     return Server(config)
 
 
+def enable_reflection(server: Any, services: list[str]) -> bool:
+    """gRPC server reflection (grpcurl, buf curl) on the fleet port when grpcio-reflection
+    is installed; False when it is not (Debian bookworm has no package of it). The hub's
+    handler is generic (bytes in, bytes out), but importing hub loaded fleet_pb2 into
+    protobuf's default pool, which is where reflection finds the descriptors."""
+    try:
+        from grpc_reflection.v1alpha import reflection
+    except ImportError:
+        return False
+    reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
+    return True
+
+
 async def _serve(settings: ServiceSettings) -> int:
     import grpc
     import grpc.aio
@@ -115,7 +128,7 @@ async def _serve(settings: ServiceSettings) -> int:
         peer_cert_protocol,
     )
     from portagent.broker.fleet.bus import ChangeBus, PgListener
-    from portagent.broker.fleet.hub import SERVER_OPTIONS, Hub
+    from portagent.broker.fleet.hub import SERVER_OPTIONS, SERVICE, Hub
     from portagent.broker.fleet.keyring import KeyRing
     from portagent.broker.fleet.model import StoreError
     from portagent.broker.fleet.notify import Notifier
@@ -203,6 +216,8 @@ async def _serve(settings: ServiceSettings) -> int:
 
     grpc_server = grpc.aio.server(options=SERVER_OPTIONS)
     grpc_server.add_generic_rpc_handlers((hub.rpc_handler(),))
+    # Behind the fleet port's mTLS, like the stream itself.
+    reflection = enable_reflection(grpc_server, [SERVICE])
     try:
         fleet_port = grpc_server.add_secure_port(settings.fleet.listen, fleet_creds)
     except RuntimeError:
@@ -264,6 +279,7 @@ async def _serve(settings: ServiceSettings) -> int:
             database="postgresql" if store.is_postgresql else "sqlite",
             fleet=settings.fleet.listen,
             fleet_port=fleet_port,
+            reflection=reflection,
             api=settings.api.listen,
             key_ids=list(keyring.key_ids),
         )
