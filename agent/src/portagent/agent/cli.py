@@ -379,7 +379,7 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [
-            _local(r["time"].replace("Z", "+00:00"), "%Y-%m-%d %H:%M:%S %z"),
+            _local(r["time"].replace("Z", "+00:00")),
             str(r["seq"]),
             r["action"],
             escape_text(r["message"]),
@@ -441,6 +441,9 @@ def add_audit_commands(sub: Any) -> None:
     show.set_defaults(func=cmd_audit_show)
     for command in (verify, show):
         command.add_argument(
+            "--version", action=VersionAction, text=lambda: f"portagent {__version__}"
+        )
+        command.add_argument(
             "--file",
             help="the chain's current file (default: [audit] file "
             "of --config, else audit.log in the state directory)",
@@ -476,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default $PORTAGENT_CONFIG or {DEFAULT_CONFIG_PATH})",
     )
     parser.add_argument("--socket", help="admin socket path (overrides --config)")
+
     def version() -> str:
         return f"portagent {__version__}"
 
