@@ -20,6 +20,7 @@ from typing import Any
 from portagent.agent.admin_protocol import call, stream
 from portagent.agent.settings import DEFAULT_CONFIG_PATH, load_settings_file
 from portagent.wire.durations import format_duration
+from portagent.wire.endpoint import endpoint
 from portagent.wire.errors import ConfigError, PortagentError
 
 
@@ -188,8 +189,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         rows = [
             [
                 f["protocol"],
-                f"{f['source']}:{f['source_port']}",
-                f"{f['destination']}:{f['destination_port']}",
+                endpoint(f["source"], f["source_port"]),
+                endpoint(f["destination"], f["destination_port"]),
                 f["state"] or "-",
                 human_bytes(f["bytes_in"]),
                 human_bytes(f["bytes_out"]),
@@ -208,8 +209,8 @@ def _event_line(event: dict[str, Any]) -> str:
     flow = event.get("flow")
     if flow:
         text += (
-            f" {flow['protocol']} {flow['source']}:{flow['source_port']} -> "
-            f"{flow['destination']}:{flow['destination_port']}"
+            f" {flow['protocol']} {endpoint(flow['source'], flow['source_port'])} -> "
+            f"{endpoint(flow['destination'], flow['destination_port'])}"
         )
         if event["kind"] == "connection_closed":
             text += f" in {human_bytes(flow['bytes_in'])} out {human_bytes(flow['bytes_out'])}"

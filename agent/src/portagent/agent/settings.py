@@ -20,6 +20,7 @@ from portagent.wire.ports import GuardedPort, parse_port_spec
 
 DEFAULT_CONFIG_PATH = Path("/etc/portagent/agent.toml")
 WHAT = "an agent config"
+LOG_CONNECTIONS = ("summary", "each", "off")  # [log] connections
 # What the broker accepts for a host id (broker.settings.HOST_ID_PATTERN): a host id
 # no broker can issue grants for is a configuration error, not a silent lock-out.
 HOST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
@@ -99,6 +100,8 @@ class Settings:
     reconcile_interval: float = 30.0
     # None: no [broker] section, no fleet client (grants come through the API only).
     broker: BrokerSettings | None = None
+    # [log] connections: which conntrack events become journal records (connection_log).
+    log_connections: str = "summary"
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -153,6 +156,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         "nftables",
         "agent",
         "broker",
+        "log",
     }
     read.unknown(doc, known_top, "")
 
@@ -272,6 +276,13 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
 
     broker = _read_broker(doc, read, problems, base_dir, api) if "broker" in doc else None
 
+    log_t = read.table(doc, "log", "", {"connections"})
+    log_connections = read.get(log_t, "connections", str, "log.", "summary")
+    if log_connections not in LOG_CONNECTIONS:
+        problems.append(
+            f'log.connections: expected "summary", "each" or "off", got {log_connections!r}'[:200]
+        )
+
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -285,6 +296,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         refuse_action=refuse,
         reconcile_interval=interval,
         broker=broker,
+        log_connections=log_connections,
         source_path=source,
     )
 
