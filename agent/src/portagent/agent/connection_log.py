@@ -5,7 +5,9 @@ a busy client wrote 400+). With `[log] connections = "summary"` (the default), p
 grant the first few connections of each window are still logged one by one (their
 open *and* their close), the rest are only counted, and a `connection_summary` record
 carries the counts: at most once per interval while the grant is in use, and a final
-one when it ends (expire, revoke: once its connections are gone). The engine's event
+one when it ends (expire, revoke: once its connections are gone). Every grant that
+had a connection gets exactly one final summary (FINAL=true), even if it counts nothing
+new since the last one. The engine's event
 hub (`portagent events`) still gets every event; only the journal is summarised.
 
 Memory is bounded: one small tally per grant with connections, freed at its final
@@ -137,7 +139,7 @@ class ConnectionLog:
             if tally is None:
                 if len(self._tallies) >= self._max_tracked:
                     oldest = self._tallies.pop(next(iter(self._tallies)))
-                    if oldest.active:
+                    if oldest.active or oldest.ended_at is not None:
                         summaries.append(oldest.take(now, final=oldest.ended_at is not None))
                 tally = _Tally(record, since=now, window_start=now)
                 if ended:
@@ -188,7 +190,7 @@ class ConnectionLog:
                 return []
             if tally.open_now == 0:
                 del self._tallies[handle]
-                return [tally.take(now, final=True)] if tally.active else []
+                return [tally.take(now, final=True)]
             tally.ended_at = now
             self._next_due = min(self._next_due, now + self._grace)
             return []
@@ -205,8 +207,7 @@ class ConnectionLog:
                 if tally.ended_at is not None:
                     if now - tally.ended_at >= self._grace:
                         del self._tallies[handle]
-                        if tally.active:
-                            summaries.append(tally.take(now, final=True))
+                        summaries.append(tally.take(now, final=True))
                         continue
                     next_due = min(next_due, tally.ended_at + self._grace)
                 if tally.unlogged:
