@@ -110,3 +110,9 @@ def test_journalctl_compiles_the_catalog(tmp_path: Path) -> None:
         text=True,
     ).stdout
     assert "Subject: grant @GRANT_ID@ applied for @SUBJECT@" in dumped
+
+
+def test_the_agent_package_installs_the_catalog_where_journald_looks() -> None:
+    install = (REPO / "packaging" / "debian" / "portagent.install").read_text().splitlines()
+    assert "packaging/systemd/portagent.catalog usr/lib/systemd/catalog/" in install
+    assert "docs/journal.md" in (REPO / "packaging" / "debian" / "portagent.docs").read_text()
