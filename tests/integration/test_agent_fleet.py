@@ -233,7 +233,7 @@ def test_replayed_and_conflicting_snapshots_are_refused_and_logged(
     assert conflict.message.refusal.reason == "GENERATION_CONFLICT"
     assert agent.active() == {pb.Grant.FromString(grant.grant).grant_id}
     log = agent.log.getvalue()
-    assert "REASON=GENERATION_REPLAY" in log and "REASON=GENERATION_CONFLICT" in log
+    assert "REASON_CODE=GENERATION_REPLAY" in log and "REASON_CODE=GENERATION_CONFLICT" in log
     # The same generation that only lacks a grant (it expired at the broker) is no
     # conflict: converged and acked again.
     broker.send(snapshot(signer, 5, []))
@@ -437,7 +437,7 @@ def test_snapshots_open_and_close_the_port_gap_and_replay(fleet: FleetLab) -> No
     refusal = broker.wait_for("refusal", lambda r: r.message.refusal.generation == 1)
     assert refusal is not None and refusal.message.refusal.reason == "GENERATION_REPLAY"
     assert not lab.can_connect(PORT)
-    assert wait_until(lambda: "REASON=GENERATION_REPLAY" in lab.log(), 5)
+    assert wait_until(lambda: "REASON_CODE=GENERATION_REPLAY" in lab.log(), 5)
 
 
 @pytest.mark.root

@@ -137,7 +137,7 @@ def test_refusal_is_a_warning(lab: PackagingLab) -> None:
     assert result.returncode != 0
     refusals = wait_for(lambda: lab.container.journal("ACTION=refuse", "PRIORITY=4"), 10,
                         "a refusal at priority warning")
-    assert refusals[-1]["REASON"] == "PORT_NOT_GUARDED", refusals[-1]
+    assert refusals[-1]["REASON_CODE"] == "PORT_NOT_GUARDED", refusals[-1]
 
 
 def test_tamper_is_an_alert_and_is_repaired(lab: PackagingLab) -> None:

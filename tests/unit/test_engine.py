@@ -413,7 +413,7 @@ def test_a_failed_commit_takes_the_kernel_change_back(
         ("g-0", GrantState.ACTIVE)
     ]
     log = harness.log.getvalue()
-    assert "ACTION=refuse" in log and "REASON=ENFORCEMENT_FAILED" in log
+    assert "ACTION=refuse" in log and "REASON_CODE=ENFORCEMENT_FAILED" in log
     monkeypatch.undo()
     assert [r.grant_id for r in harness.store.load()] == ["g-0"]
 

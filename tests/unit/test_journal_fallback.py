@@ -9,6 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from portagent.agent.adapters.journal import MAX_FIELD_CHARS, MAX_MESSAGE_CHARS, EventLog, escape
+from portagent.agent.events_catalog import MESSAGE_IDS
+
+REFUSE_ID = MESSAGE_IDS["refuse"]
 
 HOSTILE = st.text(
     alphabet=st.sampled_from(
@@ -69,7 +72,8 @@ def test_forged_line_is_escaped() -> None:
     out, log = fallback()
     log.emit("refuse", "bad\n<1>portagentd: root login", KEY_ID="k\n<1>ACTION=apply\r")
     assert out.getvalue() == (
-        '<6>bad\\x0a<1>portagentd: root login ACTION=refuse KEY_ID="k\\x0a<1>ACTION=apply\\x0d"\n'
+        '<6>bad\\x0a<1>portagentd: root login ACTION=refuse KEY_ID="k\\x0a<1>ACTION=apply\\x0d"'
+        f" MESSAGE_ID={REFUSE_ID}\n"
     )
 
 
@@ -102,7 +106,7 @@ def test_journald_path_caps_fields_and_survives_refusal() -> None:
     assert len(sent[0]["MESSAGE"]) == MAX_MESSAGE_CHARS
     assert len(sent[0]["KEY_ID"]) == MAX_FIELD_CHARS
     log.emit("refuse", "nul\x00here", KEY_ID="k")
-    assert out.getvalue() == "<6>nul\\x00here ACTION=refuse KEY_ID=k\n"
+    assert out.getvalue() == f"<6>nul\\x00here ACTION=refuse KEY_ID=k MESSAGE_ID={REFUSE_ID}\n"
 
 
 def test_observers_see_the_record_as_sent_and_cannot_stop_it() -> None:
@@ -116,7 +120,12 @@ def test_observers_see_the_record_as_sent_and_cannot_stop_it() -> None:
     log.add_observer(broken)
     log.emit("apply", "x" * (MAX_MESSAGE_CHARS + 10), grant_id="g1", port=5432, none=None)
     assert seen == [
-        ("apply", 6, "x" * (MAX_MESSAGE_CHARS - 1) + "…", {"GRANT_ID": "g1", "PORT": "5432"})
+        (
+            "apply",
+            6,
+            "x" * (MAX_MESSAGE_CHARS - 1) + "…",
+            {"GRANT_ID": "g1", "PORT": "5432", "MESSAGE_ID": MESSAGE_IDS["apply"]},
+        )
     ]
     lines = out.getvalue().splitlines()
     assert "event observer failed: RuntimeError: disk full" in lines[0]
@@ -124,3 +133,24 @@ def test_observers_see_the_record_as_sent_and_cannot_stop_it() -> None:
     log.remove_observer(broken)
     log.emit("stop", "bye")
     assert len(out.getvalue().splitlines()) == 3 and seen[-1][0] == "stop"
+
+
+def test_message_id_per_action_and_none_for_others() -> None:
+    out, log = fallback()
+    log.emit("expire", "gone", grant_id="g1")
+    log.emit("not_an_action", "x")
+    first, second = out.getvalue().splitlines()
+    assert f"MESSAGE_ID={MESSAGE_IDS['expire']}" in first
+    assert "MESSAGE_ID" not in second
+
+
+def test_booleans_are_true_and_false_on_both_paths() -> None:
+    sent: list[dict[str, str]] = []
+    out, log = fallback()
+    log.emit("expire", "m", keep_established=False, final=True, flags=[True, False], count=1)
+    line = out.getvalue()
+    assert "KEEP_ESTABLISHED=false" in line and "FINAL=true" in line
+    assert "FLAGS=true,false" in line and "COUNT=1" in line
+    log._sendv = lambda *lines: sent.append(dict(x.split("=", 1) for x in lines))
+    log.emit("expire", "m", keep_established=True)
+    assert sent[0]["KEEP_ESTABLISHED"] == "true"

@@ -28,6 +28,7 @@ from portagent.wire.cli import (
     run,
 )
 from portagent.wire.durations import format_duration
+from portagent.wire.endpoint import endpoint
 from portagent.wire.errors import ConfigError, PortagentError
 
 
@@ -203,8 +204,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         rows = [
             [
                 f["protocol"],
-                f"{f['source']}:{f['source_port']}",
-                f"{f['destination']}:{f['destination_port']}",
+                endpoint(f["source"], f["source_port"]),
+                endpoint(f["destination"], f["destination_port"]),
                 f["state"] or "-",
                 human_bytes(f["bytes_in"]),
                 human_bytes(f["bytes_out"]),
@@ -223,8 +224,8 @@ def _event_line(event: dict[str, Any]) -> str:
     flow = event.get("flow")
     if flow:
         text += (
-            f" {flow['protocol']} {flow['source']}:{flow['source_port']} -> "
-            f"{flow['destination']}:{flow['destination_port']}"
+            f" {flow['protocol']} {endpoint(flow['source'], flow['source_port'])} -> "
+            f"{endpoint(flow['destination'], flow['destination_port'])}"
         )
         if event["kind"] == "connection_closed":
             text += f" in {human_bytes(flow['bytes_in'])} out {human_bytes(flow['bytes_out'])}"

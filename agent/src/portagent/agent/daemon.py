@@ -411,7 +411,7 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     except PortagentError as exc:
         if watcher is not None:
             watcher.stop()
-        events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON=exc.reason)
+        events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON_CODE=exc.reason)
         return EX_FAILURE
     # Per-flow byte counters and DESTROY events for every entry are per-namespace
     # sysctls; both only affect connections created from now on. After the first

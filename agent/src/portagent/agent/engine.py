@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from portagent.agent.adapters.journal import EventLog, Priority
+from portagent.agent.connection_log import ConnectionLog, ConnectionSummary
 from portagent.agent.events import EventHub, EventKind
 from portagent.agent.expiry import ExpiryPlan, plan_expiry
 from portagent.agent.grant_table import GrantTable, RevokedIds, element_keys, mark_keys
@@ -54,6 +55,7 @@ from portagent.agent.store import BadRow, NewRow, Store, StoredGrant, StoreError
 from portagent.agent.verify import Verifier, audit_fields
 from portagent.agent.writer import Writer
 from portagent.v1 import fleet_pb2
+from portagent.wire.endpoint import endpoint
 from portagent.wire.errors import (
     EnforcementError,
     GrantDenied,
@@ -356,6 +358,7 @@ class Engine:
         self._revoked = RevokedIds()
         self._kernel = KernelModel()
         self._seen = _SeenConnections()
+        self._connection_log = ConnectionLog()
         self._ended: dict[int, GrantRecord] = {}
         self._own_commits = _OwnCommits()
         self._debt = _StoreDebt()
@@ -506,7 +509,7 @@ class Engine:
                 f"the stored broker snapshot does not verify ({exc.message[:MAX_LOGGED_MESSAGE]}); "
                 "every stored grant is checked on its own signature",
                 Priority.WARNING,
-                REASON=exc.reason,
+                REASON_CODE=exc.reason,
                 STATE_FILE=str(self._store.path),
             )
             return frozenset()
@@ -520,7 +523,7 @@ class Engine:
                 f"moved to quarantine: {problem[:MAX_LOGGED_MESSAGE]}",
                 Priority.ALERT,
                 GRANT_ID=grant_id[:MAX_LOGGED_VALUE],
-                REASON=problem.partition(":")[0][:MAX_LOGGED_VALUE],
+                REASON_CODE=problem.partition(":")[0][:MAX_LOGGED_VALUE],
                 STATE_FILE=str(self._store.path),
             )
         try:
@@ -812,6 +815,7 @@ class Engine:
         elif self._clock() >= self._next_full:
             failed = self._run_step(self._periodic_reconcile) or failed
             self._next_full = self._clock() + self._settings.reconcile_interval
+        self._emit_summaries(self._connection_log.due(self._clock()))
         return self._run_step(self._reassert_late) or failed
 
     def _run_step(self, step: Callable[[], None]) -> bool:
@@ -828,6 +832,7 @@ class Engine:
         with self._lock:
             due = self._table.next_due()
         wake_at = self._next_full if due is None else min(self._next_full, due)
+        wake_at = min(wake_at, self._connection_log.next_due())  # connection summaries
         return wake_at - self._clock()
 
     def _process_queue(self) -> None:
@@ -990,9 +995,10 @@ class Engine:
                 f"grant revoked by {note.actor}",
                 Priority.NOTICE,
                 record,
-                REASON=note.revocation.reason if note.revocation else None,
+                REVOKE_REASON=note.revocation.reason if note.revocation else None,
                 ACTOR=note.actor,
             )
+            self._emit_summaries(self._connection_log.end(record.handle, self._clock()))
 
     def _due(self, record: GrantRecord) -> float:
         policy = self._settings.policy
@@ -1063,6 +1069,8 @@ class Engine:
             keys, marks = plan.touched_elements, plan.touched_marks
             self._converge(keys, marks, now, {})
             self._cut_connections(list(plan.cut))
+            for record in plan.forgotten:
+                self._emit_summaries(self._connection_log.end(record.handle, now))
             self._seen.forget([r.handle for r in plan.forgotten])
             forgotten_keys = {k for r in plan.forgotten for k in element_keys(r)}
             forgotten_marks = {k for r in plan.forgotten for k in mark_keys(r)}
@@ -1117,7 +1125,7 @@ class Engine:
                 "error",
                 f"could not flush connections: {exc.message}",
                 Priority.ERR,
-                REASON=exc.reason,
+                REASON_CODE=exc.reason,
             )
 
     # ---- the kernel ------------------------------------------------------------------
@@ -1263,7 +1271,10 @@ class Engine:
     def on_connection_event(self, kind: str, flow: Flow) -> None:
         """A conntrack NEW/DESTROY event (from the conntrack events thread)."""
         with self._lock:
-            record = self._table.by_handle.get(flow.mark) or self._ended.get(flow.mark)
+            record = self._table.by_handle.get(flow.mark)
+            ended = record is None
+            if ended:
+                record = self._ended.get(flow.mark)
         if record is None:
             return  # not one of ours
         self._seen.saw(flow.mark, self._clock())
@@ -1275,7 +1286,23 @@ class Engine:
             subject=grant.subject,
             flow=flow,
         )
+        mode = self._settings.log_connections
+        if mode == "off":
+            return
+        individual = True
+        summaries: list[ConnectionSummary] = []
+        if mode == "summary":
+            individual, summaries = self._connection_log.note(
+                record, opened, flow, self._clock(), ended=ended
+            )
+        if individual:
+            self._log_connection(record, opened, flow)
+        self._emit_summaries(summaries)
+
+    def _log_connection(self, record: GrantRecord, opened: bool, flow: Flow) -> None:
+        grant = record.grant
         direction = "opened" if opened else "closed"
+        peer, local = endpoint(flow.src, flow.sport), endpoint(flow.dst, flow.dport)
         counters: dict[str, object] = {}
         if not opened:
             counters = {
@@ -1286,17 +1313,46 @@ class Engine:
             }
         self._events.emit(
             f"connection_{direction}",
-            f"connection {direction}: {grant.grant_id} {flow.protocol} "
-            f"[{flow.src}]:{flow.sport} -> [{flow.dst}]:{flow.dport}",
+            f"connection {direction}: {grant.grant_id} {flow.protocol} {peer} -> {local}",
             Priority.INFO,
             GRANT_ID=grant.grant_id,
             SUBJECT=grant.subject,
+            KEY_ID=grant.key_id,
             PROTOCOL=flow.protocol,
-            SOURCE=flow.src,
-            SOURCE_PORT=flow.sport,
+            PEER=peer,
+            LOCAL=local,
+            SOURCE_ADDRESS=flow.src,
             PORT=flow.dport,
             **counters,
         )
+
+    def _emit_summaries(self, summaries: list[ConnectionSummary]) -> None:
+        for s in summaries:
+            grant = s.record.grant
+            self._events.emit(
+                "connection_summary",
+                f"connections of grant {grant.grant_id} in {s.until - s.since:.0f} s: "
+                f"{s.opened} opened ({s.suppressed} not logged one by one), {s.closed} "
+                f"closed, {s.bytes_in} bytes in and {s.bytes_out} out"
+                + (" (final)" if s.final else ""),
+                Priority.INFO,
+                GRANT_ID=grant.grant_id,
+                SUBJECT=grant.subject,
+                KEY_ID=grant.key_id,
+                PROTOCOL=grant.protocol.value,
+                PORT=str(grant.ports),
+                CONNECTIONS_OPENED=s.opened,
+                CONNECTIONS_CLOSED=s.closed,
+                CONNECTIONS_SUPPRESSED=s.suppressed,
+                RECORDS_SUPPRESSED=s.unlogged,
+                PACKETS_IN=s.packets_in,
+                BYTES_IN=s.bytes_in,
+                PACKETS_OUT=s.packets_out,
+                BYTES_OUT=s.bytes_out,
+                PERIOD_START=f"{s.since:.3f}",
+                PERIOD_END=f"{s.until:.3f}",
+                FINAL=s.final,
+            )
 
     def _remember_ended(self, record: GrantRecord) -> None:
         """Keep a forgotten grant's identity for the DESTROY events of its connections,
@@ -1313,16 +1369,18 @@ class Engine:
         grant = record.grant
         kind = _HUB_KINDS.get(action)
         if kind is not None:
-            reason = extra.get("REASON")
+            reason = extra.get("REVOKE_REASON")
             self.hub.publish(
                 kind,
                 grant_id=grant.grant_id,
                 subject=grant.subject,
                 reason=str(reason) if reason else "",
             )
+        why = f", reason {grant.reason!r}" if grant.reason else ""
         self._events.emit(
             action,
-            f"{message}: {grant.grant_id} {grant.subject} -> {grant.ports}/{grant.protocol.value}",
+            f"{message}: {grant.grant_id} {grant.subject} -> "
+            f"{grant.ports}/{grant.protocol.value}{why}",
             priority,
             **audit_fields(grant),
             EXPIRE_TIME=f"{grant.expire_time:.3f}",
@@ -1333,7 +1391,7 @@ class Engine:
     def _refused(self, command: _Command, error: PortagentError) -> None:
         # Unverified bytes are never parsed (only a trusted key's signature lets bytes
         # reach the protobuf parser): the record names them by digest and size.
-        fields: dict[str, object] = {"REASON": error.reason, **error.verified_fields}
+        fields: dict[str, object] = {"REASON_CODE": error.reason, **error.verified_fields}
         request = command.request
         if request.signed is not None:
             fields["KEY_ID"] = request.signed.key_id[:MAX_LOGGED_VALUE]

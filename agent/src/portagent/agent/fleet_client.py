@@ -501,7 +501,7 @@ class FleetClient:
                 BROKER=session.address,
                 GENERATION=generation,
                 HELD_GENERATION=session.sync.generation,
-                REASON=decision.reason,
+                REASON_CODE=decision.reason,
             )
             session.outbox.put(
                 fleet_pb2.ConnectRequest(
@@ -569,7 +569,7 @@ class FleetClient:
             "refuse",
             f"broker snapshot refused: {error.message[:MAX_LOGGED_MESSAGE]}",
             Priority.WARNING,
-            REASON=error.reason,
+            REASON_CODE=error.reason,
             BROKER=session.address,
             GENERATION=generation or None,
             **fields,

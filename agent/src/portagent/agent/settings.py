@@ -20,6 +20,7 @@ from portagent.wire.ports import GuardedPort, parse_port_spec
 
 DEFAULT_CONFIG_PATH = Path("/etc/portagent/agent.toml")
 WHAT = "an agent config"
+LOG_CONNECTIONS = ("summary", "each", "off")  # [log] connections
 # What the broker accepts for a host id (broker.settings.HOST_ID_PATTERN): a host id
 # no broker can issue grants for is a configuration error, not a silent lock-out.
 HOST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
@@ -112,6 +113,8 @@ class Settings:
     # None: no [broker] section, no fleet client (grants come through the API only).
     broker: BrokerSettings | None = None
     audit: AuditSettings = AuditSettings()
+    # [log] connections: which conntrack events become journal records (connection_log).
+    log_connections: str = "summary"
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -171,6 +174,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         "agent",
         "broker",
         "audit",
+        "log",
     }
     read.unknown(doc, known_top, "")
 
@@ -291,6 +295,13 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
     broker = _read_broker(doc, read, problems, base_dir, api) if "broker" in doc else None
     audit = _read_audit(doc, read, problems, base_dir)
 
+    log_t = read.table(doc, "log", "", {"connections"})
+    log_connections = read.get(log_t, "connections", str, "log.", "summary")
+    if log_connections not in LOG_CONNECTIONS:
+        problems.append(
+            f'log.connections: expected "summary", "each" or "off", got {log_connections!r}'[:200]
+        )
+
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -305,6 +316,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         reconcile_interval=interval,
         broker=broker,
         audit=audit,
+        log_connections=log_connections,
         source_path=source,
     )
 

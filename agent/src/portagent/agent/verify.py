@@ -237,13 +237,17 @@ def parse_revocation(payload: bytes, key_id: str, host_id: str) -> Revocation:
 
 
 def audit_fields(grant: Grant) -> dict[str, object]:
-    """What a log record says about a grant (journald field names)."""
+    """What a log record says about a grant (journald field names): who may reach what,
+    and who signed it and why. GRANT_REASON is the grant's own free text (the ticket),
+    present even when empty; codes go in REASON_CODE (docs/journal.md)."""
     return {
         "GRANT_ID": grant.grant_id,
         "SUBJECT": grant.subject,
         "SOURCE": [str(s) for s in grant.sources],
         "PORT": str(grant.ports),
         "PROTOCOL": grant.protocol.value,
+        "KEY_ID": grant.key_id,
+        "GRANT_REASON": grant.reason,
     }
 
 

@@ -56,6 +56,7 @@ from portagent.wire.cli import (
     seconds_or_duration,
 )
 from portagent.wire.durations import format_duration
+from portagent.wire.endpoint import endpoint
 from portagent.wire.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -685,8 +686,8 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 def _flow_text(flow: dict[str, Any]) -> str:
     return (
-        f"{flow['protocol']} {flow['source']}:{flow['source_port']} -> "
-        f"{flow['destination']}:{flow['destination_port']} "
+        f"{flow['protocol']} {endpoint(flow['source'], flow['source_port'])} -> "
+        f"{endpoint(flow['destination'], flow['destination_port'])} "
         f"in {flow['bytes_in']}B out {flow['bytes_out']}B"
     )
 

@@ -13,6 +13,12 @@ Records go to journald through `systemd.journal.sendv` with the "FIELD=value" li
 built here: `journal.send` would also walk the Python stack (traceback.extract_stack,
 a stat per frame) for CODE_FILE/CODE_LINE/CODE_FUNC on every record, which here always
 named this function; one record per grant on the grant path, so that cost counts.
+So records carry no CODE_FILE/CODE_LINE/CODE_FUNC at all (they would name the caller
+only at that cost, and the ACTION and MESSAGE_ID say which event it is).
+
+Every record whose ACTION has an entry in events_catalog gets its MESSAGE_ID (the
+catalog installed with the package explains it under `journalctl -x`). Booleans are
+written `true`/`false`, never Python's repr.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from collections.abc import Callable, Mapping
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, TextIO
+
+from portagent.agent.events_catalog import MESSAGE_IDS
 
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 IDENTIFIER = "portagentd"
@@ -45,7 +53,8 @@ class Priority(IntEnum):
 
 
 class EventLog:
-    """Writes one record per event with UPPER_CASE journal fields."""
+    """Writes one record per event with UPPER_CASE journal fields (ACTION, MESSAGE_ID
+    from events_catalog, and the caller's fields; see docs/journal.md)."""
 
     def __init__(self, *, stream: TextIO | None = None, use_journal: bool | None = None) -> None:
         self._stream = stream or sys.stderr
@@ -80,6 +89,10 @@ class EventLog:
             record[key.upper()] = clip(text, MAX_FIELD_CHARS)
         action = clip(action, MAX_FIELD_CHARS)
         message = clip(message, MAX_MESSAGE_CHARS)
+        # Before the observers: the audit chain and the metrics see the id too.
+        message_id = MESSAGE_IDS.get(action)
+        if message_id is not None:
+            record["MESSAGE_ID"] = message_id
         for observer in self._observers:
             try:
                 observer(action, priority, message, record)
@@ -115,8 +128,10 @@ _IDENTIFIER_LINE = f"SYSLOG_IDENTIFIER={IDENTIFIER}"
 
 
 def _text(value: object) -> str:
+    if isinstance(value, bool):  # before str(): never "True"/"False"
+        return "true" if value else "false"
     if isinstance(value, (list, tuple, set, frozenset)):
-        return ",".join(str(v) for v in value)
+        return ",".join(_text(v) for v in value)
     return str(value)
 
 
