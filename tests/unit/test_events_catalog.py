@@ -28,16 +28,30 @@ def emitted_actions() -> set[str]:
     engine's `_log_grant`, which passes it on)."""
     found: set[str] = set()
     for path in AGENT.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        # Module-level NAME = "text": an action passed by name (the audit chain's
+        # HEAD_ACTION/REPORT_ACTION, handed to its `report` callable, i.e. emit).
+        constants = {
+            target.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+            for target in node.targets
+            if isinstance(target, ast.Name)
+        }
+        for node in ast.walk(tree):
             if (
                 isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Attribute)
-                and node.func.attr in ("emit", "_log_grant")
+                and node.func.attr in ("emit", "_log_grant", "_report")
                 and node.args
             ):
                 first = node.args[0]
                 if isinstance(first, ast.Constant) and isinstance(first.value, str):
                     found.add(first.value)
+                elif isinstance(first, ast.Name) and first.id in constants:
+                    found.add(constants[first.id])
                 elif isinstance(first, ast.JoinedStr):
                     found.add("<f-string>")
     return found
@@ -57,7 +71,7 @@ def test_every_action_the_code_emits_has_a_message_id() -> None:
     assert "<f-string>" in actions  # the connection records: listed in DYNAMIC
     missing = (actions - {"<f-string>"}) | DYNAMIC
     assert {a for a in missing if message_id(a) is None} == set()
-    assert {"apply", "refuse", "connection_summary"} <= actions
+    assert {"apply", "refuse", "connection_summary", "audit_head", "audit"} <= actions
 
 
 def test_ids_are_fixed_random_128_bit_and_unique() -> None:

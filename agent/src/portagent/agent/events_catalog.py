@@ -31,6 +31,8 @@ MESSAGE_IDS: MappingProxyType[str, str] = MappingProxyType(
         "connection_opened": "5384f6f2186543e88dcba550bf04ca05",
         "connection_closed": "6411a9d75b0347ba9deb96fdb4a9ad43",
         "connection_summary": "9233545d11f941c39ca7b5627505b43a",
+        "audit_head": "ca85c2eef1ed48d0a7d111f3a0d407b2",
+        "audit": "8986879d2f8b4591a9b5778e54f0d194",
     }
 )
 
