@@ -24,9 +24,8 @@ from typing import Any
 
 import pytest
 
-from portagent.testing.broker_service import BrokerPki, BrokerService, SimAgent, make_pki
+from portagent.testing.broker_service import AckingAgent, BrokerService, make_pki
 from portagent.testing.oidc_issuer import TestIssuer
-from portagent.v1 import fleet_pb2
 
 HOST = "db-1"
 WAIT = 15.0
@@ -97,38 +96,6 @@ class Receiver:
         self.server.server_close()
 
 
-class AckingAgent:
-    """A SimAgent for HOST that acknowledges every snapshot and change it is sent."""
-
-    def __init__(self, broker: BrokerService, pki: BrokerPki) -> None:
-        self.agent = SimAgent(broker.fleet_address, pki, HOST)
-        self.agent.hello(generation=0)
-        self.acked = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                message = self.agent.recv(timeout=0.2)
-            except queue.Empty:
-                continue
-            except Exception:  # the stream ended: the test sees no acks
-                return
-            if message.WhichOneof("message") == "change":
-                generation = message.change.generation
-            else:
-                generation = fleet_pb2.HostState.FromString(message.snapshot.state).generation
-            self.agent.ack(generation)
-            self.acked = generation
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-        self.agent.close()
-
-
 @dataclass
 class Env:
     broker: BrokerService
@@ -190,7 +157,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
                 "POST", "/v1/hosts", {"host_id": HOST, "labels": {"role": "db"}}
             )
             assert status == 201, body
-            agent = AckingAgent(broker, pki)
+            agent = AckingAgent(broker, pki, HOST)
             deadline = time.monotonic() + WAIT
             while time.monotonic() < deadline:
                 _, host = broker.request("GET", f"/v1/hosts/{HOST}")

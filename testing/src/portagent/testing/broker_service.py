@@ -16,11 +16,15 @@
 `BrokerService`: the subprocess (`python -m portagent.broker.fleet.serve`) on free
 loopback ports; `.start() / .terminate() / .kill() / .close()`, `.fleet_address`,
 `.api_url`, `.request(method, path, body=None, *, token=..., cert=False)`, `.hup()`,
-`.log_text()` (its stderr: one JSON line per event), `.config_path`.
+`.log_text()` (its stderr: one JSON line per event), `.config_path`; with
+`metrics=True` also `[service.metrics]` on a free loopback port: `.metrics_url`,
+`.scrape() -> Scrape` (`.value(name, **labels)`, the exposition parsed with
+prometheus_client's own parser).
 
 `SimAgent`: a synchronous fleet stream client (grpc, own certificate) with bounded
 waits: `.hello(...)`, `.send(ConnectRequest)`, `.recv(timeout) -> ConnectResponse`,
-`.status()` (the stream's end status, once ended), `.close()`.
+`.status()` (the stream's end status, once ended), `.close()`. `AckingAgent`: a SimAgent
+that acknowledges everything it is sent, in a thread.
 
 Every wait is bounded; processes are terminated (then killed) on exit, also on failure.
 """
@@ -206,6 +210,7 @@ class BrokerService:
         database: str | None = None,
         replica: str = "a",
         env: Mapping[str, str] | None = None,
+        metrics: bool = False,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.env = dict(env or {})
@@ -228,6 +233,12 @@ class BrokerService:
                 db_dir=directory,
             )
         )
+        self.metrics_url: str | None = None
+        if metrics:
+            metrics_port = free_port()
+            self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with self.config_path.open("a") as config:
+                config.write(f'\n[service.metrics]\nlisten = "127.0.0.1:{metrics_port}"\n')
         self.log_path = directory / "serve.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._ssl = ssl.create_default_context(cafile=str(pki.ca_pem))
@@ -301,6 +312,13 @@ class BrokerService:
         except ValueError:
             return status, raw.decode("utf-8", "replace")
 
+    def scrape(self, *, timeout: float = REQUEST_TIMEOUT) -> Scrape:
+        """GET /metrics (plain HTTP), parsed."""
+        if self.metrics_url is None:
+            raise RuntimeError("started without metrics=True")
+        with urllib.request.urlopen(self.metrics_url, timeout=timeout) as response:  # noqa: S310
+            return Scrape(response.read().decode(), response.headers.get("Content-Type", ""))
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -341,12 +359,43 @@ class BrokerService:
         self.terminate()
 
 
+@dataclass
+class Scrape:
+    """One /metrics answer: its text and every sample, parsed by prometheus_client."""
+
+    text: str
+    content_type: str
+
+    def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(self.text)  # type: ignore[no-untyped-call]
+            for sample in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sample `name` with exactly these labels (None: absent)."""
+        return self.samples().get((name, frozenset(labels.items())))
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of `name` over every sample whose labels include `labels`."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.samples().items() if n == name and wanted <= ls)
+
+
 @contextlib.contextmanager
 def broker_service(
-    directory: Path, pki: BrokerPki, *, database: str | None = None, replica: str = "a"
+    directory: Path,
+    pki: BrokerPki,
+    *,
+    database: str | None = None,
+    replica: str = "a",
+    metrics: bool = False,
 ) -> Iterator[BrokerService]:
     """A started broker; terminated (killed if it hangs) on exit."""
-    service = BrokerService(directory, pki, database=database, replica=replica)
+    service = BrokerService(directory, pki, database=database, replica=replica, metrics=metrics)
     try:
         service.start()
         yield service
@@ -450,3 +499,36 @@ class SimAgent:
         self._call.cancel()  # type: ignore[no-untyped-call]
         self.channel.close()
         self._reader.join(5.0)
+
+
+class AckingAgent:
+    """A SimAgent for `host_id` that acknowledges every snapshot and change it is sent
+    (a thread); `.acked` is the last generation it acknowledged."""
+
+    def __init__(self, broker: BrokerService, pki: BrokerPki, host_id: str) -> None:
+        self.agent = SimAgent(broker.fleet_address, pki, host_id)
+        self.agent.hello(generation=0)
+        self.acked = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.agent.recv(timeout=0.2)
+            except queue.Empty:
+                continue
+            except Exception:  # the stream ended: the test sees no acks
+                return
+            if message.WhichOneof("message") == "change":
+                generation = message.change.generation
+            else:
+                generation = fleet_pb2.HostState.FromString(message.snapshot.state).generation
+            self.agent.ack(generation)
+            self.acked = generation
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        self.agent.close()

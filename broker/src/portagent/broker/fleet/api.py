@@ -42,7 +42,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,6 +55,7 @@ from starlette.routing import Route
 
 from portagent.broker.fleet.audit import record_json
 from portagent.broker.fleet.keyring import KeyRing
+from portagent.broker.fleet.metrics import UNMATCHED_ROUTE, BrokerMetrics
 from portagent.broker.fleet.model import (
     AccessRequest,
     BrokerGrant,
@@ -526,6 +527,8 @@ class ApiContext:
     policy: Callable[[], Policy | None] = lambda: None  # the policy in force (SIGHUP)
     notifier: Notifier | None = None
     request_ttl: float = DEFAULT_REQUEST_TTL  # how long a pending request waits
+    # Shared with the hub; `serve` exposes its registry on [service.metrics] listen.
+    metrics: BrokerMetrics = field(default_factory=lambda: BrokerMetrics(process=False))
 
     def __post_init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=API_THREADS, thread_name_prefix="api-store")
@@ -553,6 +556,7 @@ class ApiContext:
     def notify(self, event: str, access: AccessRequest) -> None:
         """A webhook for `event` (never blocks) and a wake-up for the request's waiters."""
         self.waiters.changed(access.request_id)
+        self.metrics.request_event(event, access)
         if self.notifier is not None:
             self.notifier.submit(event, request_json(access))
 
@@ -715,6 +719,7 @@ async def create_grant(ctx: ApiContext, request: Request, who: Identity) -> Resp
     )
     if created:
         ctx.publish(grant.host_id)
+        ctx.metrics.grants_issued.labels(by="admin").inc()
         ctx.log("grant_created", grant_id=grant.grant_id, host_id=grant.host_id, actor=who.label)
     return JSONResponse({"grant": grant_json(grant, now)}, status_code=201 if created else 200)
 
@@ -801,6 +806,7 @@ async def revoke_grant(ctx: ApiContext, request: Request, who: Identity) -> Resp
     )
     if before is None or before.state is not GrantState.REVOKED:
         ctx.publish(grant.host_id)
+        ctx.metrics.grants_revoked.inc()
         ctx.log("grant_revoked", grant_id=grant_id, host_id=grant.host_id, actor=who.label)
     return JSONResponse({"grant": grant_json(grant, now)})
 
@@ -1021,6 +1027,7 @@ async def create_request(ctx: ApiContext, request: Request, who: Identity) -> Re
             },
             now=now,
         )
+        ctx.metrics.access_requests.labels(outcome="refused").inc()
         ctx.log(
             "request_refused",
             requester=who.label,
@@ -1056,6 +1063,7 @@ async def create_request(ctx: ApiContext, request: Request, who: Identity) -> Re
     if created:
         if grant is not None:
             ctx.publish(host_id)
+            ctx.metrics.grants_issued.labels(by="request").inc()
         ctx.log(
             "request_created",
             request_id=access.request_id,
@@ -1249,6 +1257,7 @@ async def _decide(ctx: ApiContext, request: Request, who: Identity, approve: boo
     )
     if grant is not None:
         ctx.publish(grant.host_id)
+        ctx.metrics.grants_issued.labels(by="request").inc()
         ctx.notify("request.granted", access)
     elif access.state is RequestState.DENIED:
         ctx.notify("request.denied", access)
@@ -1277,6 +1286,7 @@ async def close_request(ctx: ApiContext, request: Request, who: Identity) -> Res
         if access.state is RequestState.CLOSED:
             if grant is not None and grant.state is GrantState.REVOKED:
                 ctx.publish(grant.host_id)
+                ctx.metrics.grants_revoked.inc()
             ctx.notify("request.closed", access)
         elif access.state is RequestState.CANCELLED:
             ctx.notify("request.cancelled", access)
@@ -1359,6 +1369,39 @@ ROUTES: tuple[tuple[str, str, Handler, str], ...] = (
 )
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def _measured(
+    ctx: ApiContext, endpoint: Callable[[Request], Awaitable[Response]], method: str, route: str
+) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint, counted and timed under its route template (never the path: ids
+    in paths would make a label per grant)."""
+
+    async def measured(request: Request) -> Response:
+        start = time.monotonic()
+        response = await endpoint(request)
+        ctx.metrics.http_request(method, route, response.status_code, time.monotonic() - start)
+        return response
+
+    return measured
+
+
+def _unmatched(
+    ctx: ApiContext,
+) -> Callable[[Request, Exception], Awaitable[Response]]:
+    """404/405 answers, counted under one route label (the method only when it is a
+    known one: it is the client's text)."""
+
+    async def handler(request: Request, exc: Exception) -> Response:
+        response = await _http_error(request, exc)
+        method = request.method if request.method in _METHODS else "other"
+        ctx.metrics.http_request(method, UNMATCHED_ROUTE, response.status_code, None)
+        return response
+
+    return handler
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     if status == 405:
@@ -1381,13 +1424,14 @@ def build_app(ctx: ApiContext) -> Starlette:
     routes = [
         Route(
             path,
-            _endpoint(ctx, handler, access=access),
+            _measured(ctx, _endpoint(ctx, handler, access=access), method, path),
             methods=[method],
             name=f"{method} {path}",
         )
         for path, method, handler, access in ROUTES
     ]
-    return Starlette(routes=routes, exception_handlers={404: _http_error, 405: _http_error})
+    unmatched = _unmatched(ctx)
+    return Starlette(routes=routes, exception_handlers={404: unmatched, 405: unmatched})
 
 
 async def maintenance(ctx: ApiContext, stop: asyncio.Event) -> None:
@@ -1400,6 +1444,7 @@ async def maintenance(ctx: ApiContext, stop: asyncio.Event) -> None:
         try:
             expired = await ctx.db(ctx.store.expire_due, now=now)
             if expired:
+                ctx.metrics.grants_expired.inc(expired)
                 ctx.log("grants_expired", count=expired)
             for access in await ctx.db(ctx.store.expire_access_requests, now=now):
                 ctx.log("request_expired", request_id=access.request_id, host_id=access.host_id)

@@ -40,6 +40,7 @@ from google.protobuf.message import DecodeError
 from grpc.aio import EOF  # type: ignore[attr-defined]  # not in grpc-stubs
 
 from portagent.broker.fleet.keyring import KeyRing
+from portagent.broker.fleet.metrics import BrokerMetrics, DeliveryTimer
 from portagent.broker.fleet.model import (
     Change,
     ChangeKind,
@@ -128,6 +129,7 @@ class _Stream:
     delivering: asyncio.Task[None] | None = None
     replaced: bool = False
     bucket: _Bucket = field(default_factory=_Bucket)
+    timer: DeliveryTimer = field(default_factory=DeliveryTimer)
 
 
 def certificate_names(pem: bytes) -> list[str]:
@@ -251,8 +253,10 @@ class Hub:
         threads: int = STORE_THREADS,
         clock: Callable[[], float] = time.time,
         on_ack: Callable[[str, int], None] | None = None,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics if metrics is not None else BrokerMetrics(process=False)
         # Told (host id, generation) after an ack is recorded: the API's waiters answer
         # "applied" from it without reading the store.
         self._on_ack = on_ack
@@ -359,6 +363,7 @@ class Hub:
                     )
                 await self._handle(stream, message)
         except _Abort as exc:
+            self.metrics.streams_refused.labels(code=exc.code.name).inc()
             self._log(
                 "stream_refused",
                 host_id=stream.host_id if stream else "",
@@ -369,10 +374,12 @@ class Hub:
             await context.abort(exc.code, exc.message)
         except StoreError as exc:
             self._log("stream_store_error", peer=context.peer(), error=str(exc)[:300])
+            self.metrics.streams_refused.labels(code=grpc.StatusCode.UNAVAILABLE.name).inc()
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the broker's database is unavailable; retry later"
             )
         except TimeoutError:
+            self.metrics.streams_refused.labels(code=grpc.StatusCode.DEADLINE_EXCEEDED.name).inc()
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"no hello within {HELLO_TIMEOUT:g}s"
             )
@@ -465,6 +472,8 @@ class Hub:
         )
         older = self._streams.get(host_id)
         self._streams[host_id] = stream
+        self.metrics.agent_connects.inc()
+        self.metrics.agents_connected.set(len(self._streams))
         if older is not None:
             older.replaced = True
             if older.task is not None:
@@ -480,6 +489,7 @@ class Hub:
             stream.delivering.cancel()
         if self._streams.get(stream.host_id) is stream:
             del self._streams[stream.host_id]
+            self.metrics.agents_connected.set(len(self._streams))
             self._log("agent_disconnected", host_id=stream.host_id)
             self._spawn(
                 self.run_db(self.store.agent_disconnected, stream.host_id, now=self._clock()),
@@ -501,10 +511,14 @@ class Hub:
             await self.run_db(
                 self.store.record_ack, stream.host_id, message.ack.generation, now=now
             )
+            # Capped at what this stream was sent: an ack claiming more says nothing
+            # about a grant made after it.
+            acked = min(message.ack.generation, stream.sent_generation)
+            self.metrics.acks.inc()
+            for latency in stream.timer.acked(acked, self._clock()):
+                self.metrics.delivery_latency.observe(latency)
             if self._on_ack is not None:
-                # Capped at what this stream was sent: an ack claiming more says nothing
-                # about a grant made after it.
-                self._on_ack(stream.host_id, min(message.ack.generation, stream.sent_generation))
+                self._on_ack(stream.host_id, acked)
         elif kind == "snapshot_request":
             reason = message.snapshot_request.reason
             if not _printable(reason, MAX_SHORT_TEXT):
@@ -517,6 +531,7 @@ class Hub:
             if rows:
                 await self.run_db(self.store.record_usage, stream.host_id, rows, now=now)
         elif kind == "refusal":
+            self.metrics.agent_refusals.inc()
             refusal = message.refusal
             if refusal.grant_id and not GRANT_ID_PATTERN.fullmatch(refusal.grant_id):
                 raise _Abort(
@@ -589,25 +604,28 @@ class Hub:
         if stream.want_snapshot or (resuming and stream.sent_generation == 0):
             # Asked for, or an agent that holds nothing from this broker: the whole set
             # in one signature (and anything it holds from elsewhere goes).
+            reason = "requested" if stream.want_snapshot else "initial"
             stream.want_snapshot = False
-            await self._send_snapshot(stream)
+            await self._send_snapshot(stream, reason)
             return
         changes = await self.run_read(self.store.changes_since, host_id, stream.sent_generation)
         if changes is None or (resuming and not await self.run_read(self._all_active, changes)):
-            await self._send_snapshot(stream)
+            await self._send_snapshot(stream, "resync")
             return
         if resuming and not changes:
             host = await self.run_read(self.store.get_host, host_id)
             if host is not None and host.generation < stream.sent_generation:
                 # The agent holds a generation this broker never reached (its database
                 # was reset): the snapshot is refused by the agent and logged there.
-                await self._send_snapshot(stream)
+                await self._send_snapshot(stream, "resync")
             return
         for change in changes:
             if change.generation <= stream.sent_generation:
                 continue
             await stream.context.write(change_message(change))
             stream.sent_generation = change.generation
+            self.metrics.changes_sent.labels(kind=change.kind.value).inc()
+            stream.timer.sent(change.generation, change.created_at)
             self._spawn(
                 self.run_db(
                     self.store.record_delivery,
@@ -646,7 +664,7 @@ class Hub:
         data: bytes = fleet_pb2.ConnectResponse(snapshot=signed).SerializeToString()
         return generation, data
 
-    async def _send_snapshot(self, stream: _Stream) -> None:
+    async def _send_snapshot(self, stream: _Stream, reason: str) -> None:
         generation, data = await self.run_read(
             self._build_snapshot, stream.host_id, stream.trusted_key_ids
         )
@@ -654,6 +672,7 @@ class Hub:
             return  # nothing ever changed for this host: a state starts at generation 1
         await stream.context.write(data)
         stream.sent_generation = max(stream.sent_generation, generation)
+        self.metrics.snapshots_sent.labels(reason=reason).inc()
         self._spawn(
             self.run_db(
                 self.store.record_delivery,

@@ -117,6 +117,19 @@ class Change:
     payload: bytes  # serialized Grant or Revocation, as signed
     signature: bytes
     key_id: str
+    created_at: float = 0.0  # when the API call that made it ran (delivery latency)
+
+
+@dataclass(frozen=True)
+class FleetFigures:
+    """What /metrics reads from the database at scrape time (metrics.StoreCollector)."""
+
+    hosts: int  # in the inventory
+    agents_behind: int  # connected to this replica, generation > acknowledged
+    generations_behind: int  # summed over those
+    generations_behind_max: int
+    grants_active: int  # active and not yet expired
+    audit_records: int  # the chain's last sequence number
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@
   old ones stay in use; a good policy is logged `policy_loaded` with its digest.
 * OIDC issuers' keys are fetched in the background at start (a slow issuer never delays
   READY); webhooks are sent by a background notifier, drained briefly on stop.
+* [service.metrics]: Prometheus GET /metrics on a third, plain-HTTP listener
+  (fleet/metrics.py; docs/metrics.md), started with the others and part of READY.
 * systemd: READY=1 (and STOPPING=1) on $NOTIFY_SOCKET when it is set, written with
   the socket module; one JSON line per event on stderr, which journald collects.
 
@@ -29,6 +31,7 @@ import ssl
 import sys
 import time
 from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +133,7 @@ async def _serve(settings: ServiceSettings) -> int:
     from portagent.broker.fleet.bus import ChangeBus, PgListener
     from portagent.broker.fleet.hub import SERVER_OPTIONS, SERVICE, Hub
     from portagent.broker.fleet.keyring import KeyRing
+    from portagent.broker.fleet.metrics import BrokerMetrics, StoreCollector, build_metrics_app
     from portagent.broker.fleet.model import StoreError
     from portagent.broker.fleet.notify import Notifier
     from portagent.broker.fleet.store import FleetStore
@@ -172,6 +176,8 @@ async def _serve(settings: ServiceSettings) -> int:
 
     tokens_now = [tokens]
     policy_now = [policy]
+    metrics = BrokerMetrics()
+    metrics.registry.register(StoreCollector(store, log=log))
     bus = ChangeBus()
     ctx = ApiContext(
         store=store,
@@ -183,8 +189,9 @@ async def _serve(settings: ServiceSettings) -> int:
         policy=lambda: policy_now[0],
         notifier=notifier,
         request_ttl=settings.policy.request_ttl if settings.policy else DEFAULT_REQUEST_TTL,
+        metrics=metrics,
     )
-    hub = Hub(store, keyring, log, on_ack=ctx.waiters.acked)
+    hub = Hub(store, keyring, log, on_ack=ctx.waiters.acked, metrics=metrics)
     ctx.on_host_removed = hub.drop
     bus.subscribe(hub.notify, hub.resync)
     stop = asyncio.Event()
@@ -256,6 +263,37 @@ async def _serve(settings: ServiceSettings) -> int:
         stop.set()
 
     api_task = loop.create_task(run_api())
+    # [service.metrics]: its own plain-HTTP listener (what scrapers expect), never
+    # behind the API's TLS and tokens; off when the table is absent.
+    metrics_server: Any = None
+    metrics_task: asyncio.Task[None] | None = None
+    scrape_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics")
+    if settings.metrics is not None:
+        metrics_listen = settings.metrics.listen
+        metrics_host, metrics_port = parse_address(metrics_listen)
+        metrics_server = _uvicorn_server(
+            uvicorn.Config(
+                build_metrics_app(metrics.registry, scrape_pool),
+                host=metrics_host,
+                port=metrics_port,
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                timeout_keep_alive=30,
+                limit_concurrency=32,
+            )
+        )
+
+        async def run_metrics() -> None:
+            try:
+                await metrics_server.serve()
+            except SystemExit:
+                log("listen_failed", listener="metrics", listen=metrics_listen)
+            if not metrics_server.started:
+                stop.set()
+
+        metrics_task = loop.create_task(run_metrics())
     listener: PgListener | None = None
     if store.is_postgresql:
         listener = PgListener(store.listen_conninfo, bus, log)
@@ -269,10 +307,13 @@ async def _serve(settings: ServiceSettings) -> int:
 
     # READY once both listeners accept (bounded wait).
     deadline = loop.time() + START_TIMEOUT
-    while not api_server.started and not api_task.done() and loop.time() < deadline:
+    while loop.time() < deadline and not (
+        (api_server.started or api_task.done())
+        and (metrics_task is None or metrics_server.started or metrics_task.done())
+    ):
         await asyncio.sleep(0.02)
     status = 0
-    if api_server.started:
+    if api_server.started and (metrics_task is None or metrics_server.started):
         log(
             "ready",
             replica=settings.replica,
@@ -281,6 +322,7 @@ async def _serve(settings: ServiceSettings) -> int:
             fleet_port=fleet_port,
             reflection=reflection,
             api=settings.api.listen,
+            metrics=settings.metrics.listen if settings.metrics else None,
             key_ids=list(keyring.key_ids),
         )
         sd_notify(f"READY=1\nSTATUS=serving on {settings.fleet.listen} and {settings.api.listen}")
@@ -291,10 +333,16 @@ async def _serve(settings: ServiceSettings) -> int:
     log("stopping")
     sd_notify("STOPPING=1")
     api_server.should_exit = True
+    if metrics_server is not None:
+        metrics_server.should_exit = True
     await grpc_server.stop(STOP_GRACE)
     await hub.close()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(api_task, STOP_GRACE + 1)
+    if metrics_task is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(metrics_task, STOP_GRACE + 1)
+    scrape_pool.shutdown(wait=False, cancel_futures=True)
     await notifier.close()
     for task in tasks:
         task.cancel()

@@ -37,6 +37,9 @@ folder.
     events = ["request.pending"]         # default: every request event
     secret_file = "webhook.secret"       # X-Portagent-Signature: sha256=HMAC(body)
     ca = "hooks-ca.pem"                  # CA bundle for the receiver (default: system CAs)
+
+    [service.metrics]                    # optional: Prometheus /metrics (docs/metrics.md)
+    listen = "127.0.0.1:9478"            # plain HTTP, no authentication: keep it local
 """
 
 from __future__ import annotations
@@ -96,6 +99,13 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """[service.metrics]: GET /metrics on its own plain-HTTP listener."""
+
+    listen: str
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     database: str
     replica: str
@@ -106,6 +116,7 @@ class ServiceSettings:
     issuers: tuple[IssuerSettings, ...] = ()
     policy: PolicySettings | None = None  # None: every access request is refused
     webhooks: tuple[Webhook, ...] = ()
+    metrics: MetricsSettings | None = None  # None: no /metrics listener
 
 
 def default_replica() -> str:
@@ -140,6 +151,19 @@ def _policy(read: Reader, service: dict[str, Any], base_dir: Path) -> PolicySett
             high=MAX_REQUEST_TTL,
         ),
     )
+
+
+def _metrics(read: Reader, service: dict[str, Any]) -> MetricsSettings | None:
+    if "metrics" not in service:
+        return None
+    table = read.table(service, "metrics", "service.", {"listen"})
+    if not isinstance(service["metrics"], dict):
+        return None  # the Reader named it
+    where = "service.metrics."
+    if "listen" not in table:
+        read.problems.append(f'{where}listen: required (e.g. "127.0.0.1:9478")')
+        return None
+    return MetricsSettings(listen=_listen(read, table, where, ""))
 
 
 def webhook_url_problem(url: str) -> str | None:
@@ -237,7 +261,17 @@ def load_service_settings(
         doc,
         "service",
         "",
-        {"database", "replica", "keys_dir", "fleet", "api", "issuers", "policy", "webhooks"},
+        {
+            "database",
+            "replica",
+            "keys_dir",
+            "fleet",
+            "api",
+            "issuers",
+            "policy",
+            "webhooks",
+            "metrics",
+        },
         required=True,
     )
     database: str = read.get(service, "database", str, "service.", DEFAULT_DATABASE)
@@ -279,6 +313,12 @@ def load_service_settings(
     issuers = parse_issuers(read, service, base_dir)
     policy = _policy(read, service, base_dir)
     webhooks = _webhooks(read, service, base_dir)
+    metrics = _metrics(read, service)
+    if metrics is not None and metrics.listen in (fleet.listen, api.listen):
+        problems.append(
+            f"service.metrics.listen: {metrics.listen!r} is already the "
+            f"{'fleet' if metrics.listen == fleet.listen else 'api'} listener's address"
+        )
     if problems:
         raise ConfigError(problems)
     return ServiceSettings(
@@ -291,6 +331,7 @@ def load_service_settings(
         issuers=issuers,
         policy=policy,
         webhooks=webhooks,
+        metrics=metrics,
     )
 
 

@@ -58,6 +58,7 @@ from portagent.broker.fleet.model import (
     Change,
     ChangeKind,
     FleetError,
+    FleetFigures,
     GrantState,
     Host,
     RequestState,
@@ -565,6 +566,7 @@ def _change_from_row(row: _Row) -> Change:
         payload=r.bytes("payload"),
         signature=r.bytes("signature"),
         key_id=r.text("key_id", MAX_KEY_ID),
+        created_at=r.number("created_at"),
     )
 
 
@@ -2606,6 +2608,41 @@ class FleetStore:
             if len(records) < page:
                 return
             after = records[-1].seq
+
+    def metrics_figures(self, *, now: float) -> FleetFigures:
+        """The scrape-time figures of /metrics, from one read transaction: four
+        aggregate statements, each bounded by an index or the inventory's size."""
+        now = _check_time(now)
+        h, g = schema.hosts.c, schema.grants.c
+        lag = h.generation - h.acked_generation
+        behind = select(
+            func.count(), func.coalesce(func.sum(lag), 0), func.coalesce(func.max(lag), 0)
+        ).where(
+            h.removed_at.is_(None),
+            h.replica == self.replica,
+            h.connected_since.is_not(None),
+            h.generation > h.acked_generation,
+        )
+        hosts = select(func.count()).select_from(schema.hosts).where(h.removed_at.is_(None))
+        active = (
+            select(func.count())
+            .select_from(schema.grants)
+            .where(g.state == GrantState.ACTIVE.value, g.expire_time > now)
+        )
+        audit = select(func.coalesce(func.max(schema.audit.c.seq), 0))
+
+        def work(connection: Connection) -> FleetFigures:
+            count, total, worst = connection.execute(behind).one()
+            return FleetFigures(
+                hosts=int(connection.execute(hosts).scalar_one()),
+                agents_behind=int(count),
+                generations_behind=int(total),
+                generations_behind_max=int(worst),
+                grants_active=int(connection.execute(active).scalar_one()),
+                audit_records=int(connection.execute(audit).scalar_one()),
+            )
+
+        return self._read(work)
 
     def count(self, table: str) -> int:
         """Rows in one of the store's tables (tests and the bench)."""
