@@ -371,7 +371,7 @@ class Scrape:
 
         return {
             (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(self.text)  # type: ignore[no-untyped-call]
+            for family in text_string_to_metric_families(self.text)  # type: ignore[no-untyped-call, unused-ignore]
             for sample in family.samples
         }
 
