@@ -19,7 +19,7 @@ APT_PACKAGING := build-essential debhelper dh-python pybuild-plugin-pyproject py
 	systemd-container python3-grpcio python3-protobuf python3-nftables python3-pyroute2 \
 	python3-psutil python3-systemd python3-cryptography git \
 	python3-starlette python3-uvicorn python3-sqlalchemy python3-alembic python3-psycopg python3-psycopg2 \
-	python3-jwt python3-pip
+	python3-jwt python3-pip python3-prometheus-client
 STAMP_APT_PKG := .cache/apt-packaging.stamp
 
 # Peers for `make bench` only; installed with service start blocked and their units disabled:

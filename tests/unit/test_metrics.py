@@ -422,3 +422,36 @@ def test_the_daemon_does_not_import_prometheus_client_until_asked() -> None:
         "assert 'prometheus_client' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---- docs and the example dashboard ---------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_metric_is_documented_and_the_dashboard_uses_only_real_ones(
+    engine: tuple[Engine, TestSigner, FakeClock, EventCounters],
+) -> None:
+    import json
+    import re
+
+    from prometheus_client import generate_latest
+
+    eng, _, _, counters = engine
+    counters("refuse", Priority.WARNING, "m", {"REASON": "BAD_SIGNATURE"})  # a labelled one
+    collector = AgentCollector(
+        eng, eng.hub, counters, ApplyLatency(), flows=Flows({}), started=0.0, version="0"
+    )
+    registry = build_registry(collector, process=False)
+    exposed = {name for name, _ in parse(generate_latest(registry).decode())}
+    families = {re.sub(r"_(total|bucket|sum|count)$", "", name) for name in exposed}
+    doc = (REPO / "docs" / "metrics.md").read_text()
+    table = {re.sub(r"_total$", "", m) for m in re.findall(r"^\| `(portagent_\w+)`", doc, re.M)}
+    assert families == table
+
+    dashboard = json.loads((REPO / "packaging" / "grafana" / "portagent-agent.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    used = {name for expr in exprs for name in re.findall(r"portagent_\w+", expr)}
+    assert used and used <= exposed, used - exposed
+    examples = (REPO / "packaging" / "debian" / "portagent.examples").read_text().split()
+    assert examples == ["packaging/grafana/portagent-agent.json"]
