@@ -262,6 +262,7 @@ class AdminServer:
 
     def stream_events(self, after: int, out: Any) -> None:
         """JSON lines, one per event, until the client goes away or the agent stops."""
+        self._engine.hub.watch_started("admin")
         try:
             while not self._stopping.is_set():
                 for event in self._engine.hub.wait(after, timeout=1.0):
@@ -271,6 +272,8 @@ class AdminServer:
                 out.flush()
         except OSError:
             return
+        finally:
+            self._engine.hub.watch_ended("admin")
 
     def dispatch(self, request: dict[str, Any], peer: Peer) -> Any:
         op = request.get("op")

@@ -47,6 +47,7 @@ from portagent.wire.errors import ConfigError, PortagentError
 
 if TYPE_CHECKING:
     from portagent.agent.audit_chain import AuditTrail
+    from portagent.agent.metrics import Metrics
     from portagent.agent.store import Store
 
 EX_CONFIG = 78  # sysexits.h: systemd does not restart-loop on a bad config with this
@@ -189,9 +190,18 @@ def check_config(settings: Settings, config: Path) -> int:
             if settings.broker
             else ""
         )
+        + _metrics_summary(settings)
         + ")"
     )
     return 0
+
+
+def _metrics_summary(settings: Settings) -> str:
+    metrics = settings.metrics
+    parts = [f"metrics on {metrics.listen}"] if metrics.listen else []
+    if metrics.textfile is not None:
+        parts.append(f"metrics textfile {metrics.textfile} every {metrics.textfile_interval:g}s")
+    return "".join(", " + part for part in parts)
 
 
 def delete_table(*, force: bool) -> int:
@@ -352,6 +362,19 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     events = EventLog()
     audit = _start_audit(settings, events)
     started = time.time()
+    metrics: Metrics | None = None
+    if settings.metrics.enabled:
+        # Imported only now: an agent without [metrics] never loads prometheus_client.
+        # Counting from the first record (quarantines at start are counted too).
+        from portagent.agent.metrics import Metrics
+
+        metrics = Metrics(
+            settings.metrics,
+            events,
+            group=settings.admin_group,
+            started=started,
+            version=__version__,
+        )
     watchdog_interval, ping = _watchdog_pinger()
     try:
         engine_conntrack: Conntrack | None = Conntrack()
@@ -455,12 +478,22 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
             usage=usage,
             services=ServiceFinder(),
         )
-        server = start_server(engine, settings.api, healthy, usage)
+        server = start_server(
+            engine,
+            settings.api,
+            healthy,
+            usage,
+            observe_apply=metrics.latency.observe if metrics is not None else None,
+        )
+        if metrics is not None:
+            metrics.attach(engine, usage if usage_conntrack is not None else None)
     except (OSError, RuntimeError) as exc:
         events.emit("error", f"cannot start: {exc}", Priority.ERR)
         engine.stop()
         return EX_FAILURE
     admin.start()
+    if metrics is not None:
+        metrics.start()
     # After the engine and the API: the broker adds to what is enforced, and a start
     # never waits for it (the client dials on its own thread).
     fleet = FleetClient(settings, engine, events, usage) if settings.broker else None
@@ -509,6 +542,12 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
                     fleet = FleetClient(new, engine, events, usage) if new.broker else None
                     if fleet is not None:
                         fleet.start()
+                if new.metrics != settings.metrics:
+                    events.emit(
+                        "reload",
+                        "[metrics] changed: the new settings take effect at the next restart",
+                        Priority.WARNING,
+                    )
                 settings = new
                 events.emit("reload", "configuration reloaded", Priority.NOTICE)
             except ConfigError as exc:
@@ -530,6 +569,8 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
         fleet.stop()
     server.stop(grace=2).wait(3)
     admin.stop()
+    if metrics is not None:
+        metrics.stop()
     if watcher is not None:
         watcher.stop()
     if connection_events is not None:

@@ -371,6 +371,10 @@ class Engine:
         # Grants issued before this time may have been revoked in a lost state.
         self._epoch = 0.0
         self.last_reconcile: float = 0.0
+        # For the metrics (read from the scrape thread; written by the one writer).
+        self.reconcile_runs: dict[str, int] = {"full": 0, "structure": 0}
+        self.repairs = 0  # full reconciles that found the kernel not as planned
+        self.store_errors = 0  # state-file writes that failed
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -530,6 +534,7 @@ class Engine:
             with self._store.transaction():
                 self._store.quarantine(bad, now)
         except StoreError as exc:
+            self.store_errors += 1
             self._events.emit(
                 "error",
                 f"could not move {len(bad)} bad rows to quarantine ({exc}); they stay "
@@ -763,6 +768,17 @@ class Engine:
         self._last_lost_check = now
         self.request_full_reconcile()
 
+    def grant_counts(self) -> dict[GrantState, int]:
+        """How many grants the engine holds in each state (kept counts, no walk)."""
+        with self._lock:
+            return dict(self._table.counts)
+
+    def grant_states(self, handles: list[int]) -> dict[int, GrantState]:
+        """The state of each of these handles that is a grant the engine holds."""
+        with self._lock:
+            by_handle = self._table.by_handle
+            return {h: r.state for h in handles if (r := by_handle.get(h)) is not None}
+
     def kernel_element_count(self) -> int:
         """How many elements our model of the kernel holds (for sizing a listing)."""
         return len(self._kernel)
@@ -955,6 +971,7 @@ class Engine:
         except PortagentError:
             raise  # the kernel refused the batch: it changed nothing, the store rolled back
         except Exception as exc:
+            self.store_errors += 1
             if kernel_changed:
                 self._revert_kernel(changed, exc)
             raise EnforcementError(f"could not persist the change: {exc}") from exc
@@ -1090,6 +1107,7 @@ class Engine:
             with self._store.transaction():
                 self._debt.write(self._store, self._clock())
         except StoreError as exc:
+            self.store_errors += 1
             self._store_errors_unlogged += 1
             now = time.monotonic()
             if now - self._last_store_error_log >= STORE_ERROR_LOG_INTERVAL:
@@ -1196,6 +1214,8 @@ class Engine:
             self._kernel.marks,
             tolerance=self._kernel.tolerance,
         )
+        if not plan.is_empty:
+            self.repairs += 1
         self._apply(plan, now)
 
     def _apply(self, plan: Plan, now: float) -> None:
@@ -1241,6 +1261,7 @@ class Engine:
         self._kernel.layout_dirty = True
         self._apply(Plan(), self._clock())
         self.last_reconcile = self._clock()
+        self.reconcile_runs["structure"] += 1
 
     def _reconcile_full(self, listing: tuple[float, KernelState] | None = None) -> None:
         """Read the kernel (or take `listing`: (the time read before it, the listing)),
@@ -1265,6 +1286,7 @@ class Engine:
         # Expiries in the listing are absolute: planning uses the time now, after it.
         self._converge_all(self._clock())
         self.last_reconcile = self._clock()
+        self.reconcile_runs["full"] += 1
 
     # ---- connections -----------------------------------------------------------------
 

@@ -50,6 +50,8 @@ class EventHub:
         self._changed = threading.Condition()
         self._clock = clock
         self._next = int(clock() * 1_000_000)
+        # Open event streams by API ("grpc", "admin"): the metrics' client gauge.
+        self._watchers: dict[str, int] = {}
 
     def publish(
         self,
@@ -66,6 +68,19 @@ class EventHub:
             self._events.append(event)
             self._changed.notify_all()
         return event
+
+    def watch_started(self, api: str) -> None:
+        with self._changed:
+            self._watchers[api] = self._watchers.get(api, 0) + 1
+
+    def watch_ended(self, api: str) -> None:
+        with self._changed:
+            self._watchers[api] = self._watchers.get(api, 0) - 1
+
+    def watchers(self) -> dict[str, int]:
+        """Open event streams, by API."""
+        with self._changed:
+            return dict(self._watchers)
 
     @property
     def last_sequence(self) -> int:

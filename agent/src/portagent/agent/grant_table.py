@@ -45,6 +45,11 @@ class GrantTable:
         # Handles covering each key: a tuple (mostly of one), smaller than a list.
         self._covering: dict[ElementKey, tuple[int, ...]] = {}
         self._due: list[tuple[float, str]] = []
+        # Grants held in each state (active, expired, revoked), kept as they change: a
+        # scrape reads three numbers instead of walking 100k records. A list and `is`
+        # tests, not a dict keyed by the enum: Enum.__hash__ is Python code (~0.4 us a
+        # lookup, paid twice per grant in a 100k start).
+        self._counts = [0, 0, 0]
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -58,6 +63,9 @@ class GrantTable:
         and the replay memory) without growing the handles every plan of its keys walks
         (thousands on one key under sustained grant + revoke)."""
         previous = self.by_id.get(record.grant.grant_id)
+        if previous is not None:
+            self._count(previous.state, -1)
+        self._count(record.state, 1)
         self.by_id[record.grant.grant_id] = record
         self.by_handle[record.handle] = record
         was_active = previous is not None and previous.state is GrantState.ACTIVE
@@ -70,10 +78,32 @@ class GrantTable:
             self._uncover(record)
         heapq.heappush(self._due, (due, record.grant.grant_id))
 
+    def _count(self, state: GrantState, delta: int) -> None:
+        counts = self._counts
+        if state is GrantState.ACTIVE:
+            counts[0] += delta
+        elif state is GrantState.EXPIRED:
+            counts[1] += delta
+        elif state is GrantState.REVOKED:
+            counts[2] += delta
+        else:  # a state added to GrantState must be counted here too
+            raise ValueError(f"no count for grant state {state!r}")
+
+    @property
+    def counts(self) -> dict[GrantState, int]:
+        """How many grants the table holds in each state."""
+        active, expired, revoked = self._counts
+        return {
+            GrantState.ACTIVE: active,
+            GrantState.EXPIRED: expired,
+            GrantState.REVOKED: revoked,
+        }
+
     def remove(self, grant_id: str) -> GrantRecord | None:
         record = self.by_id.pop(grant_id, None)
         if record is None:
             return None
+        self._count(record.state, -1)
         self.by_handle.pop(record.handle, None)
         self._uncover(record)
         return record

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from portagent.wire.config import Reader, parse_toml, read_config_text
+from portagent.wire.config import Reader, parse_toml, read_config_text, resolve_path
 from portagent.wire.errors import ConfigError
 from portagent.wire.ports import GuardedPort, parse_port_spec
 
@@ -84,6 +84,35 @@ class BrokerSettings:
     reconnect_max: float = DEFAULT_RECONNECT_MAX
 
 
+UNIX_PREFIX = "unix:"
+MAX_UNIX_PATH_BYTES = 107  # sun_path holds 108 bytes with the terminating NUL
+DEFAULT_TEXTFILE_INTERVAL = 15.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus metrics ([metrics]); off unless `listen` or `textfile` is set."""
+
+    # "127.0.0.1:PORT", "[::1]:PORT" or "unix:/PATH"; None: no HTTP listener.
+    listen: str | None = None
+    # A TCP address that is not loopback is refused unless this is set: the metrics
+    # are served in clear text without authentication.
+    allow_remote: bool = False
+    # node_exporter's textfile collector file (*.prom), rewritten every interval.
+    textfile: Path | None = None
+    textfile_interval: float = DEFAULT_TEXTFILE_INTERVAL
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None or self.textfile is not None
+
+    @property
+    def unix_socket(self) -> Path | None:
+        if self.listen is None or not self.listen.startswith(UNIX_PREFIX):
+            return None
+        return Path(self.listen[len(UNIX_PREFIX) :])
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     """The local audit chain ([audit], docs/audit.md). Read at start only."""
@@ -115,6 +144,7 @@ class Settings:
     audit: AuditSettings = AuditSettings()
     # [log] connections: which conntrack events become journal records (connection_log).
     log_connections: str = "summary"
+    metrics: MetricsSettings = MetricsSettings()
     source_path: Path | None = field(default=None, compare=False)
 
     @property
@@ -175,6 +205,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         "broker",
         "audit",
         "log",
+        "metrics",
     }
     read.unknown(doc, known_top, "")
 
@@ -301,6 +332,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         problems.append(
             f'log.connections: expected "summary", "each" or "off", got {log_connections!r}'[:200]
         )
+    metrics = _read_metrics(doc, read, problems, base_dir, admin_socket)
 
     if problems:
         raise ConfigError(problems)
@@ -317,6 +349,7 @@ def load_settings(text: str, *, base_dir: Path = Path("/"), source: Path | None 
         broker=broker,
         audit=audit,
         log_connections=log_connections,
+        metrics=metrics,
         source_path=source,
     )
 
@@ -431,6 +464,79 @@ def _read_broker(
         labels=tuple(sorted(labels.items())),
         reconnect_max=reconnect_max,
     )
+
+
+def _read_metrics(
+    doc: dict[str, object],
+    read: Reader,
+    problems: list[str],
+    base_dir: Path,
+    admin_socket: Path,
+) -> MetricsSettings:
+    where = "metrics."
+    known = {"listen", "allow_remote", "textfile", "textfile_interval"}
+    table = read.table(doc, "metrics", "", known)
+    allow_remote = read.get(table, "allow_remote", bool, where, False)
+    listen = read.get(table, "listen", str, where)
+    if listen is not None:
+        if listen.startswith(UNIX_PREFIX):
+            raw = listen[len(UNIX_PREFIX) :]
+            path = resolve_path(base_dir, raw) if raw and "\0" not in raw else None
+            if path is None:
+                problems.append(f'{where}listen: expected "unix:/PATH", got {listen[:80]!r}')
+                listen = None
+            elif len(str(path).encode()) > MAX_UNIX_PATH_BYTES:
+                problems.append(
+                    f"{where}listen: a Unix socket path is at most {MAX_UNIX_PATH_BYTES} bytes"
+                )
+                listen = None
+            elif path == admin_socket:
+                problems.append(f"{where}listen: {path} is the admin socket ([admin] socket)")
+                listen = None
+            else:
+                listen = UNIX_PREFIX + str(path)
+        else:
+            problem = _metrics_listen_problem(listen, allow_remote)
+            if problem is not None:
+                problems.append(f"{where}listen: {problem}")
+                listen = None
+    textfile: Path | None = None
+    if "textfile" in table:
+        textfile = read.path(table, "textfile", where, base_dir)
+        if isinstance(table["textfile"], str) and not textfile.name.endswith(".prom"):
+            # node_exporter's textfile collector reads only *.prom files.
+            problems.append(
+                f"{where}textfile: must end in .prom (node_exporter reads only those), "
+                f"got {textfile.name[:80]!r}"
+            )
+    interval = read.duration(
+        table, "textfile_interval", where, DEFAULT_TEXTFILE_INTERVAL, low=1.0, high=3600.0
+    )
+    if "textfile_interval" in table and "textfile" not in table:
+        problems.append(f"{where}textfile_interval: set without {where}textfile")
+    return MetricsSettings(
+        listen=listen, allow_remote=allow_remote, textfile=textfile, textfile_interval=interval
+    )
+
+
+def _metrics_listen_problem(listen: str, allow_remote: bool) -> str | None:
+    """Why a TCP metrics address is refused, or None. Only IP literals: a name could
+    resolve to an address other than the one meant; anything but loopback needs
+    allow_remote."""
+    try:
+        host, _ = parse_listen(listen)
+    except ValueError as exc:
+        return f'{exc} (or "unix:/PATH")'
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host[:80]!r}: give an IP address (127.0.0.1, [::1]), not a name"
+    if not address.is_loopback and not allow_remote:
+        return (
+            f"{host} is not a loopback address: the metrics are served without TLS or "
+            "authentication; set metrics.allow_remote = true to serve them there anyway"
+        )
+    return None
 
 
 def load_settings_file(path: Path) -> Settings:

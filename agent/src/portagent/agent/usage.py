@@ -86,6 +86,14 @@ class UsageReader:
                 )
             return result
 
+    def flow_counts(self) -> dict[int, int] | None:
+        """Live conntrack entries per mark (one dump), or None without conntrack. Under
+        this reader's lock: its conntrack socket is not shared between threads."""
+        if self._flows is None:
+            return None
+        with self._lock:
+            return self._flows.count_by_mark()
+
     def _note_traffic(self, handle: int, octets: int, now: float) -> float | None:
         previous = self._observed.get(handle)
         if previous is None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -353,10 +354,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         engine: Engine,
         usage: UsageReader | None = None,
         streams: StreamLimiter | None = None,
+        observe_apply: Callable[[float, bool], None] | None = None,
     ) -> None:
         self._engine = engine
         self._usage = usage
         self._streams = streams or StreamLimiter(MAX_STREAMS, MAX_STREAMS_PER_PEER)
+        # (seconds, answered OK) of each ApplyGrant: the metrics' latency histogram.
+        self._observe_apply = observe_apply
 
     def _usage_of(self, records: list[GrantRecord], *, with_flows: bool) -> dict[int, GrantUsage]:
         if self._usage is None or not records:
@@ -367,6 +371,20 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
         self,
         request: pb.ApplyGrantRequest,
         context: grpc.ServicerContext,
+    ) -> pb.ApplyGrantResponse:
+        if self._observe_apply is None:
+            return self._apply(request, context)
+        started = time.perf_counter()
+        ok = False
+        try:
+            response = self._apply(request, context)
+            ok = True
+            return response
+        finally:
+            self._observe_apply(time.perf_counter() - started, ok)
+
+    def _apply(
+        self, request: pb.ApplyGrantRequest, context: grpc.ServicerContext
     ) -> pb.ApplyGrantResponse:
         signed = request.signed_grant
         record = _call(context, lambda: self._engine.apply_grant(_signed(signed, signed.grant)))
@@ -494,12 +512,14 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):  # type: ignore[misc]
     def _watch(
         self, after: int, context: grpc.ServicerContext, release: Callable[[], None]
     ) -> Iterator[pb.Event]:
+        self._engine.hub.watch_started("grpc")
         try:
             while context.is_active() and not self._engine.stopping:
                 for event in self._engine.hub.wait(after, timeout=1.0):
                     yield event_to_pb(event)
                     after = event.sequence
         finally:
+            self._engine.hub.watch_ended("grpc")
             release()
 
 
@@ -724,8 +744,10 @@ def start_server(
     api: ApiSettings,
     is_healthy: Callable[[], bool],
     usage: UsageReader | None = None,
+    observe_apply: Callable[[float, bool], None] | None = None,
 ) -> grpc.Server:
-    """Bind the mTLS listener; raises RuntimeError when the address cannot be bound."""
+    """Bind the mTLS listener; raises RuntimeError when the address cannot be bound.
+    `observe_apply` gets each ApplyGrant's duration and outcome (metrics)."""
     credentials = grpc.ssl_server_credentials(
         [(api.key_file.read_bytes(), api.cert_file.read_bytes())],
         root_certificates=api.ca_file.read_bytes(),
@@ -747,7 +769,9 @@ def start_server(
     )
     add_services(
         server,
-        AgentServicer(engine, usage, StreamLimiter(MAX_STREAMS, MAX_STREAMS_PER_PEER)),
+        AgentServicer(
+            engine, usage, StreamLimiter(MAX_STREAMS, MAX_STREAMS_PER_PEER), observe_apply
+        ),
         HealthServicer(is_healthy),
     )
     # Behind the same mTLS as the rest: only clients with a certificate of our CA list.

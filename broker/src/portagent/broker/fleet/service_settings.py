@@ -39,7 +39,7 @@ folder.
     ca = "hooks-ca.pem"                  # CA bundle for the receiver (default: system CAs)
 
     [service.metrics]                    # optional: Prometheus /metrics (docs/metrics.md)
-    listen = "127.0.0.1:9478"            # plain HTTP, no authentication: keep it local
+    listen = "127.0.0.1:9479"            # plain HTTP, no authentication: keep it local
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _metrics(read: Reader, service: dict[str, Any]) -> MetricsSettings | None:
         return None  # the Reader named it
     where = "service.metrics."
     if "listen" not in table:
-        read.problems.append(f'{where}listen: required (e.g. "127.0.0.1:9478")')
+        read.problems.append(f'{where}listen: required (e.g. "127.0.0.1:9479")')
         return None
     return MetricsSettings(listen=_listen(read, table, where, ""))
 
