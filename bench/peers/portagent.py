@@ -235,8 +235,22 @@ class PortagentGrpc(_PortagentOpen):
         return reply["t"] - reply["t0"], reply["rpc_done"] - reply["t0"]
 
 
+class PortagentGrpcAuditOff(PortagentGrpc):
+    """The same path with `[audit] enabled = false`: what the local audit chain (one
+    hashed line per record, docs/audit.md) costs an open, in the same interleaved run."""
+
+    name = "portagent (direct gRPC, local audit chain off)"
+
+    def start(self) -> None:
+        self.agent.setup()
+        agent_toml = self.agent.dev / "agent.toml"
+        agent_toml.write_text(agent_toml.read_text() + "\n[audit]\nenabled = false\n")
+        self.agent.start()
+        self.pa = self.agent.client_worker()
+
+
 def open_systems() -> list[Callable[[env.Topology], Any]]:
-    return [PortagentGrpc, PortagentCli]
+    return [PortagentGrpc, PortagentGrpcAuditOff, PortagentCli]
 
 
 def version() -> str:
