@@ -11,7 +11,7 @@ STAMP_VENV := $(VENV)/.installed
 # /etc/protocols lets nft print "tcp"/"udp" (numbers without it), which tests compare.
 APT_PACKAGES := nftables libnftables1 conntrack iproute2 protobuf-compiler protobuf-compiler-grpc libprotobuf-dev \
 	libsystemd-dev pkg-config python3-venv python3-dev gcc systemd procps netbase \
-	postgresql libpq5
+	postgresql libpq5 scdoc
 
 # Debian packages to build the .deb and run the packaging test (make test needs none of them).
 APT_PACKAGING := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all \

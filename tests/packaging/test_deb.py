@@ -9,6 +9,7 @@ the state the previous one left (one grant, active for the whole run).
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -130,6 +131,16 @@ def test_grant_opens_port_and_is_in_journal(lab: PackagingLab) -> None:
     assert record["PROTOCOL"] == "tcp"
     assert lab.net.client_ip in record["SOURCE"]
     assert record["_SYSTEMD_UNIT"] == "portagent.service"
+    # Who opened it and why: the signed reason and the signing key (issue 12).
+    assert record["GRANT_REASON"] == "packaging test"
+    assert record["KEY_ID"]
+    assert not any(key.startswith("CODE_") for key in record), record
+    # The package's catalog was compiled by systemd's trigger: `journalctl -x` explains it.
+    explained = lab.container.exec(
+        ["journalctl", "--no-pager", "-x", "-u", "portagent", f"MESSAGE_ID={record['MESSAGE_ID']}"]
+    ).stdout
+    assert f"grant {grant_id} applied for alice" in explained, explained
+    assert "man:portagentd(8)" in explained, explained
 
 
 def test_refusal_is_a_warning(lab: PackagingLab) -> None:
@@ -166,6 +177,13 @@ def test_cli_over_admin_socket(lab: PackagingLab) -> None:
     as_mallory = lab.container.exec(["setpriv", "--reuid=mallory", "--regid=mallory",
                                      "--init-groups", "portagent", "list"], check=False)
     assert as_mallory.returncode == 2, as_mallory.stdout + as_mallory.stderr
+    # The local audit chain: a member of group portagent can verify it and read it back.
+    verify = lab.container.exec(["setpriv", "--reuid=alice", "--regid=alice", "--init-groups",
+                                 "portagent", "audit", "verify"], check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    shown = lab.container.exec(["portagent", "audit", "show", "-o", "json"]).stdout
+    actions = [json.loads(line)["action"] for line in shown.splitlines()]
+    assert "start" in actions and "apply" in actions, actions
 
 
 def documented_journal_queries() -> list[str]:
