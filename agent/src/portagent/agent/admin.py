@@ -14,7 +14,6 @@ capped.
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
 import pwd
 import socket
@@ -29,6 +28,7 @@ from typing import Any
 
 from portagent.agent.adapters.journal import EventLog, Priority
 from portagent.agent.adapters.services import ServiceFinder
+from portagent.agent.adapters.unix_socket import bind_private, open_to_group
 from portagent.agent.admin_protocol import (
     MAX_REQUEST,
     BadRequest,
@@ -160,25 +160,12 @@ class AdminServer:
         self._events = events
         self._started = started
         self._stopping = threading.Event()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_socket():
-            path.unlink()
         handler = self._handler_class()
-        # Created 0600 by umask, then opened to the group: never briefly world-accessible.
-        old_umask = os.umask(0o177)
-        try:
-            self._server = _Server(str(path), handler, events, MAX_CONNECTIONS)
-        finally:
-            os.umask(old_umask)
+        self._server = bind_private(
+            path, lambda address: _Server(address, handler, events, MAX_CONNECTIONS)
+        )
         self._server.daemon_threads = True
-        try:
-            gid = grp.getgrnam(group).gr_gid
-            # Under systemd (Group=portagent) the socket already has the group: no
-            # chown, so the unit can forbid the chown syscalls altogether.
-            if path.stat().st_gid != gid:
-                os.chown(path, -1, gid)
-            path.chmod(0o660)
-        except KeyError:
+        if not open_to_group(path, group):
             events.emit(
                 "config",
                 f"admin group {group!r} does not exist; admin socket is root-only",

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import grp
 import io
 import ipaddress
 import os
@@ -49,6 +48,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 
 from portagent.agent.adapters.journal import EventLog, Priority
+from portagent.agent.adapters.unix_socket import bind_private, open_to_group
 from portagent.agent.model import GrantState
 from portagent.agent.settings import MetricsSettings, parse_listen
 from portagent.wire.errors import PortagentError
@@ -477,23 +477,9 @@ class MetricsServer:
         return self._server.server_address
 
     def _bind_unix(self, path: Path, group: str | None) -> _HTTPServer:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_socket():
-            path.unlink()  # a stale socket of an earlier run
-        elif path.exists() or path.is_symlink():
-            raise OSError(f"{path} exists and is not a socket")
-        # Created 0600 by this umask, then opened to the group: never world-accessible.
-        old_umask = os.umask(0o177)
-        try:
-            server = _UnixServer(str(path), _Handler)
-        finally:
-            os.umask(old_umask)
+        server: _HTTPServer = bind_private(path, lambda address: _UnixServer(address, _Handler))
         if group is not None:
-            with contextlib.suppress(KeyError):  # no such group: root only
-                gid = grp.getgrnam(group).gr_gid
-                if path.stat().st_gid != gid:
-                    os.chown(path, -1, gid)
-                path.chmod(0o660)
+            open_to_group(path, group)  # no such group: root only
         return server
 
     def render(self) -> bytes:
