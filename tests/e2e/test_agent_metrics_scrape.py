@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from portagent.testing.grants import TestSigner
 from portagent.testing.lab import BIN, Lab
+from portagent.testing.metrics_text import Samples
+from portagent.testing.metrics_text import parse_samples as parse
+from portagent.testing.metrics_text import sample_value as value
 from portagent.testing.netns import wait_until
 from portagent.v1 import agent_pb2 as pb
 
@@ -28,20 +30,6 @@ pytestmark = pytest.mark.root
 TCP, OTHER = 8080, 8081
 METRICS_PORT = 9478
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    """Every sample of a Prometheus text exposition, keyed by (name, labels)."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 def scrape_tcp(lab: Lab, path: str = "/metrics") -> tuple[int, str, str]:

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from portagent.agent.adapters.journal import Priority
 from portagent.agent.engine import Engine
@@ -34,6 +33,8 @@ from portagent.agent.settings import ApiSettings, Policy, Settings, load_setting
 from portagent.agent.store import Store, StoreError
 from portagent.testing.fakes import FakeClock, FakeFirewall, memory_log
 from portagent.testing.grants import TestSigner, grant_record
+from portagent.testing.metrics_text import parse_samples as parse
+from portagent.testing.metrics_text import sample_value as value
 from portagent.wire.errors import ConfigError
 from portagent.wire.ports import parse_port_spec
 
@@ -48,19 +49,6 @@ key_file = "agent.key"
 guarded = ["22/tcp"]
 """
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 def load(metrics: str) -> Settings:

@@ -60,6 +60,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from portagent.broker import pki as pkilib
 from portagent.broker.fleet.api import token_line
 from portagent.broker.fleet.keyring import KeyRing, generate_key
+from portagent.testing.metrics_text import Samples, parse_samples
 from portagent.v1 import fleet_pb2
 
 START_TIMEOUT = 30.0
@@ -366,14 +367,8 @@ class Scrape:
     text: str
     content_type: str
 
-    def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        return {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(self.text)  # type: ignore[no-untyped-call, unused-ignore]
-            for sample in family.samples
-        }
+    def samples(self) -> Samples:
+        return parse_samples(self.text)
 
     def value(self, name: str, **labels: str) -> float | None:
         """The sample `name` with exactly these labels (None: absent)."""
