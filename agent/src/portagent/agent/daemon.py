@@ -430,11 +430,13 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     except (StoreError, sqlite3.Error) as exc:
         if watcher is not None:
             watcher.stop()
+        _close_audit(events, audit)
         return fail([_store_line(settings.store_path, exc)], EX_CONFIG)
     except PortagentError as exc:
         if watcher is not None:
             watcher.stop()
         events.emit("error", f"cannot enforce: {exc.message}", Priority.ERR, REASON_CODE=exc.reason)
+        _close_audit(events, audit)
         return EX_FAILURE
     # Per-flow byte counters and DESTROY events for every entry are per-namespace
     # sysctls; both only affect connections created from now on. After the first
@@ -490,6 +492,7 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     except (OSError, RuntimeError) as exc:
         events.emit("error", f"cannot start: {exc}", Priority.ERR)
         engine.stop()
+        _close_audit(events, audit)
         return EX_FAILURE
     admin.start()
     if metrics is not None:
@@ -576,10 +579,16 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     if connection_events is not None:
         connection_events.stop()
     engine.stop()
-    if audit is not None:  # after the engine: a batch that ends during stop is recorded
+    _close_audit(events, audit)  # after the engine: a batch that ends during stop is recorded
+    return 0
+
+
+def _close_audit(events: EventLog, audit: AuditTrail | None) -> None:
+    """On every way out of run(): the chain's last records synced and its head anchored
+    in journald, also when the start failed (its error record is in the chain)."""
+    if audit is not None:
         events.remove_observer(audit.observe)
         audit.close()
-    return 0
 
 
 def _start_audit(settings: Settings, events: EventLog) -> AuditTrail | None:
