@@ -383,3 +383,21 @@ def test_parse_line_refuses_what_is_not_a_record() -> None:
     ):
         with pytest.raises(ValueError):
             parse_line(bad)
+
+
+def test_cli_show_flags_are_parsed_before_use(
+    log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chain = ChainWriter(log)  # the real clock: --since counts back from now
+    assert chain.open() == []
+    fill(chain, 3)
+    chain.close()
+    # Bad values are argparse errors naming the flag (exit 2), never a crash.
+    for flag, value in (("-n", "-3"), ("-n", "x"), ("--since", "yesterday")):
+        with pytest.raises(SystemExit) as exited:
+            cli_main(["audit", "show", "--file", str(log), flag, value])
+        assert exited.value.code == 2
+        assert f"argument {'-n/--lines' if flag == '-n' else flag}" in capsys.readouterr().err
+    # --since takes bare seconds like every other duration flag: all 3 are recent.
+    assert cli_main(["audit", "show", "--file", str(log), "--since", "3600", "-o", "json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3

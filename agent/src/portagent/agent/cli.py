@@ -25,6 +25,7 @@ from portagent.wire.cli import (
     closed_stdout_error,
     duration_arg,
     format_time,
+    parse_duration_arg,
     run,
 )
 from portagent.wire.durations import format_duration
@@ -338,11 +339,10 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _since(text: str) -> float:
-    """--since: an RFC 3339 time, or a duration back from now ("1h")."""
-    from portagent.wire.durations import parse_duration
-
+    """--since: an RFC 3339 time, or a duration back from now ("1h", or bare seconds
+    like every other duration flag)."""
     try:
-        return time.time() - parse_duration(text)
+        return time.time() - parse_duration_arg(text)
     except ValueError:
         pass
     try:
@@ -352,6 +352,13 @@ def _since(text: str) -> float:
             f"expected an RFC 3339 time or a duration like 1h, got {text[:80]!r}"
         ) from None
     return when.timestamp()
+
+
+def _record_count(text: str) -> int:
+    """-n: how many of the last records (0: all)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 9:
+        raise argparse.ArgumentTypeError(f"expected a count of records (0: all), got {text[:20]!r}")
+    return int(text)
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
@@ -434,7 +441,7 @@ def add_audit_commands(sub: Any) -> None:
     show.add_argument(
         "-n",
         "--lines",
-        type=int,
+        type=_record_count,
         default=0,
         metavar="N",
         help="only the last N records (default: all)",
