@@ -418,6 +418,45 @@ def test_a_failed_commit_takes_the_kernel_change_back(
     assert [r.grant_id for r in harness.store.load()] == ["g-0"]
 
 
+def test_a_store_that_cannot_begin_after_the_kernel_batch_leaves_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel batch goes first (the port opens without waiting for the disk); a
+    store that then cannot even BEGIN takes the kernel change back: no element, no
+    record, no row, and the handle it would have used is given out later."""
+    now = harness.clock.now
+    existing = harness.engine.apply_grant(harness.signer.grant(now, grant_id="g-0"))
+    applied: list[int] = []
+    real_apply = harness.firewall.apply_plan
+
+    def counting_apply(*args: object, **kwargs: object) -> None:
+        applied.append(1)
+        real_apply(*args, **kwargs)  # type: ignore[arg-type]
+
+    @contextmanager
+    def cannot_begin() -> Iterator[None]:
+        raise StoreError("state.db: cannot write: database is locked")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(harness.firewall, "apply_plan", counting_apply)
+    monkeypatch.setattr(harness.store, "transaction", cannot_begin)
+    with pytest.raises(EnforcementError) as info:
+        harness.engine.apply_grant(
+            harness.signer.grant(now, grant_id="g-1", source_prefixes=["10.97.0.82"])
+        )
+    assert info.value.reason == "ENFORCEMENT_FAILED"
+    assert len(applied) == 2, "the kernel batch, then the one taking it back"
+    assert harness.kernel_handles() == {existing.handle}
+    assert [r.grant.grant_id for r in harness.engine.list_grants()] == ["g-0"]
+    assert harness.engine.store_errors == 1
+    monkeypatch.undo()
+    assert [r.grant_id for r in harness.store.load()] == ["g-0"]
+    again = harness.engine.apply_grant(
+        harness.signer.grant(now, grant_id="g-1", source_prefixes=["10.97.0.82"])
+    )
+    assert harness.kernel_handles() == {existing.handle, again.handle}
+
+
 def test_expiry_and_repair_go_on_while_the_store_cannot_write(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -914,43 +914,46 @@ class Engine:
                 command.future.set_result(answer.record)
 
     def _commit(self, decisions: Decisions, now: float) -> dict[str, int]:
-        """Handles, one kernel batch, store rows, COMMIT; then the table, logs and cuts.
-        Returns the handles the store gave the new grants."""
+        """Handles, one kernel batch, then the store rows in one transaction; then the
+        table, logs and cuts. Returns the handles the store gave the new grants."""
         store = self._store
         handles: dict[str, int] = {}
         changed: list[GrantRecord] = []
         kernel_changed = False
         try:
+            if decisions.inserts:
+                # Read only: the store's one writer is this thread, so the handles stay
+                # free until the transaction below records them.
+                handles = dict(
+                    zip(
+                        decisions.inserts,
+                        store.free_handles(len(decisions.inserts)),
+                        strict=True,
+                    )
+                )
+            # The signature stays in the store: memory holds only what is served.
+            changed = [
+                GrantRecord(
+                    d.grant,
+                    d.handle if d.handle is not None else handles[d.grant.grant_id],
+                    d.grant_bytes,
+                    b"",
+                    d.state,
+                    d.apply_time,
+                    d.revoke_time,
+                )
+                for d in decisions.drafts.values()
+            ]
+            # The kernel first, then the store (BEGIN .. COMMIT): a port opens without
+            # waiting for the disk. If nftables refuses (one atomic batch), nothing
+            # changed anywhere; if the store then fails (BEGIN, a row, COMMIT), the
+            # kernel change is taken back (_revert_kernel): the kernel ends as committed.
+            self._converge_records(changed, now)
+            kernel_changed = True
             with store.transaction():
                 self._debt.write(store, self._clock())
                 if decisions.inserts:
-                    handles = dict(
-                        zip(
-                            decisions.inserts,
-                            store.next_handles(len(decisions.inserts)),
-                            strict=True,
-                        )
-                    )
-                # The signature stays in the store: memory holds only what is served.
-                changed = [
-                    GrantRecord(
-                        d.grant,
-                        d.handle if d.handle is not None else handles[d.grant.grant_id],
-                        d.grant_bytes,
-                        b"",
-                        d.state,
-                        d.apply_time,
-                        d.revoke_time,
-                    )
-                    for d in decisions.drafts.values()
-                ]
-                # The kernel inside the store transaction, before the rows (a port opens
-                # without waiting for them): if nftables refuses (one atomic batch), the
-                # store rolls back and nothing changed anywhere; if anything after it
-                # fails, the kernel change is taken back (_revert_kernel).
-                self._converge_records(changed, now)
-                kernel_changed = True
-                if decisions.inserts:
+                    store.claim_handles(list(handles.values()))
                     store.insert_many(
                         NewRow(
                             d.grant.grant_id,
@@ -968,8 +971,11 @@ class Engine:
                 for grant_id, forget_after in decisions.revoked_ids:
                     store.remember_revoked(grant_id, forget_after)
             # COMMIT happened on leaving the block; only now is the change real.
-        except PortagentError:
-            raise  # the kernel refused the batch: it changed nothing, the store rolled back
+        except PortagentError as exc:
+            if kernel_changed:  # not the kernel's refusal: something after it failed
+                self.store_errors += 1
+                self._revert_kernel(changed, exc)
+            raise  # the kernel refused the batch: it changed nothing
         except Exception as exc:
             self.store_errors += 1
             if kernel_changed:

@@ -392,8 +392,18 @@ class Store:
         return self.next_handles(1)[0]
 
     def next_handles(self, count: int) -> list[int]:
+        """`count` free handles after the last one given out, recorded as given out (in
+        the caller's transaction)."""
+        found = self.free_handles(count)
+        self.claim_handles(found)
+        return found
+
+    def free_handles(self, count: int) -> list[int]:
         """`count` free handles after the last one given out (wrapping at MAX_HANDLE), each
-        window of candidates checked against the table with one query."""
+        window of candidates checked against the table with one query. Reads only: the
+        engine picks handles before its kernel batch and writes the rows (and
+        `claim_handles`) after it, in one transaction; it is the store's only writer, so
+        nothing takes them in between."""
         row = self._db.execute("SELECT value FROM meta WHERE key='last_handle'").fetchone()
         try:
             last = int(row[0]) if row else 0
@@ -421,10 +431,14 @@ class Store:
             last = high if high < MAX_HANDLE else 0
         else:  # pragma: no cover - needs billions of live grants
             raise StoreError(f"{self.path}: no free grant handle")
-        self._db.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('last_handle', ?)", (str(found[-1]),)
-        )
         return found
+
+    def claim_handles(self, handles: list[int]) -> None:
+        """Record the last of `handles` (from `free_handles`) as the last one given out."""
+        if handles:
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('last_handle', ?)", (str(handles[-1]),)
+            )
 
     def insert_many(self, rows: Iterable[NewRow]) -> None:
         """New active grants, one statement for the batch."""
