@@ -46,7 +46,7 @@ from portagent.wire.errors import GrantDenied, GrantNotInWindow, InvalidGrant, P
 from portagent.wire.hoststate import open_host_state
 from portagent.wire.ports import GuardedPort, PortRange, Protocol
 from portagent.wire.sources import parse_network_int
-from portagent.wire.timestamps import seconds_of
+from portagent.wire.timestamps import seconds_of_parts
 
 # Each (source, port) pair is one kernel element; keep a single grant bounded.
 MAX_ELEMENTS_PER_GRANT = 4096
@@ -101,13 +101,15 @@ def _time(msg: Any, field: str, reason: str) -> float:
     """Seconds of an optional Timestamp field (0.0 when absent: an absent Timestamp reads
     as 0 s 0 ns), range-checked."""
     ts: Timestamp = getattr(msg, field)
-    if not 0 <= ts.seconds <= MAX_TIMESTAMP_SECONDS or not 0 <= ts.nanos <= MAX_NANOS:
+    # Each attribute read of a protobuf message builds a Python object: read each once.
+    seconds, nanos = ts.seconds, ts.nanos
+    if not 0 <= seconds <= MAX_TIMESTAMP_SECONDS or not 0 <= nanos <= MAX_NANOS:
         raise InvalidGrant(
-            f"{field}: seconds={ts.seconds} nanos={ts.nanos} is outside "
+            f"{field}: seconds={seconds} nanos={nanos} is outside "
             "1970-01-01T00:00:00Z..9999-12-31T23:59:59.999999999Z",
             reason=reason,
         )
-    return seconds_of(ts)
+    return seconds_of_parts(seconds, nanos)
 
 
 def _check_common(msg: Any, key_id: str, host_id: str, what: str) -> None:

@@ -22,4 +22,9 @@ def timestamp(seconds: float) -> Timestamp:
 
 
 def seconds_of(ts: Timestamp) -> float:
-    return float(ts.seconds) + ts.nanos / 1e9
+    return seconds_of_parts(ts.seconds, ts.nanos)
+
+
+def seconds_of_parts(seconds: int, nanos: int) -> float:
+    """POSIX seconds of a Timestamp's two fields (the one conversion every reader uses)."""
+    return float(seconds) + nanos / 1e9
