@@ -978,6 +978,7 @@ class Engine:
         store = self._store
         handles: dict[str, int] = {}
         changed: list[GrantRecord] = []
+        keys_by_handle: dict[int, list[ElementKey]] = {}
         kernel_changed = False
         try:
             if decisions.inserts:
@@ -1007,7 +1008,7 @@ class Engine:
             # waiting for the disk. If nftables refuses (one atomic batch), nothing
             # changed anywhere; if the store then fails (BEGIN, a row, COMMIT), the
             # kernel change is taken back (_revert_kernel): the kernel ends as committed.
-            self._converge_records(changed, now)
+            keys_by_handle = self._converge_records(changed, now)
             kernel_changed = True
             with store.transaction():
                 self._debt.write(store, self._clock())
@@ -1044,7 +1045,7 @@ class Engine:
         by_id = {r.grant.grant_id: r for r in changed}
         with self._lock:
             for record in changed:
-                self._table.put(record, self._due(record))
+                self._table.put(record, self._due(record), keys_by_handle.get(record.handle))
             for grant_id, forget_after in decisions.revoked_ids:
                 self._revoked.remember(grant_id, forget_after)
         applied = [by_id[grant_id] for grant_id in decisions.inserts]
@@ -1225,17 +1226,25 @@ class Engine:
         finally:
             self._reasserting = False
 
-    def _converge_records(self, changed: list[GrantRecord], now: float) -> None:
+    def _converge_records(
+        self, changed: list[GrantRecord], now: float
+    ) -> dict[int, list[ElementKey]]:
         """Plan only the keys and handle-set entries of `changed` grants (new or changed
         state, standing in for what the table holds) against our model of the kernel,
         and apply one batch. Cost follows the size of the change, not the number of
-        grants."""
+        grants. Returns each changed grant's element keys (by handle), computed once."""
+        keys_by_handle = {record.handle: element_keys(record) for record in changed}
+        keys: set[ElementKey] = set()
+        for record_keys in keys_by_handle.values():
+            keys.update(record_keys)
         self._converge(
-            {key for record in changed for key in element_keys(record)},
+            keys,
             {k for record in changed for k in mark_keys(record)},
             now,
             {r.handle: r for r in changed},
+            keys_by_handle,
         )
+        return keys_by_handle
 
     def _converge(
         self,
@@ -1243,10 +1252,11 @@ class Engine:
         marks_touched: set[MarkKey],
         now: float,
         overlay: dict[int, GrantRecord],
+        overlay_keys: dict[int, list[ElementKey]] | None = None,
     ) -> None:
         """Make these keys and handle-set entries of the kernel what the table (with
         `overlay` standing in for some grants) wants, in one batch."""
-        desired = self._table.desired_for(keys, now, overlay)
+        desired = self._table.desired_for(keys, now, overlay, overlay_keys)
         records = [
             record
             for handle in {h for _, h in marks_touched}

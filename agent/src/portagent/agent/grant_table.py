@@ -10,7 +10,7 @@ is due. `RevokedIds` is the replay memory: revoked ids until they may be forgott
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from portagent.agent.model import (
     KEEP_SET,
@@ -57,11 +57,14 @@ class GrantTable:
     def get(self, grant_id: str) -> GrantRecord | None:
         return self.by_id.get(grant_id)
 
-    def put(self, record: GrantRecord, due: float) -> None:
+    def put(
+        self, record: GrantRecord, due: float, keys: Sequence[ElementKey] | None = None
+    ) -> None:
         """Add a grant or replace one (same id, same handle: a state change). Only active
         grants cover keys: a revoked or expired one stays in the table (for its records
         and the replay memory) without growing the handles every plan of its keys walks
-        (thousands on one key under sustained grant + revoke)."""
+        (thousands on one key under sustained grant + revoke). `keys`: the record's
+        element_keys when the caller has them already (a batch computes them once)."""
         previous = self.by_id.get(record.grant.grant_id)
         if previous is not None:
             self._count(previous.state, -1)
@@ -72,7 +75,7 @@ class GrantTable:
         if record.state is GrantState.ACTIVE:
             if not was_active:
                 covering = self._covering
-                for key in element_keys(record):
+                for key in element_keys(record) if keys is None else keys:
                     covering[key] = (*covering.get(key, ()), record.handle)
         elif was_active:
             self._uncover(record)
@@ -132,15 +135,22 @@ class GrantTable:
         return self._due[0][0] if self._due else None
 
     def desired_for(
-        self, keys: Iterable[ElementKey], now: float, overlay: Mapping[int, GrantRecord]
+        self,
+        keys: Iterable[ElementKey],
+        now: float,
+        overlay: Mapping[int, GrantRecord],
+        overlay_keys: Mapping[int, Sequence[ElementKey]] | None = None,
     ) -> dict[ElementKey, Element]:
         """The element each key should hold, from every grant covering it, with `overlay`
-        (handle -> record) standing in for grants a batch adds or changes."""
+        (handle -> record) standing in for grants a batch adds or changes (their
+        element_keys in `overlay_keys`, when the caller has them)."""
         by_handle, covering = self.by_handle, self._covering
         extra: dict[ElementKey, tuple[int, ...]] = {}
+        known = overlay_keys or {}
         for handle, record in overlay.items():
             if handle not in by_handle:
-                for key in element_keys(record):
+                found = known.get(handle)
+                for key in element_keys(record) if found is None else found:
                     extra[key] = (*extra.get(key, ()), handle)
         active = GrantState.ACTIVE
         wanted: dict[ElementKey, Element] = {}
