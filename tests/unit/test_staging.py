@@ -20,6 +20,7 @@ from portagent.agent.staging import (
 )
 from portagent.agent.verify import Verifier
 from portagent.testing.grants import TestSigner
+from portagent.wire.errors import PortagentError
 from portagent.wire.ports import parse_port_spec
 
 NOW = 1_800_000_000.0
@@ -142,3 +143,65 @@ def test_a_revocation_before_delivery_remembers_the_id(signer: TestSigner) -> No
     assert decisions.answers == [Unchanged(None)]
     ((grant_id, until),) = decisions.revoked_ids
     assert grant_id == "g-9" and until >= NOW + POLICY.max_ttl
+
+
+def _stage_with(signer: TestSigner, request: Request, verifier: Verifier) -> Decisions:
+    s = settings(signer)
+    return stage(
+        [request],
+        NOW,
+        verifier=verifier,
+        known={}.get,
+        revoked=frozenset(),
+        epoch=0.0,
+        policy=s.policy,
+    )
+
+
+def test_a_grant_checked_on_the_callers_thread_is_checked_only_for_its_window(
+    signer: TestSigner,
+) -> None:
+    s = settings(signer)
+    verifier = Verifier(s.host_id, s.trusted_keys, s.policy)
+    signed = signer.grant(NOW, grant_id="g-1", ttl=60)
+    grant = verifier.verify_grant_signed(signed.payload, signed.signature, signed.key_id)
+    checked = Request(CommandKind.APPLY, signed=signed, checked=grant, checked_by=verifier)
+    (answer,) = _stage_with(signer, checked, verifier).answers
+    assert isinstance(answer, Changed) and answer.draft.grant == grant
+    # The window is the writer's, at its own clock: a grant that expired in the queue.
+    late = stage(
+        [checked],
+        NOW + 61,
+        verifier=verifier,
+        known={}.get,
+        revoked=frozenset(),
+        epoch=0.0,
+        policy=s.policy,
+    )
+    (answer,) = late.answers
+    assert isinstance(answer, Refused) and answer.error.reason == "GRANT_EXPIRED"
+    # The caller's refusal is the answer, as the writer's own check would have given it.
+    bad = SignedInput(signed.payload, b"\0" * 64, signed.key_id)
+    with pytest.raises(PortagentError) as info:
+        verifier.verify_grant_signed(bad.payload, bad.signature, bad.key_id)
+    refused = Request(CommandKind.APPLY, signed=bad, checked=info.value, checked_by=verifier)
+    (answer,) = _stage_with(signer, refused, verifier).answers
+    assert isinstance(answer, Refused) and answer.error.reason == "BAD_SIGNATURE"
+
+
+def test_a_grant_checked_before_a_reload_is_checked_again_by_the_new_trust(
+    signer: TestSigner,
+) -> None:
+    """A key withdrawn (or a policy tightened) between the caller's check and the
+    writer: the caller's verdict was the old verifier's, so the writer checks again."""
+    s = settings(signer)
+    old = Verifier(s.host_id, s.trusted_keys, s.policy)
+    signed = signer.grant(NOW, grant_id="g-1")
+    grant = old.verify_grant_signed(signed.payload, signed.signature, signed.key_id)
+    request = Request(CommandKind.APPLY, signed=signed, checked=grant, checked_by=old)
+    without_key = Verifier(s.host_id, (), s.policy)
+    (answer,) = _stage_with(signer, request, without_key).answers
+    assert isinstance(answer, Refused) and answer.error.reason == "UNKNOWN_KEY"
+    stricter = Verifier(s.host_id, s.trusted_keys, Policy(guarded=(), max_ttl=3600.0))
+    (answer,) = _stage_with(signer, request, stricter).answers
+    assert isinstance(answer, Refused) and answer.error.reason == "PORT_NOT_GUARDED"

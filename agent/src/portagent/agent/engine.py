@@ -602,9 +602,27 @@ class Engine:
     # ---- API (any thread) ------------------------------------------------------------
 
     def apply_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord:
-        record = self._submit(Request(CommandKind.APPLY, signed=signed), timeout)
+        self._refuse_if_stopping()
+        record = self._submit(self._checked_apply(signed), timeout)
         assert record is not None
         return record
+
+    def _checked_apply(self, signed: SignedInput) -> Request:
+        """An APPLY whose signature, parse and policy are checked here, on the caller's
+        thread, before it is queued: the writer, which every request waits for, then
+        checks only the window (and checks all again if a reload changed the verifier
+        meanwhile). Concurrent callers verify in parallel instead of one after the other
+        under the writer."""
+        with self._lock:
+            verifier = self._verifier
+        checked: Grant | PortagentError | None
+        try:
+            checked = verifier.verify_grant_signed(signed.payload, signed.signature, signed.key_id)
+        except PortagentError as exc:
+            checked = exc  # refused by the writer, with its record, in order
+        except Exception:
+            checked = None  # a bug: the writer checks again and answers INTERNAL
+        return Request(CommandKind.APPLY, signed=signed, checked=checked, checked_by=verifier)
 
     def apply_grants(
         self, batch: list[SignedInput], timeout: float = 300.0
@@ -612,9 +630,7 @@ class Engine:
         """Apply many grants in one kernel transaction; one result (or refusal) per input."""
         self._refuse_if_stopping()
         latch = _Latch(len(batch))
-        commands = [
-            _Command(Request(CommandKind.APPLY, signed=signed), _Answer(latch)) for signed in batch
-        ]
+        commands = [_Command(self._checked_apply(signed), _Answer(latch)) for signed in batch]
         for command in commands:
             self._writer.put(command)
         self._writer.lead()

@@ -56,6 +56,11 @@ class Request:
     # opened (Verifier.open_host_state): that one signature covers them, so the
     # grant's own is not checked again (100k Ed25519 checks cost seconds).
     covered: bool = False
+    # APPLY checked on the caller's thread (Verifier.verify_grant_signed: signature,
+    # parse, policy) by `checked_by`: the grant, or why it was refused. Used only when
+    # the writer's verifier is that same one (a reload in between checks again).
+    checked: Grant | PortagentError | None = None
+    checked_by: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +191,10 @@ def _stage_one(
         signed = request.signed
         if request.covered:
             grant = verifier.verify_covered_grant(signed.payload, signed.key_id, now)
+        elif request.checked is not None and request.checked_by is verifier:
+            if isinstance(request.checked, PortagentError):
+                raise request.checked
+            grant = verifier.check_window(request.checked, now)
         else:
             grant = verifier.verify_grant(signed.payload, signed.signature, signed.key_id, now)
         try:

@@ -300,7 +300,29 @@ class Verifier:
 
     def verify_grant(self, grant_bytes: bytes, signature: bytes, key_id: str, now: float) -> Grant:
         """A grant from the wire: `verify_stored_grant`, then policy, then the window."""
-        return self._checked(self.verify_stored_grant(grant_bytes, signature, key_id), now)
+        return self.check_window(self.verify_grant_signed(grant_bytes, signature, key_id), now)
+
+    def verify_grant_signed(self, grant_bytes: bytes, signature: bytes, key_id: str) -> Grant:
+        """`verify_grant` without the clock: signature, canonical parse, policy. A caller's
+        thread runs it before queueing its grant (the writer then checks only the window,
+        `check_window`): the Ed25519 check runs outside the writer, in parallel where the
+        library releases the GIL."""
+        grant = self.verify_stored_grant(grant_bytes, signature, key_id)
+        try:
+            self._check_policy(grant)
+        except PortagentError as exc:
+            exc.verified_fields = audit_fields(grant)  # signed: fit for the audit record
+            raise
+        return grant
+
+    def check_window(self, grant: Grant, now: float) -> Grant:
+        """The validity window of a grant `verify_grant_signed` passed, at `now`."""
+        try:
+            self._check_window(grant, now)
+        except PortagentError as exc:
+            exc.verified_fields = audit_fields(grant)
+            raise
+        return grant
 
     def _checked(self, grant: Grant, now: float) -> Grant:
         try:
