@@ -205,3 +205,21 @@ def test_a_grant_checked_before_a_reload_is_checked_again_by_the_new_trust(
     stricter = Verifier(s.host_id, s.trusted_keys, Policy(guarded=(), max_ttl=3600.0))
     (answer,) = _stage_with(signer, request, stricter).answers
     assert isinstance(answer, Refused) and answer.error.reason == "PORT_NOT_GUARDED"
+
+
+def test_a_revocation_checked_on_the_callers_thread_keeps_its_time_check(
+    signer: TestSigner,
+) -> None:
+    s = settings(signer)
+    verifier = Verifier(s.host_id, s.trusted_keys, s.policy)
+    signed = signer.revocation(NOW + 3600, "g-1")  # issued an hour ahead of the writer
+    revocation = verifier.verify_revocation_signed(signed.payload, signed.signature, signed.key_id)
+    request = Request(CommandKind.REVOKE, signed=signed, checked=revocation, checked_by=verifier)
+    (answer,) = _stage_with(signer, request, verifier).answers
+    assert isinstance(answer, Refused) and answer.error.reason == "REVOCATION_NOT_YET_VALID"
+    other = Verifier(s.host_id, (), s.policy)  # a reload withdrew the key meanwhile
+    on_time = signer.revocation(NOW, "g-1")
+    checked = verifier.verify_revocation_signed(on_time.payload, on_time.signature, on_time.key_id)
+    request = Request(CommandKind.REVOKE, signed=on_time, checked=checked, checked_by=verifier)
+    (answer,) = _stage_with(signer, request, other).answers
+    assert isinstance(answer, Refused) and answer.error.reason == "UNKNOWN_KEY"

@@ -52,7 +52,7 @@ from portagent.agent.staging import (
     stage,
 )
 from portagent.agent.store import BadRow, NewRow, Store, StoredGrant, StoreError
-from portagent.agent.verify import Verifier, audit_fields
+from portagent.agent.verify import Revocation, Verifier, audit_fields
 from portagent.agent.writer import Writer
 from portagent.v1 import fleet_pb2
 from portagent.wire.endpoint import endpoint
@@ -766,7 +766,20 @@ class Engine:
         self._writer.exclusive(record, timeout)
 
     def revoke_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord | None:
-        return self._submit(Request(CommandKind.REVOKE, signed=signed), timeout)
+        self._refuse_if_stopping()
+        with self._lock:
+            verifier = self._verifier
+        checked: Revocation | PortagentError | None
+        try:  # on the caller's thread, as _checked_apply
+            checked = verifier.verify_revocation_signed(
+                signed.payload, signed.signature, signed.key_id
+            )
+        except PortagentError as exc:
+            checked = exc
+        except Exception:
+            checked = None
+        request = Request(CommandKind.REVOKE, signed=signed, checked=checked, checked_by=verifier)
+        return self._submit(request, timeout)
 
     def revoke_local(self, grant_id: str, actor: str, timeout: float = 30.0) -> GrantRecord:
         request = Request(CommandKind.REVOKE_LOCAL, grant_id=grant_id, actor=actor)

@@ -56,10 +56,11 @@ class Request:
     # opened (Verifier.open_host_state): that one signature covers them, so the
     # grant's own is not checked again (100k Ed25519 checks cost seconds).
     covered: bool = False
-    # APPLY checked on the caller's thread (Verifier.verify_grant_signed: signature,
-    # parse, policy) by `checked_by`: the grant, or why it was refused. Used only when
-    # the writer's verifier is that same one (a reload in between checks again).
-    checked: Grant | PortagentError | None = None
+    # APPLY or REVOKE checked on the caller's thread by `checked_by`
+    # (Verifier.verify_grant_signed: signature, parse, policy; verify_revocation_signed):
+    # the grant or revocation, or why it was refused. Used only when the writer's
+    # verifier is that same one (a reload in between checks again).
+    checked: Grant | Revocation | PortagentError | None = None
     checked_by: object = None
 
 
@@ -194,6 +195,7 @@ def _stage_one(
         elif request.checked is not None and request.checked_by is verifier:
             if isinstance(request.checked, PortagentError):
                 raise request.checked
+            assert isinstance(request.checked, Grant)
             grant = verifier.check_window(request.checked, now)
         else:
             grant = verifier.verify_grant(signed.payload, signed.signature, signed.key_id, now)
@@ -207,9 +209,15 @@ def _stage_one(
     if request.kind is CommandKind.REVOKE:
         assert request.signed is not None
         signed = request.signed
-        revocation = verifier.verify_revocation(
-            signed.payload, signed.signature, signed.key_id, now
-        )
+        if request.checked is not None and request.checked_by is verifier:
+            if isinstance(request.checked, PortagentError):
+                raise request.checked
+            assert isinstance(request.checked, Revocation)
+            revocation = verifier.check_revocation_time(request.checked, now)
+        else:
+            revocation = verifier.verify_revocation(
+                signed.payload, signed.signature, signed.key_id, now
+            )
         note = RevokeNote(revocation.grant_id, revocation, "broker")
         return _revoke(note, now, current, policy, decisions, must_exist=False)
     note = RevokeNote(request.grant_id, None, request.actor)

@@ -381,10 +381,20 @@ class Verifier:
     def verify_revocation(
         self, payload: bytes, signature: bytes, key_id: str, now: float
     ) -> Revocation:
+        return self.check_revocation_time(
+            self.verify_revocation_signed(payload, signature, key_id), now
+        )
+
+    def verify_revocation_signed(self, payload: bytes, signature: bytes, key_id: str) -> Revocation:
+        """`verify_revocation` without the clock (signature, canonical parse), for the
+        caller's thread, like `verify_grant_signed`."""
         check_signature(
             payload, signature, key_id, self._keys, "revocation", MAX_REVOCATION_BYTES
         )
-        revocation = parse_revocation(payload, key_id, self.host_id)
+        return parse_revocation(payload, key_id, self.host_id)
+
+    def check_revocation_time(self, revocation: Revocation, now: float) -> Revocation:
+        """A revocation `verify_revocation_signed` passed, not issued in the future."""
         if revocation.issue_time > now + self.policy.clock_skew:
             raise GrantNotInWindow(
                 "issue_time: revocation is issued in the future", reason="REVOCATION_NOT_YET_VALID"
