@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from portagent.agent.store import SCHEMA_VERSION, BadRow, Store, StoredGrant, StoreError
+from portagent.agent.store import (
+    MAX_HANDLE,
+    SCHEMA_VERSION,
+    BadRow,
+    NewRow,
+    Store,
+    StoredGrant,
+    StoreError,
+)
 
 V1_SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,8 +84,14 @@ def test_a_damaged_file_is_one_error_naming_the_file(tmp_path: Path, damage: str
     for i in range(200):  # enough pages that half a file is a broken database
         with store.transaction():
             store.insert(
-                grant_id=f"g-{i}", handle=i + 1, grant_bytes=os.urandom(300), signature=b"s" * 64,
-                key_id="k", expire_time=2e9, state="active", apply_time=1.0,
+                grant_id=f"g-{i}",
+                handle=i + 1,
+                grant_bytes=os.urandom(300),
+                signature=b"s" * 64,
+                key_id="k",
+                expire_time=2e9,
+                state="active",
+                apply_time=1.0,
             )
     store.close()
     if damage == "garbage":
@@ -114,8 +128,14 @@ def test_rows_of_the_wrong_types_come_back_as_bad_rows(tmp_path: Path) -> None:
     store = Store(path)
     with store.transaction():
         store.insert(
-            grant_id="g-1", handle=1, grant_bytes=b"x", signature=b"s", key_id="k",
-            expire_time=2e9, state="active", apply_time=1.0,
+            grant_id="g-1",
+            handle=1,
+            grant_bytes=b"x",
+            signature=b"s",
+            key_id="k",
+            expire_time=2e9,
+            state="active",
+            apply_time=1.0,
         )
     store.close()
     db = sqlite3.connect(path)
@@ -130,12 +150,24 @@ def test_a_failed_commit_leaves_nothing_and_the_store_usable(tmp_path: Path) -> 
     store = Store(tmp_path / "state.db")
     with pytest.raises(StoreError, match="cannot write"), store.transaction():
         store.insert(
-            grant_id="g-1", handle=1, grant_bytes=b"x", signature=b"s", key_id="k",
-            expire_time=2e9, state="active", apply_time=1.0,
+            grant_id="g-1",
+            handle=1,
+            grant_bytes=b"x",
+            signature=b"s",
+            key_id="k",
+            expire_time=2e9,
+            state="active",
+            apply_time=1.0,
         )
         store.insert(  # same handle: the transaction fails as a whole
-            grant_id="g-2", handle=1, grant_bytes=b"x", signature=b"s", key_id="k",
-            expire_time=2e9, state="active", apply_time=1.0,
+            grant_id="g-2",
+            handle=1,
+            grant_bytes=b"x",
+            signature=b"s",
+            key_id="k",
+            expire_time=2e9,
+            state="active",
+            apply_time=1.0,
         )
     assert store.load() == []
     with store.transaction():
@@ -151,8 +183,14 @@ def test_load_checks_every_column_and_reads_integer_times_as_floats(
     with store.transaction():
         for i in range(1, 9):
             store.insert(
-                grant_id=f"g-{i}", handle=i, grant_bytes=b"x", signature=b"s", key_id="k",
-                expire_time=2e9, state="active", apply_time=1.5,
+                grant_id=f"g-{i}",
+                handle=i,
+                grant_bytes=b"x",
+                signature=b"s",
+                key_id="k",
+                expire_time=2e9,
+                state="active",
+                apply_time=1.5,
             )
     store.close()
     db = sqlite3.connect(path)
@@ -181,3 +219,60 @@ def test_load_checks_every_column_and_reads_integer_times_as_floats(
     assert any("handle 4294967296" in p for p in bad)
     assert any("state 'gone'" in p for p in bad)
     assert sum("apply_time/revoke_time" in p for p in bad) == 2
+
+
+def _row(grant_id: str, handle: int) -> NewRow:
+    return NewRow(grant_id, handle, b"x", b"s", "k", 2e9, 1e9)
+
+
+def test_handles_are_never_given_out_twice_whatever_the_rows_hold(tmp_path: Path) -> None:
+    """The engine reads free handles before its kernel batch and claims them in the
+    transaction after it; rows written any other way (insert, a wrap of the 32-bit
+    space, a damaged file) are never handed out again."""
+    store = Store(tmp_path / "state.db")
+    first = store.free_handles(3)
+    assert first == [1, 2, 3]
+    with store.transaction():
+        store.claim_handles(first)
+        store.insert_many(_row(f"g-{h}", h) for h in first)
+    assert store.free_handles(1) == [4]
+    with store.transaction():  # a row whose handle the engine did not pick
+        store.insert(
+            grant_id="x-6",
+            handle=6,
+            grant_bytes=b"x",
+            signature=b"s",
+            key_id="k",
+            expire_time=2e9,
+            state="active",
+            apply_time=1e9,
+        )
+    assert store.free_handles(4) == [4, 5, 7, 8]
+    with pytest.raises(StoreError), store.transaction():  # a claim that rolls back
+        store.claim_handles([4, 5])
+        store.insert_many([_row("g-4", 4), _row("g-5", 5), _row("g-dup", 6)])
+    used = {r.handle for r in store.load() if isinstance(r, StoredGrant)}
+    assert used == {1, 2, 3, 6}
+    after = store.free_handles(2)
+    assert after == [7, 8], "a gap where the claim rolled back, and 6 is taken"
+    store.close()
+
+    # Near the top of the 32-bit space the allocation wraps and skips every used handle.
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('last_handle', ?)", (str(MAX_HANDLE - 1),))
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "state.db")
+    used = {r.handle for r in store.load() if isinstance(r, StoredGrant)}
+    wrapped = store.free_handles(4)
+    assert wrapped[0] == MAX_HANDLE and not used & set(wrapped) and len(set(wrapped)) == 4
+    store.close()
+
+    # A handle that is not an integer (a damaged row): every allocation asks the file.
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("UPDATE grants SET handle='one' WHERE grant_id='g-1'")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "state.db")
+    assert 6 not in store.free_handles(10)
+    store.close()

@@ -166,6 +166,11 @@ class Store:
 
     def __init__(self, path: Path, *, now: float | None = None) -> None:
         self.path = path
+        # (last handle given out, highest handle any row may hold), once read: while no
+        # row holds a handle above the last one given out, the next ones are free without
+        # a query. Only ever too high (a rolled-back claim), which costs a query, never
+        # a handle in use.
+        self._handles: tuple[int, int] | None = None
         try:
             self._db = self._open(path, time.time() if now is None else now)
         except sqlite3.Error as exc:
@@ -404,12 +409,22 @@ class Store:
         engine picks handles before its kernel batch and writes the rows (and
         `claim_handles`) after it, in one transaction; it is the store's only writer, so
         nothing takes them in between."""
-        row = self._db.execute("SELECT value FROM meta WHERE key='last_handle'").fetchone()
-        try:
-            last = int(row[0]) if row else 0
-        except (TypeError, ValueError):
-            last = 0
+        if count <= 0:
+            return []
+        if self._handles is None:
+            row = self._db.execute("SELECT value FROM meta WHERE key='last_handle'").fetchone()
+            try:
+                last = int(row[0]) if row else 0
+            except (TypeError, ValueError):
+                last = 0
+            top = self._db.execute("SELECT max(handle) FROM grants").fetchone()[0]
+            # No rows: 0. A value that is not an integer (a damaged file): always query.
+            highest = 0 if top is None else top if isinstance(top, int) else MAX_HANDLE
+            self._handles = (last, highest)
+        last, highest = self._handles
         last = last if 0 <= last <= MAX_HANDLE else 0
+        if highest <= last and last + count <= MAX_HANDLE:
+            return list(range(last + 1, last + count + 1))
         found: list[int] = []
         # Bounded: each window holds at least `count` candidates; wrapping around the whole
         # 32-bit space would need billions of live grants.
@@ -439,14 +454,27 @@ class Store:
             self._db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('last_handle', ?)", (str(handles[-1]),)
             )
+            highest = self._handles[1] if self._handles is not None else MAX_HANDLE
+            self._handles = (handles[-1], max(highest, *handles))
 
     def insert_many(self, rows: Iterable[NewRow]) -> None:
         """New active grants, one statement for the batch."""
+        top = 0
+
+        def noting_handles() -> Iterator[NewRow]:
+            # These handles need not come from claim_handles: the highest one counts.
+            nonlocal top
+            for row in rows:
+                top = max(top, row.handle)
+                yield row
+
         self._db.executemany(
             "INSERT INTO grants (grant_id, handle, grant_bytes, signature, key_id, expire_time, "
             "apply_time, state, revoke_time) VALUES (?, ?, ?, ?, ?, ?, ?, 'active', NULL)",
-            rows,
+            noting_handles(),
         )
+        if self._handles is not None and top > self._handles[1]:
+            self._handles = (self._handles[0], top)
 
     def insert(
         self,
@@ -460,6 +488,7 @@ class Store:
         state: str,
         apply_time: float,
     ) -> None:
+        self._handles = None  # read again: `handle` need not come from claim_handles
         self._db.execute(
             "INSERT INTO grants (grant_id, handle, grant_bytes, signature, expire_time, state, "
             "apply_time, revoke_time, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
