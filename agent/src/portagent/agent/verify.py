@@ -162,6 +162,22 @@ def _sources(texts: Sequence[str]) -> tuple[Source, ...]:
     return tuple(sorted(seen))
 
 
+# Hosts guard a handful of ports: 100k grants share a few PortRange objects (and their
+# ints) instead of carrying 100k copies. Bounded: a cache of at most this many.
+_PORT_RANGES: dict[tuple[int, int], PortRange] = {}
+_PORT_RANGES_MAX = 1024
+
+
+def _port_range(first: int, last: int) -> PortRange:
+    key = (first, last)
+    found = _PORT_RANGES.get(key)
+    if found is None:
+        found = PortRange(first, last)
+        if len(_PORT_RANGES) < _PORT_RANGES_MAX:
+            _PORT_RANGES[key] = found
+    return found
+
+
 def parse_grant(payload: bytes, key_id: str, host_id: str) -> Grant:
     """The one parse of signed grant bytes into a Grant: canonical encoding, every field
     in range, signed by `key_id`, for `host_id`. No clock, no policy, no signature check:
@@ -186,7 +202,7 @@ def parse_grant(payload: bytes, key_id: str, host_id: str) -> Grant:
             "within 1-65535 (port_end 0 means one port)",
             reason="INVALID_PORT",
         )
-    ports = PortRange(msg.port_start, last)
+    ports = _port_range(msg.port_start, last)
     if len(sources) * (last - msg.port_start + 1) > MAX_ELEMENTS_PER_GRANT:
         raise GrantDenied(
             f"grant: {len(sources)} sources x {len(ports.ports())} ports exceeds "
