@@ -25,6 +25,7 @@ Resource limits (every one refuses at once with a specific status, never queues)
 from __future__ import annotations
 
 import base64
+import importlib.util
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -689,6 +690,10 @@ def add_services(
     )
 
 
+# grpc_reflection.v1alpha.reflection.SERVICE_NAME, the wire name (a test pins it).
+REFLECTION_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
+
+
 def add_reflection(
     server: grpc.Server, services: list[str], limit: int = MAX_REFLECTION_STREAMS
 ) -> bool:
@@ -698,14 +703,28 @@ def add_reflection(
 
     The descriptors come from protobuf's default pool, where the generated modules
     imported above registered them. Each stream holds a worker while open: at most
-    `limit` at once, and every request is size-checked before it is parsed, like ours."""
-    try:
-        from grpc_reflection.v1alpha import reflection, reflection_pb2
-    except ImportError:
+    `limit` at once, and every request is size-checked before it is parsed, like ours.
+    grpc_reflection (and protobuf's descriptor_pb2 with it, ~0.7 MB of an idle agent's
+    RSS) is imported by the first reflection request, not at start: only the route
+    is registered up front."""
+    if importlib.util.find_spec("grpc_reflection") is None:
         return False
-    # Any: grpc-stubs types ServerReflectionInfo as returning None; it is a generator.
-    servicer: Any = reflection.ReflectionServicer([*services, reflection.SERVICE_NAME])
     gate = Gate(limit)
+    loaded: list[tuple[Any, Callable[[bytes], Any]]] = []
+    lock = threading.Lock()
+
+    def load() -> tuple[Any, Callable[[bytes], Any]]:
+        """(the servicer, the checked request parser), made once."""
+        with lock:
+            if not loaded:
+                from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+                # Any: grpc-stubs types ServerReflectionInfo as returning None; it is
+                # a generator.
+                servicer: Any = reflection.ReflectionServicer([*services, REFLECTION_SERVICE])
+                request = reflection_pb2.ServerReflectionRequest
+                loaded.append((servicer, _deserializer(request, _SMALL)))
+            return loaded[0]
 
     def checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         for request in requests:
@@ -721,19 +740,22 @@ def add_reflection(
                 f"at most {limit} reflection streams at once; retry shortly",
             )
         try:
+            try:
+                servicer = load()[0]
+            except ImportError as exc:  # installed but broken: say so, serve the rest
+                abort(context, grpc.StatusCode.UNIMPLEMENTED, "UNIMPLEMENTED", f"reflection: {exc}")
             yield from servicer.ServerReflectionInfo(checked(requests, context), context)
         finally:
             gate.leave()
 
-    request = reflection_pb2.ServerReflectionRequest
     handler = grpc.stream_stream_rpc_method_handler(
         info,
-        request_deserializer=_deserializer(request, _SMALL),
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        request_deserializer=lambda data: load()[1](data),
+        response_serializer=lambda response: response.SerializeToString(),
     )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(
-            reflection.SERVICE_NAME, {"ServerReflectionInfo": handler}
+            REFLECTION_SERVICE, {"ServerReflectionInfo": handler}
         ),)
     )
     return True

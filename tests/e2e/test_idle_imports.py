@@ -1,0 +1,90 @@
+"""What an idle agent has imported: the real portagentd, following the real broker
+service, run with PYTHONPROFILEIMPORTTIME=1 (every import the interpreter makes is
+written to its stderr, which the lab logs). A module an idle agent does not need
+costs RSS for the agent's whole life (docs/benchmarks.md: "RSS idle"), so features
+that are off, or not used yet, must not be imported:
+
+- pyroute2: never (the conntrack adapter speaks ctnetlink itself);
+- grpc_reflection (and protobuf's descriptor_pb2 with it): not before the first
+  reflection request, then it is;
+- prometheus_client: not while [metrics] is off (the default).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+from portagent.agent.api.grpc_server import REFLECTION_SERVICE
+from portagent.testing.lab import API_PORT, Lab
+from portagent.testing.netns import in_netns, wait_until
+
+pytestmark = pytest.mark.root
+
+TCP = 8080
+IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$", re.MULTILINE)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    # `env` runs inside the namespace, so the variable reaches portagentd only.
+    with Lab(
+        tmp_path,
+        [f"{TCP}/tcp"],
+        prefix="pt-idle",
+        service=True,
+        wrapper=["env", "PYTHONPROFILEIMPORTTIME=1"],
+    ) as lab:
+        yield lab
+
+
+def imported(lab: Lab) -> set[str]:
+    return set(IMPORT_LINE.findall(lab.log()))
+
+
+def list_services(lab: Lab) -> list[str]:
+    """A reflection ListServices over the agent's mTLS API, as the broker."""
+
+    def call() -> list[str]:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(lab.dir / "ca.pem").read_bytes(),
+            private_key=(lab.dir / "broker.key").read_bytes(),
+            certificate_chain=(lab.dir / "broker.pem").read_bytes(),
+        )
+        with grpc.secure_channel(f"{lab.net.server_ip}:{API_PORT}", credentials) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=20))
+            return sorted(s.name for s in reply.list_services_response.service)
+
+    return in_netns(lab.net.client, call)
+
+
+def test_an_idle_agent_imports_only_what_it_uses(lab: Lab) -> None:
+    # Idle as the bench measures it: ready, and its stream to the broker open.
+    assert wait_until(lambda: "connected to the broker" in lab.log(), 20), lab.log()[-3000:]
+    modules = imported(lab)
+    # The log does hold the agent's imports (else every "not in" below is vacuous).
+    assert {"portagent.agent.engine", "portagent.agent.fleet_client", "grpc"} <= modules
+    assert "portagent.agent.adapters.conntrack" in modules
+    assert not {m for m in modules if m.split(".")[0] == "pyroute2"}
+    assert "prometheus_client" not in modules
+    # (grpc's own __init__ imports the bare `grpc_reflection` package: 131 µs, no code.)
+    assert not {m for m in modules if m.startswith("grpc_reflection.")}
+    assert "google.protobuf.descriptor_pb2" not in modules
+
+    # Reflection still answers, importing its module on this first request.
+    assert list_services(lab) == sorted(
+        ["grpc.health.v1.Health", REFLECTION_SERVICE, "portagent.v1.AgentService"]
+    )
+    assert "grpc_reflection.v1alpha.reflection" in imported(lab)
+
+
+def test_the_reflection_service_name_is_grpc_reflections() -> None:
+    # The route is registered under this name before grpc_reflection is imported.
+    assert REFLECTION_SERVICE == reflection.SERVICE_NAME
