@@ -1,18 +1,22 @@
 """What an idle agent has imported: the real portagentd, following the real broker
-service, run with PYTHONPROFILEIMPORTTIME=1 (every import the interpreter makes is
-written to its stderr, which the lab logs). A module an idle agent does not need
-costs RSS for the agent's whole life (docs/benchmarks.md: "RSS idle"), so features
-that are off, or not used yet, must not be imported:
+service, started through a launcher that writes its `sys.modules` to a file on
+SIGUSR2. A module an idle agent does not need costs RSS for the agent's whole life
+(docs/benchmarks.md: "RSS idle"), so features that are off, or not used yet, must not
+be imported:
 
 - pyroute2: never (the conntrack adapter speaks ctnetlink itself);
-- grpc_reflection (and protobuf's descriptor_pb2 with it): not before the first
-  reflection request, then it is;
+- cryptography.x509 (and tempfile): never in the agent's own process (the start's
+  certificate checks run in a child that exits, daemon.check_runtime_apart);
+- grpc_reflection's service module (and protobuf's descriptor_pb2 with it): not
+  before the first reflection request, then it is;
 - prometheus_client: not while [metrics] is off (the default).
 """
 
 from __future__ import annotations
 
-import re
+import os
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,24 +31,35 @@ from portagent.testing.netns import in_netns, wait_until
 pytestmark = pytest.mark.root
 
 TCP = 8080
-IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$", re.MULTILINE)
+# Runs portagentd (argv[1:]) as its console script would, in this same process.
+LAUNCHER = """
+import os, runpy, signal, sys
+def dump(*_):
+    path = os.environ["PT_MODULES"]
+    with open(path + ".tmp", "w") as out:
+        out.write("\\n".join(sorted(sys.modules)))
+    os.replace(path + ".tmp", path)
+signal.signal(signal.SIGUSR2, dump)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    # `env` runs inside the namespace, so the variable reaches portagentd only.
-    with Lab(
-        tmp_path,
-        [f"{TCP}/tcp"],
-        prefix="pt-idle",
-        service=True,
-        wrapper=["env", "PYTHONPROFILEIMPORTTIME=1"],
-    ) as lab:
+    # The wrapper runs inside the namespace, so the variable reaches portagentd only.
+    wrapper = ["env", f"PT_MODULES={tmp_path / 'modules.txt'}", sys.executable, "-c", LAUNCHER]
+    with Lab(tmp_path, [f"{TCP}/tcp"], prefix="pt-idle", service=True, wrapper=wrapper) as lab:
         yield lab
 
 
 def imported(lab: Lab) -> set[str]:
-    return set(IMPORT_LINE.findall(lab.log()))
+    """The agent's sys.modules, now."""
+    dump = lab.workdir / "modules.txt"
+    dump.unlink(missing_ok=True)
+    os.kill(lab.agent_pid(), signal.SIGUSR2)
+    assert wait_until(dump.exists, 10), lab.log()[-3000:]
+    return set(dump.read_text().split())
 
 
 def list_services(lab: Lab) -> list[str]:
@@ -71,9 +86,12 @@ def test_an_idle_agent_imports_only_what_it_uses(lab: Lab) -> None:
     modules = imported(lab)
     # The log does hold the agent's imports (else every "not in" below is vacuous).
     assert {"portagent.agent.engine", "portagent.agent.fleet_client", "grpc"} <= modules
-    assert "portagent.agent.adapters.conntrack" in modules
+    assert {"portagent.agent.adapters.conntrack", "portagent.agent.preflight"} <= modules
+    assert "cryptography.hazmat.primitives.asymmetric.ed25519" in modules
     assert not {m for m in modules if m.split(".")[0] == "pyroute2"}
     assert "prometheus_client" not in modules
+    assert not {m for m in modules if m.startswith("cryptography.x509")}
+    assert "tempfile" not in modules
     # (grpc's own __init__ imports the bare `grpc_reflection` package: 131 µs, no code.)
     assert not {m for m in modules if m.startswith("grpc_reflection.")}
     assert "google.protobuf.descriptor_pb2" not in modules

@@ -22,18 +22,19 @@ import re
 import socket
 import stat
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from portagent.agent.settings import Settings
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 # PEM files are a few kilobytes; a bound keeps a wrong path (a log, /dev/zero) harmless.
 MAX_PEM_BYTES = 1 << 20
@@ -174,6 +175,11 @@ def _pem_blocks(data: bytes, wanted: tuple[bytes, ...]) -> list[bytes]:
 
 
 def _check_certificates(path: Path, setting: str, found: list[Finding]) -> list[x509.Certificate]:
+    # cryptography.x509 (and tempfile below) are imported by the checks themselves: the
+    # agent runs these in a short-lived child (daemon.py), so its own process never
+    # carries them (~3 MB of RSS for the agent's whole life).
+    from cryptography import x509
+
     data = _read_small(path, setting, found)
     if data is None:
         return []
@@ -205,6 +211,8 @@ def _check_broker_files(settings: Settings, found: list[Finding]) -> None:
     start never waits for the broker)."""
     broker = settings.broker
     assert broker is not None
+    from cryptography import x509
+
     ca = _check_certificates(broker.ca_file, "broker.ca", found)
     leaf = _check_certificates(broker.cert_file, "broker.cert", found)
     key = _check_private_key(broker.key_file, found, "broker.key")
@@ -260,6 +268,8 @@ def _check_private_key(
             Finding(where, f"{setting} holds no PEM private key", "give the agent's key file")
         )
         return None
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_pem_private_key(blocks[0], password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -272,6 +282,8 @@ def _check_private_key(
 
 
 def _spki(public_key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return public_key.public_bytes(  # type: ignore[attr-defined, no-any-return]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -347,6 +359,8 @@ def _check_directory(path: Path, setting: str, found: list[Finding]) -> bool:
         )
         return False
     try:
+        import tempfile
+
         fd, name = tempfile.mkstemp(prefix=".portagent-check-", dir=path)
     except OSError as exc:
         found.append(
