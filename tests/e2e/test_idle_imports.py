@@ -92,6 +92,7 @@ def test_an_idle_agent_imports_only_what_it_uses(lab: Lab) -> None:
     assert "prometheus_client" not in modules
     assert not {m for m in modules if m.startswith("cryptography.x509")}
     assert "tempfile" not in modules
+    assert "difflib" not in modules  # wire.config: only for a misspelt setting
     # (grpc's own __init__ imports the bare `grpc_reflection` package: 131 µs, no code.)
     assert not {m for m in modules if m.startswith("grpc_reflection.")}
     assert "google.protobuf.descriptor_pb2" not in modules

@@ -6,7 +6,6 @@ Pure apart from `read_config_text`."""
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import stat
@@ -136,6 +135,9 @@ class Reader:
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     """'; did you mean "x"?' for the closest known name (case-blind), or ""."""
+    # Imported on a misspelt setting only: a running agent never needs it (~0.2 MB).
+    import difflib
+
     by_folded = {k.casefold(): k for k in known}
     # Only short names are compared: a hostile key of a megabyte costs nothing here.
     close = difflib.get_close_matches(name[:64].casefold(), list(by_folded), n=1, cutoff=0.6)
