@@ -4,16 +4,12 @@ SIGUSR2. A module an idle agent does not need costs RSS for the agent's whole li
 (docs/benchmarks.md: "RSS idle"), so features that are off, or not used yet, must not
 be imported:
 
+- pyroute2: never (the conntrack adapter speaks ctnetlink itself);
 - cryptography.x509 (and tempfile): never in the agent's own process (the start's
   certificate checks run in a child that exits, daemon.check_runtime_apart);
 - grpc_reflection's service module (and protobuf's descriptor_pb2 with it): not
   before the first reflection request, then it is;
-- prometheus_client: not while [metrics] is off (the default);
-- difflib (a misspelt setting only) and shutil (argparse's help width).
-
-pyroute2 (conntrack) and python3-systemd (journald) are the agent's chosen libraries
-and stay: the ~2.3 MB a hand-written replacement would save is not worth owning
-another netlink codec (docs/adr/0009-agent-at-scale.md).
+- prometheus_client: not while [metrics] is off (the default).
 """
 
 from __future__ import annotations
@@ -92,11 +88,11 @@ def test_an_idle_agent_imports_only_what_it_uses(lab: Lab) -> None:
     assert {"portagent.agent.engine", "portagent.agent.fleet_client", "grpc"} <= modules
     assert {"portagent.agent.adapters.conntrack", "portagent.agent.preflight"} <= modules
     assert "cryptography.hazmat.primitives.asymmetric.ed25519" in modules
+    assert not {m for m in modules if m.split(".")[0] == "pyroute2"}
     assert "prometheus_client" not in modules
     assert not {m for m in modules if m.startswith("cryptography.x509")}
     assert "tempfile" not in modules
     assert "difflib" not in modules  # wire.config: only for a misspelt setting
-    assert "shutil" not in modules  # argparse asks it for the width (daemon._help_formatter)
     # (grpc's own __init__ imports the bare `grpc_reflection` package: 131 µs, no code.)
     assert not {m for m in modules if m.startswith("grpc_reflection.")}
     assert "google.protobuf.descriptor_pb2" not in modules

@@ -74,32 +74,9 @@ def _watchdog_pinger() -> tuple[float | None, object]:
     return int(usec) / 1e6, lambda: _notify("WATCHDOG=1")
 
 
-def _terminal_columns() -> int:
-    """shutil.get_terminal_size().columns by its rules: $COLUMNS, else the terminal on
-    stdout, else 80."""
-    try:
-        columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
-
-
-def _help_formatter(prog: str) -> argparse.HelpFormatter:
-    """argparse's own formatter, given the width it would compute itself (columns - 2):
-    asked to compute it, it imports shutil, which brings bz2 and lzma along (0.3 MB of
-    RSS for the daemon's life, for a width needed only by --help and usage errors)."""
-    return argparse.HelpFormatter(prog, width=_terminal_columns() - 2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="portagentd",
-        formatter_class=_help_formatter,
         description="portagent agent daemon: verifies signed grants from the broker and "
         "enforces them in the nftables table 'inet portagent' of this host's "
         "network namespace. Runs in the foreground.",
