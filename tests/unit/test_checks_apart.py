@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,25 @@ def test_a_child_that_dies_means_the_checks_run_here(
     monkeypatch.setattr(daemon, "check_runtime", dies_in_the_child)
     found = daemon.check_runtime_apart(settings, starting=False)
     assert calls == [parent]
+    assert found == check_runtime(settings, starting=False)
+
+
+def test_a_child_that_hangs_is_killed_and_the_checks_run_here(
+    dev: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock another thread held at the fork can leave the child stuck forever: the
+    agent does not wait for it past CHECKS_APART_TIMEOUT."""
+    settings = settings_of(dev)
+    parent = os.getpid()
+
+    def hangs_in_the_child(settings: Settings, *, starting: bool) -> list[Finding]:
+        if os.getpid() != parent:
+            signal.pause()  # killed by the parent (SIGKILL), never returns
+        return check_runtime(settings, starting=starting)
+
+    monkeypatch.setattr(daemon, "check_runtime", hangs_in_the_child)
+    monkeypatch.setattr(daemon, "CHECKS_APART_TIMEOUT", 0.5)
+    found = daemon.check_runtime_apart(settings, starting=False)
     assert found == check_runtime(settings, starting=False)
 
 

@@ -16,9 +16,11 @@ use or not configured yet, the kernel refused): systemd retries.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
+import select
 import signal
 import socket
 import sqlite3
@@ -284,6 +286,8 @@ def _probe_listen(listen: str) -> str | None:
 
 # The findings of a start's checks, as the child sends them: a few lines of text.
 MAX_FINDINGS_BYTES = 1 << 20
+# The checks read a few files; a child that takes longer is stuck: run them here.
+CHECKS_APART_TIMEOUT = 20.0
 
 
 def check_runtime_apart(settings: Settings, *, starting: bool) -> list[Finding]:
@@ -317,11 +321,35 @@ def check_runtime_apart(settings: Settings, *, starting: bool) -> list[Finding]:
             # No atexit handlers, no flushing of buffers the parent owns.
             os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read(MAX_FINDINGS_BYTES + 1)
+    data = _read_bounded(read_end, MAX_FINDINGS_BYTES + 1, CHECKS_APART_TIMEOUT)
+    if data is None:  # a child that hangs (a lock another thread held at fork)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    findings = _parse_findings(data) if os.waitstatus_to_exitcode(status) == 0 else None
+    ok = data is not None and os.waitstatus_to_exitcode(status) == 0
+    findings = _parse_findings(data) if ok and data is not None else None
     return check_runtime(settings, starting=starting) if findings is None else findings
+
+
+def _read_bounded(fd: int, limit: int, timeout: float) -> bytes | None:
+    """Up to `limit` bytes from `fd` until its writer closes it, or None after `timeout`
+    seconds. Closes `fd`."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < limit:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, limit - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def _parse_findings(data: bytes) -> list[Finding] | None:
