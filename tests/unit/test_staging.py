@@ -158,17 +158,19 @@ def _stage_with(signer: TestSigner, request: Request, verifier: Verifier) -> Dec
     )
 
 
-def test_a_grant_checked_on_the_callers_thread_is_checked_only_for_its_window(
+def test_a_signature_checked_on_the_callers_thread_is_not_checked_again(
     signer: TestSigner,
 ) -> None:
+    """The writer trusts the caller's signature check (made with this very verifier) and
+    still parses and checks everything else: a tampered payload whose signature someone
+    claims was checked is still only what it parses to, and the window is the writer's."""
     s = settings(signer)
     verifier = Verifier(s.host_id, s.trusted_keys, s.policy)
     signed = signer.grant(NOW, grant_id="g-1", ttl=60)
-    grant = verifier.verify_grant_signed(signed.payload, signed.signature, signed.key_id)
-    checked = Request(CommandKind.APPLY, signed=signed, checked=grant, checked_by=verifier)
+    verifier.check_grant_signature(signed.payload, signed.signature, signed.key_id)
+    checked = Request(CommandKind.APPLY, signed=signed, signature_checked_by=verifier)
     (answer,) = _stage_with(signer, checked, verifier).answers
-    assert isinstance(answer, Changed) and answer.draft.grant == grant
-    # The window is the writer's, at its own clock: a grant that expired in the queue.
+    assert isinstance(answer, Changed) and answer.draft.grant.grant_id == "g-1"
     late = stage(
         [checked],
         NOW + 61,
@@ -183,13 +185,19 @@ def test_a_grant_checked_on_the_callers_thread_is_checked_only_for_its_window(
     # The caller's refusal is the answer, as the writer's own check would have given it.
     bad = SignedInput(signed.payload, b"\0" * 64, signed.key_id)
     with pytest.raises(PortagentError) as info:
-        verifier.verify_grant_signed(bad.payload, bad.signature, bad.key_id)
-    refused = Request(CommandKind.APPLY, signed=bad, checked=info.value, checked_by=verifier)
+        verifier.check_grant_signature(bad.payload, bad.signature, bad.key_id)
+    refused = Request(
+        CommandKind.APPLY, signed=bad, signature_checked_by=verifier, signature_error=info.value
+    )
     (answer,) = _stage_with(signer, refused, verifier).answers
+    assert isinstance(answer, Refused) and answer.error.reason == "BAD_SIGNATURE"
+    # Without the mark (or with another verifier's), the writer checks the signature.
+    unmarked = Request(CommandKind.APPLY, signed=bad)
+    (answer,) = _stage_with(signer, unmarked, verifier).answers
     assert isinstance(answer, Refused) and answer.error.reason == "BAD_SIGNATURE"
 
 
-def test_a_grant_checked_before_a_reload_is_checked_again_by_the_new_trust(
+def test_a_signature_checked_before_a_reload_is_checked_again_by_the_new_trust(
     signer: TestSigner,
 ) -> None:
     """A key withdrawn (or a policy tightened) between the caller's check and the
@@ -197,8 +205,8 @@ def test_a_grant_checked_before_a_reload_is_checked_again_by_the_new_trust(
     s = settings(signer)
     old = Verifier(s.host_id, s.trusted_keys, s.policy)
     signed = signer.grant(NOW, grant_id="g-1")
-    grant = old.verify_grant_signed(signed.payload, signed.signature, signed.key_id)
-    request = Request(CommandKind.APPLY, signed=signed, checked=grant, checked_by=old)
+    old.check_grant_signature(signed.payload, signed.signature, signed.key_id)
+    request = Request(CommandKind.APPLY, signed=signed, signature_checked_by=old)
     without_key = Verifier(s.host_id, (), s.policy)
     (answer,) = _stage_with(signer, request, without_key).answers
     assert isinstance(answer, Refused) and answer.error.reason == "UNKNOWN_KEY"
@@ -207,19 +215,19 @@ def test_a_grant_checked_before_a_reload_is_checked_again_by_the_new_trust(
     assert isinstance(answer, Refused) and answer.error.reason == "PORT_NOT_GUARDED"
 
 
-def test_a_revocation_checked_on_the_callers_thread_keeps_its_time_check(
+def test_a_revocation_whose_signature_the_caller_checked_keeps_its_time_check(
     signer: TestSigner,
 ) -> None:
     s = settings(signer)
     verifier = Verifier(s.host_id, s.trusted_keys, s.policy)
     signed = signer.revocation(NOW + 3600, "g-1")  # issued an hour ahead of the writer
-    revocation = verifier.verify_revocation_signed(signed.payload, signed.signature, signed.key_id)
-    request = Request(CommandKind.REVOKE, signed=signed, checked=revocation, checked_by=verifier)
+    verifier.check_revocation_signature(signed.payload, signed.signature, signed.key_id)
+    request = Request(CommandKind.REVOKE, signed=signed, signature_checked_by=verifier)
     (answer,) = _stage_with(signer, request, verifier).answers
     assert isinstance(answer, Refused) and answer.error.reason == "REVOCATION_NOT_YET_VALID"
     other = Verifier(s.host_id, (), s.policy)  # a reload withdrew the key meanwhile
     on_time = signer.revocation(NOW, "g-1")
-    checked = verifier.verify_revocation_signed(on_time.payload, on_time.signature, on_time.key_id)
-    request = Request(CommandKind.REVOKE, signed=on_time, checked=checked, checked_by=verifier)
+    verifier.check_revocation_signature(on_time.payload, on_time.signature, on_time.key_id)
+    request = Request(CommandKind.REVOKE, signed=on_time, signature_checked_by=verifier)
     (answer,) = _stage_with(signer, request, other).answers
     assert isinstance(answer, Refused) and answer.error.reason == "UNKNOWN_KEY"

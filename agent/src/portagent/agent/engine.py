@@ -52,7 +52,7 @@ from portagent.agent.staging import (
     stage,
 )
 from portagent.agent.store import BadRow, NewRow, Store, StoredGrant, StoreError
-from portagent.agent.verify import Revocation, Verifier, audit_fields
+from portagent.agent.verify import Verifier, audit_fields
 from portagent.agent.writer import Writer
 from portagent.v1 import fleet_pb2
 from portagent.wire.endpoint import endpoint
@@ -603,26 +603,31 @@ class Engine:
 
     def apply_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord:
         self._refuse_if_stopping()
-        record = self._submit(self._checked_apply(signed), timeout)
+        record = self._submit(self._signature_checked(CommandKind.APPLY, signed), timeout)
         assert record is not None
         return record
 
-    def _checked_apply(self, signed: SignedInput) -> Request:
-        """An APPLY whose signature, parse and policy are checked here, on the caller's
-        thread, before it is queued: the writer, which every request waits for, then
-        checks only the window (and checks all again if a reload changed the verifier
-        meanwhile). Concurrent callers verify in parallel instead of one after the other
-        under the writer."""
+    def _signature_checked(self, kind: CommandKind, signed: SignedInput) -> Request:
+        """An APPLY or REVOKE whose signature is checked here, on the caller's thread,
+        before it is queued: the Ed25519 check releases the GIL, so concurrent callers
+        check in parallel and the writer, which every request waits for, does not hand
+        the GIL away (and wait to get it back) once per request. The writer parses and
+        checks the rest; all of it again if a reload replaced the verifier meanwhile."""
         with self._lock:
             verifier = self._verifier
-        checked: Grant | PortagentError | None
+        check = (
+            verifier.check_grant_signature
+            if kind is CommandKind.APPLY
+            else verifier.check_revocation_signature
+        )
+        error: PortagentError | None = None
         try:
-            checked = verifier.verify_grant_signed(signed.payload, signed.signature, signed.key_id)
+            check(signed.payload, signed.signature, signed.key_id)
         except PortagentError as exc:
-            checked = exc  # refused by the writer, with its record, in order
+            error = exc  # refused by the writer, with its record, in order
         except Exception:
-            checked = None  # a bug: the writer checks again and answers INTERNAL
-        return Request(CommandKind.APPLY, signed=signed, checked=checked, checked_by=verifier)
+            return Request(kind, signed=signed)  # a bug: the writer checks and answers
+        return Request(kind, signed=signed, signature_checked_by=verifier, signature_error=error)
 
     def apply_grants(
         self, batch: list[SignedInput], timeout: float = 300.0
@@ -630,7 +635,10 @@ class Engine:
         """Apply many grants in one kernel transaction; one result (or refusal) per input."""
         self._refuse_if_stopping()
         latch = _Latch(len(batch))
-        commands = [_Command(self._checked_apply(signed), _Answer(latch)) for signed in batch]
+        commands = [
+            _Command(self._signature_checked(CommandKind.APPLY, signed), _Answer(latch))
+            for signed in batch
+        ]
         for command in commands:
             self._writer.put(command)
         self._writer.lead()
@@ -767,19 +775,7 @@ class Engine:
 
     def revoke_grant(self, signed: SignedInput, timeout: float = 30.0) -> GrantRecord | None:
         self._refuse_if_stopping()
-        with self._lock:
-            verifier = self._verifier
-        checked: Revocation | PortagentError | None
-        try:  # on the caller's thread, as _checked_apply
-            checked = verifier.verify_revocation_signed(
-                signed.payload, signed.signature, signed.key_id
-            )
-        except PortagentError as exc:
-            checked = exc
-        except Exception:
-            checked = None
-        request = Request(CommandKind.REVOKE, signed=signed, checked=checked, checked_by=verifier)
-        return self._submit(request, timeout)
+        return self._submit(self._signature_checked(CommandKind.REVOKE, signed), timeout)
 
     def revoke_local(self, grant_id: str, actor: str, timeout: float = 30.0) -> GrantRecord:
         request = Request(CommandKind.REVOKE_LOCAL, grant_id=grant_id, actor=actor)

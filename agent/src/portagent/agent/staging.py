@@ -56,12 +56,12 @@ class Request:
     # opened (Verifier.open_host_state): that one signature covers them, so the
     # grant's own is not checked again (100k Ed25519 checks cost seconds).
     covered: bool = False
-    # APPLY or REVOKE checked on the caller's thread by `checked_by`
-    # (Verifier.verify_grant_signed: signature, parse, policy; verify_revocation_signed):
-    # the grant or revocation, or why it was refused. Used only when the writer's
-    # verifier is that same one (a reload in between checks again).
-    checked: Grant | Revocation | PortagentError | None = None
-    checked_by: object = None
+    # APPLY or REVOKE whose signature the caller's thread checked before queueing
+    # (Verifier.check_grant_signature / check_revocation_signature) with the verifier
+    # `signature_checked_by`, and what that check refused (None: it passed). The writer
+    # relies on it only when its verifier is that same one (a reload checks again).
+    signature_checked_by: object = None
+    signature_error: PortagentError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,11 +192,10 @@ def _stage_one(
         signed = request.signed
         if request.covered:
             grant = verifier.verify_covered_grant(signed.payload, signed.key_id, now)
-        elif request.checked is not None and request.checked_by is verifier:
-            if isinstance(request.checked, PortagentError):
-                raise request.checked
-            assert isinstance(request.checked, Grant)
-            grant = verifier.check_window(request.checked, now)
+        elif request.signature_checked_by is verifier:
+            if request.signature_error is not None:
+                raise request.signature_error
+            grant = verifier.verify_signature_checked_grant(signed.payload, signed.key_id, now)
         else:
             grant = verifier.verify_grant(signed.payload, signed.signature, signed.key_id, now)
         try:
@@ -209,11 +208,12 @@ def _stage_one(
     if request.kind is CommandKind.REVOKE:
         assert request.signed is not None
         signed = request.signed
-        if request.checked is not None and request.checked_by is verifier:
-            if isinstance(request.checked, PortagentError):
-                raise request.checked
-            assert isinstance(request.checked, Revocation)
-            revocation = verifier.check_revocation_time(request.checked, now)
+        if request.signature_checked_by is verifier:
+            if request.signature_error is not None:
+                raise request.signature_error
+            revocation = verifier.verify_signature_checked_revocation(
+                signed.payload, signed.key_id, now
+            )
         else:
             revocation = verifier.verify_revocation(
                 signed.payload, signed.signature, signed.key_id, now

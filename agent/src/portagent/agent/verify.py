@@ -316,29 +316,20 @@ class Verifier:
 
     def verify_grant(self, grant_bytes: bytes, signature: bytes, key_id: str, now: float) -> Grant:
         """A grant from the wire: `verify_stored_grant`, then policy, then the window."""
-        return self.check_window(self.verify_grant_signed(grant_bytes, signature, key_id), now)
+        self.check_grant_signature(grant_bytes, signature, key_id)
+        return self.verify_signature_checked_grant(grant_bytes, key_id, now)
 
-    def verify_grant_signed(self, grant_bytes: bytes, signature: bytes, key_id: str) -> Grant:
-        """`verify_grant` without the clock: signature, canonical parse, policy. A caller's
-        thread runs it before queueing its grant (the writer then checks only the window,
-        `check_window`): the Ed25519 check runs outside the writer, in parallel where the
-        library releases the GIL."""
-        grant = self.verify_stored_grant(grant_bytes, signature, key_id)
-        try:
-            self._check_policy(grant)
-        except PortagentError as exc:
-            exc.verified_fields = audit_fields(grant)  # signed: fit for the audit record
-            raise
-        return grant
+    def check_grant_signature(self, grant_bytes: bytes, signature: bytes, key_id: str) -> None:
+        """The first step of `verify_grant` alone: size, a trusted key, the signature. A
+        caller's thread runs it before queueing its grant: the Ed25519 check releases the
+        GIL, so concurrent callers verify in parallel, and the writer, which every request
+        waits for, no longer gives the GIL away (and waits to get it back) for each one."""
+        check_signature(grant_bytes, signature, key_id, self._keys, "grant", MAX_GRANT_BYTES)
 
-    def check_window(self, grant: Grant, now: float) -> Grant:
-        """The validity window of a grant `verify_grant_signed` passed, at `now`."""
-        try:
-            self._check_window(grant, now)
-        except PortagentError as exc:
-            exc.verified_fields = audit_fields(grant)
-            raise
-        return grant
+    def verify_signature_checked_grant(self, grant_bytes: bytes, key_id: str, now: float) -> Grant:
+        """The rest of `verify_grant` once `check_grant_signature` passed with THIS
+        verifier (callers must make sure): canonical parse, policy, window."""
+        return self._checked(parse_grant(grant_bytes, key_id, self.host_id), now)
 
     def _checked(self, grant: Grant, now: float) -> Grant:
         try:
@@ -397,20 +388,21 @@ class Verifier:
     def verify_revocation(
         self, payload: bytes, signature: bytes, key_id: str, now: float
     ) -> Revocation:
-        return self.check_revocation_time(
-            self.verify_revocation_signed(payload, signature, key_id), now
-        )
+        self.check_revocation_signature(payload, signature, key_id)
+        return self.verify_signature_checked_revocation(payload, key_id, now)
 
-    def verify_revocation_signed(self, payload: bytes, signature: bytes, key_id: str) -> Revocation:
-        """`verify_revocation` without the clock (signature, canonical parse), for the
-        caller's thread, like `verify_grant_signed`."""
+    def check_revocation_signature(self, payload: bytes, signature: bytes, key_id: str) -> None:
+        """`check_grant_signature` for a revocation."""
         check_signature(
             payload, signature, key_id, self._keys, "revocation", MAX_REVOCATION_BYTES
         )
-        return parse_revocation(payload, key_id, self.host_id)
 
-    def check_revocation_time(self, revocation: Revocation, now: float) -> Revocation:
-        """A revocation `verify_revocation_signed` passed, not issued in the future."""
+    def verify_signature_checked_revocation(
+        self, payload: bytes, key_id: str, now: float
+    ) -> Revocation:
+        """The rest of `verify_revocation` once `check_revocation_signature` passed with
+        THIS verifier: canonical parse, not issued in the future."""
+        revocation = parse_revocation(payload, key_id, self.host_id)
         if revocation.issue_time > now + self.policy.clock_skew:
             raise GrantNotInWindow(
                 "issue_time: revocation is issued in the future", reason="REVOCATION_NOT_YET_VALID"
