@@ -1051,10 +1051,8 @@ class Engine:
                         )
                         for d in (decisions.drafts[grant_id] for grant_id in decisions.inserts)
                     )
-                for note in decisions.revokes:
-                    store.mark_revoked(note.grant_id, now)
-                for grant_id, forget_after in decisions.revoked_ids:
-                    store.remember_revoked(grant_id, forget_after)
+                store.mark_revoked_many([note.grant_id for note in decisions.revokes], now)
+                store.remember_revoked_many(decisions.revoked_ids)
             # COMMIT happened on leaving the block; only now is the change real.
         except PortagentError as exc:
             if kernel_changed:  # not the kernel's refusal: something after it failed

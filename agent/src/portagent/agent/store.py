@@ -496,9 +496,15 @@ class Store:
         )
 
     def mark_revoked(self, grant_id: str, when: float) -> None:
-        self._db.execute(
-            "UPDATE grants SET state='revoked', revoke_time=? WHERE grant_id=?", (when, grant_id)
-        )
+        self.mark_revoked_many([grant_id], when)
+
+    def mark_revoked_many(self, grant_ids: list[str], when: float) -> None:
+        """One statement for a batch's revocations (each call gives the GIL away)."""
+        if grant_ids:
+            self._db.executemany(
+                "UPDATE grants SET state='revoked', revoke_time=? WHERE grant_id=?",
+                [(when, grant_id) for grant_id in grant_ids],
+            )
 
     def mark_expired(self, grant_ids: list[str]) -> None:
         self._db.executemany(
@@ -506,9 +512,12 @@ class Store:
         )
 
     def remember_revoked(self, grant_id: str, forget_after: float) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO revoked_ids VALUES (?, ?)", (grant_id, forget_after)
-        )
+        self.remember_revoked_many([(grant_id, forget_after)])
+
+    def remember_revoked_many(self, ids: list[tuple[str, float]]) -> None:
+        """(grant id, forget after) pairs, one statement for a batch."""
+        if ids:
+            self._db.executemany("INSERT OR REPLACE INTO revoked_ids VALUES (?, ?)", ids)
 
     def delete(self, grant_ids: list[str]) -> None:
         self._db.executemany("DELETE FROM grants WHERE grant_id=?", [(g,) for g in grant_ids])
