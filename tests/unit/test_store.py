@@ -31,6 +31,21 @@ INSERT INTO revoked_ids VALUES ('g-0', 2e9);
 """
 
 
+def _insert(store: Store, grant_id: str, handle: int, *, apply_time: float = 1.0) -> None:
+    """One active row through Store.insert (its bytes are not a grant: the store does
+    not parse them)."""
+    store.insert(
+        grant_id=grant_id,
+        handle=handle,
+        grant_bytes=b"x",
+        signature=b"s",
+        key_id="k",
+        expire_time=2e9,
+        state="active",
+        apply_time=apply_time,
+    )
+
+
 def test_a_new_store_starts_an_epoch(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db", now=1234.5)
     assert store.epoch == 1234.5
@@ -127,16 +142,7 @@ def test_rows_of_the_wrong_types_come_back_as_bad_rows(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     store = Store(path)
     with store.transaction():
-        store.insert(
-            grant_id="g-1",
-            handle=1,
-            grant_bytes=b"x",
-            signature=b"s",
-            key_id="k",
-            expire_time=2e9,
-            state="active",
-            apply_time=1.0,
-        )
+        _insert(store, "g-1", 1)
     store.close()
     db = sqlite3.connect(path)
     db.execute("UPDATE grants SET handle='one', apply_time='never'")
@@ -149,26 +155,8 @@ def test_rows_of_the_wrong_types_come_back_as_bad_rows(tmp_path: Path) -> None:
 def test_a_failed_commit_leaves_nothing_and_the_store_usable(tmp_path: Path) -> None:
     store = Store(tmp_path / "state.db")
     with pytest.raises(StoreError, match="cannot write"), store.transaction():
-        store.insert(
-            grant_id="g-1",
-            handle=1,
-            grant_bytes=b"x",
-            signature=b"s",
-            key_id="k",
-            expire_time=2e9,
-            state="active",
-            apply_time=1.0,
-        )
-        store.insert(  # same handle: the transaction fails as a whole
-            grant_id="g-2",
-            handle=1,
-            grant_bytes=b"x",
-            signature=b"s",
-            key_id="k",
-            expire_time=2e9,
-            state="active",
-            apply_time=1.0,
-        )
+        _insert(store, "g-1", 1)
+        _insert(store, "g-2", 1)  # same handle: the transaction fails as a whole
     assert store.load() == []
     with store.transaction():
         store.remember_revoked("g-9", 3e9)
@@ -182,16 +170,7 @@ def test_load_checks_every_column_and_reads_integer_times_as_floats(
     store = Store(path)
     with store.transaction():
         for i in range(1, 9):
-            store.insert(
-                grant_id=f"g-{i}",
-                handle=i,
-                grant_bytes=b"x",
-                signature=b"s",
-                key_id="k",
-                expire_time=2e9,
-                state="active",
-                apply_time=1.5,
-            )
+            _insert(store, f"g-{i}", i, apply_time=1.5)
     store.close()
     db = sqlite3.connect(path)
     db.execute("UPDATE grants SET apply_time=7, revoke_time=8, state='revoked' WHERE handle=1")
@@ -237,16 +216,7 @@ def test_handles_are_never_given_out_twice_whatever_the_rows_hold(tmp_path: Path
         store.insert_many(_row(f"g-{h}", h) for h in first)
     assert store.free_handles(1) == [4]
     with store.transaction():  # a row whose handle the engine did not pick
-        store.insert(
-            grant_id="x-6",
-            handle=6,
-            grant_bytes=b"x",
-            signature=b"s",
-            key_id="k",
-            expire_time=2e9,
-            state="active",
-            apply_time=1e9,
-        )
+        _insert(store, "x-6", 6, apply_time=1e9)
     assert store.free_handles(4) == [4, 5, 7, 8]
     with pytest.raises(StoreError), store.transaction():  # a claim that rolls back
         store.claim_handles([4, 5])
