@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from portagent.agent import engine as engine_module
 from portagent.agent.engine import Engine, SignedInput, default_verifier
 from portagent.agent.model import Grant, GrantState
 from portagent.agent.settings import ApiSettings, Policy, Settings
@@ -634,3 +636,47 @@ def test_work_after_the_answer_still_runs_once_the_engine_stopped(harness: Harne
     harness.engine._after_answer(lambda: ran.append(threading.current_thread().name))
     assert len(ran) == 2
     assert ran[0].startswith("audit") and ran[1] == threading.current_thread().name
+
+
+def test_a_large_batch_runs_with_the_cyclic_collector_paused_and_restores_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of at least GC_PAUSE_BATCH commands runs with the cyclic collector off
+    (it would walk the growing heap again and again); a smaller one does not, and the
+    collector is on again afterwards, also when the batch fails in the kernel."""
+    monkeypatch.setattr(engine_module, "GC_PAUSE_BATCH", 3)
+    seen: list[bool] = []
+    real_apply = harness.firewall.apply_plan
+
+    def recording_apply(*args: object, **kwargs: object) -> None:
+        seen.append(gc.isenabled())
+        real_apply(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(harness.firewall, "apply_plan", recording_apply)
+    now = harness.clock.now
+    assert gc.isenabled()
+    small = [_distinct(harness, now, "s", i) for i in range(2)]
+    assert all(not isinstance(r, Exception) for r in harness.engine.apply_grants(small))
+    large = [_distinct(harness, now, "l", i) for i in range(3)]
+    assert all(not isinstance(r, Exception) for r in harness.engine.apply_grants(large))
+    assert seen == [True, False]
+    assert gc.isenabled()
+
+    def failing_apply(*args: object, **kwargs: object) -> None:
+        seen.append(gc.isenabled())
+        raise EnforcementError("kernel refused the batch", reason="ENFORCEMENT_FAILED")
+
+    monkeypatch.setattr(harness.firewall, "apply_plan", failing_apply)
+    failed = [_distinct(harness, now, "f", i) for i in range(3)]
+    results = harness.engine.apply_grants(failed)
+    assert all(isinstance(r, EnforcementError) for r in results)
+    assert seen[-1] is False
+    assert gc.isenabled()
+
+
+def _distinct(harness: Harness, now: float, prefix: str, index: int) -> SignedInput:
+    """A grant of its own source: each one changes the kernel."""
+    octet = {"s": 1, "l": 2, "f": 3}[prefix]
+    return harness.signer.grant(
+        now, grant_id=f"{prefix}-{index}", source_prefixes=[f"10.{octet}.0.{index + 1}"]
+    )

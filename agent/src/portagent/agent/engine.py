@@ -104,6 +104,10 @@ _HUB_KINDS = {
 }
 
 
+# Batches of at least this many commands run with the cyclic collector paused.
+GC_PAUSE_BATCH = 10_000
+
+
 def release_free_memory() -> None:
     """Return freed heap to the OS after a large batch: glibc keeps it otherwise, and
     a 100k-grant request leaves hundreds of MB of freed request objects behind. What
@@ -945,10 +949,19 @@ class Engine:
 
     def _process_batch(self, commands: list[_Command]) -> None:
         settled = _Settled()
+        # A large batch allocates millions of objects that live on or die by reference
+        # counting; the cyclic collector would walk the growing heap again and again
+        # (~15 % of a 100k snapshot). What survives is frozen after the batch
+        # (release_free_memory), so re-enabling costs no full walk later.
+        paused = len(commands) >= GC_PAUSE_BATCH and gc.isenabled()
+        if paused:
+            gc.disable()
         try:
             self._decide_and_do(commands, settled)
         finally:
             settled.release()  # also on a bug: _process answers the rest
+            if paused:
+                gc.enable()
 
     def _decide_and_do(self, commands: list[_Command], settled: _Settled) -> None:
         now = self._clock()
@@ -1016,12 +1029,16 @@ class Engine:
                         strict=True,
                     )
                 )
-            # The signature stays in the store: memory holds only what is served.
+            # The signature stays in the store: memory holds only what is served. The
+            # bytes are copied here, late: the received ones lie among the request's
+            # objects (signatures, key ids, wrappers, requests) that die with the batch,
+            # and a survivor on each of their memory pages keeps the pages from going
+            # back to the OS (-21 MB at 100k grants, ADR 0009).
             changed = [
                 GrantRecord(
                     d.grant,
                     d.handle if d.handle is not None else handles[d.grant.grant_id],
-                    d.grant_bytes,
+                    bytes(memoryview(d.grant_bytes)),
                     b"",
                     d.state,
                     d.apply_time,

@@ -424,7 +424,9 @@ class FleetClient:
             )
             return 0
         generation = state.generation
-        payloads = [g.grant for g in state.grants]
+        # Each read of a bytes field builds a new bytes object: read every grant once.
+        signed_grants = [_signed(g) for g in state.grants]
+        payloads = [g.payload for g in signed_grants]
         decision = session.sync.on_snapshot(
             generation, state.digest, lambda: not self._engine.holds_all(payloads)
         )
@@ -433,7 +435,7 @@ class FleetClient:
             return len(payloads)
         try:
             result = self._engine.converge_to(
-                [_signed(g) for g in state.grants], issue_time=seconds_of(state.issue_time)
+                signed_grants, issue_time=seconds_of(state.issue_time)
             )
         except EnforcementError as exc:  # shutting down
             raise StreamBroken(f"snapshot {generation} not enforced: {exc.message}") from None

@@ -30,7 +30,7 @@ from portagent.wire.errors import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SignedInput:
     payload: bytes
     signature: bytes
@@ -43,7 +43,7 @@ class CommandKind(Enum):
     REVOKE_LOCAL = "revoke_local"  # an operator on this host
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     kind: CommandKind
     signed: SignedInput | None = None  # APPLY, REVOKE
@@ -102,7 +102,7 @@ class Draft:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RevokeNote:
     """Who revoked a grant and why, for its log record."""
 
@@ -111,12 +111,12 @@ class RevokeNote:
     actor: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Refused:
     error: PortagentError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unchanged:
     """The answer needs no commit: an idempotent request, or a revocation of an id this
     agent never saw (None)."""
@@ -124,7 +124,7 @@ class Unchanged:
     record: GrantRecord | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Changed:
     """The answer is this grant as this request left it, once the batch is committed."""
 
