@@ -37,6 +37,7 @@ from portagent.agent.adapters.ruleset_watch import RulesetWatcher, decode_newgen
 from portagent.agent.model import Element, ElementKey, MarkElement, Source
 from portagent.agent.plan import Plan
 from portagent.agent.render import Layout, parse_listing, render_plan
+from portagent.agent.usage import traffic_of
 from portagent.testing.netns import in_netns
 from portagent.wire.errors import EnforcementError
 from portagent.wire.ports import Protocol, parse_port_spec
@@ -176,7 +177,18 @@ def test_netlink_added_elements_read_back_identically_by_libnftables(ns: Namespa
                 client.sendall(b"x" * 100)
         timeouts = {name: raw_timeouts(fw, name) for name in ("g4_32", "g4_24", "g6_64", "keep")}
         state = fw.read_state(time.time())
-        return {"now": now, "elements": elements, "marks": marks, "timeouts": timeouts}, state, 0
+        traffic = fw.read_traffic(time.time())
+        return (
+            {
+                "now": now,
+                "elements": elements,
+                "marks": marks,
+                "timeouts": timeouts,
+                "traffic": traffic,
+            },
+            state,
+            0,
+        )
 
     result, state, _ = ns.inside(body)
     doc = ns.nft_json()
@@ -196,6 +208,9 @@ def test_netlink_added_elements_read_back_identically_by_libnftables(ns: Namespa
     loop = ElementKey(src(4, 0x7F000001, 32), Protocol.TCP, PORT)
     assert state.counters == listed.counters
     assert state.counters[loop][0] > 0 and state.counters[loop][1] > 0
+    # The usage reader's folded read: the same counters per handle, idle ones left out.
+    assert result["traffic"] == traffic_of(state)
+    assert result["traffic"][state.elements[loop].handle] == state.counters[loop]
     for name, elems in json_elements(doc).items():
         if re.fullmatch(r"g[46]_\d+", name):
             assert all("counter" in e[0]["elem"] for e in elems), name

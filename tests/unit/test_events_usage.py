@@ -9,7 +9,7 @@ from portagent.agent.cli import ago, human_bytes
 from portagent.agent.events import EventHub, EventKind
 from portagent.agent.model import Element, ElementKey, Flow, Source
 from portagent.agent.render import KernelState
-from portagent.agent.usage import UsageReader
+from portagent.agent.usage import NO_USAGE, UsageReader, traffic_of
 from portagent.testing.fakes import FakeClock
 from portagent.wire.ports import Protocol
 
@@ -54,8 +54,8 @@ class Counters:
             {key: (3, 300), key2: (1, 100)},
         )
 
-    def read_state(self, now: float, *, expected: int = 0) -> KernelState:
-        return self.state
+    def read_traffic(self, now: float) -> dict[int, tuple[int, int]]:
+        return traffic_of(self.state)
 
 
 class Flows:
@@ -82,6 +82,20 @@ def test_usage_sums_a_grants_elements_and_counts_its_flows() -> None:
     counters.state.counters[key] = (5, 900)
     clock.advance(10)
     assert reader.usage([7])[7].last_seen == clock.now
+
+
+def test_an_idle_grant_shares_one_value_and_its_first_traffic_is_seen() -> None:
+    clock = FakeClock()
+    counters = Counters()
+    reader = UsageReader(counters, None, lambda handle: None, clock)
+    assert reader.usage([8])[8] is NO_USAGE
+    # Handle 8 gets an element that counted traffic: seen growing at the second look.
+    key = next(iter(counters.state.counters))
+    counters.state.elements[key] = Element(key, 8, 1e10)
+    clock.advance(10)
+    usage = reader.usage([8])[8]
+    assert usage is not NO_USAGE
+    assert (usage.packets, usage.bytes, usage.last_seen) == (3, 300, clock.now)
 
 
 def test_human_units() -> None:

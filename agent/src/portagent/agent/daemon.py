@@ -558,7 +558,6 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
         NftablesFirewall(),
         usage_conntrack,
         engine.seen,
-        expected_elements=engine.kernel_element_count,
     )
 
     def healthy() -> bool:

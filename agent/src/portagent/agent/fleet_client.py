@@ -47,7 +47,7 @@ from portagent.agent.fleet_sync import (
 )
 from portagent.agent.model import GrantState
 from portagent.agent.settings import BrokerSettings, Settings
-from portagent.agent.usage import UsageReader
+from portagent.agent.usage import NO_USAGE, UsageReader
 from portagent.v1 import fleet_pb2
 from portagent.wire.errors import (
     EnforcementError,
@@ -607,10 +607,14 @@ class FleetClient:
             current = {}
             for record in records:
                 usage = figures.get(record.handle)
-                if usage is not None:
-                    current[record.grant.grant_id] = UsageFigures(
-                        usage.connections, usage.packets, usage.bytes, usage.last_seen
-                    )
+                grant_id = record.grant.grant_id
+                # An idle grant never reported has nothing to report (usage_changes
+                # would skip it): no figures object for each of 100k idle grants.
+                if usage is None or (usage is NO_USAGE and grant_id not in sent):
+                    continue
+                current[grant_id] = UsageFigures(
+                    usage.connections, usage.packets, usage.bytes, usage.last_seen
+                )
             changed = usage_changes(sent, current)
             sent = {k: v for k, v in sent.items() if k in current}
             if not changed:

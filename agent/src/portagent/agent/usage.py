@@ -18,7 +18,20 @@ from portagent.agent.render import KernelState
 
 
 class CounterSource(Protocol):
-    def read_state(self, now: float, *, expected: int = 0) -> KernelState: ...
+    def read_traffic(self, now: float) -> dict[int, tuple[int, int]]:
+        """Accepted (packets, bytes) per grant handle; handles at zero left out."""
+        ...
+
+
+def traffic_of(state: KernelState) -> dict[int, tuple[int, int]]:
+    """`CounterSource.read_traffic` of a listing (for sources that list the table)."""
+    traffic: dict[int, tuple[int, int]] = {}
+    for key, element in state.elements.items():
+        packets, octets = state.counters.get(key, (0, 0))
+        if packets or octets:
+            before = traffic.get(element.handle, (0, 0))
+            traffic[element.handle] = (before[0] + packets, before[1] + octets)
+    return traffic
 
 
 class FlowSource(Protocol):
@@ -26,7 +39,7 @@ class FlowSource(Protocol):
     def flows(self, mark: int | None = None) -> list[Flow]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GrantUsage:
     connections: int = 0
     packets: int = 0  # accepted from the client, by the grant's kernel elements
@@ -36,6 +49,11 @@ class GrantUsage:
     flows: tuple[Flow, ...] = field(default_factory=tuple)
 
 
+NO_USAGE = GrantUsage()
+# An observation of no traffic yet (octets, when last grew).
+_IDLE = (0, 0.0)
+
+
 class UsageReader:
     def __init__(
         self,
@@ -43,41 +61,39 @@ class UsageReader:
         flows: FlowSource | None,
         seen: Callable[[int], tuple[float, float] | None],
         clock: Callable[[], float] = time.time,
-        expected_elements: Callable[[], int] = lambda: 0,
     ) -> None:
         self._counters = counters
         self._flows = flows
         self._seen = seen
         self._clock = clock
-        # How many elements the engine believes the kernel holds: sizes the listing.
-        self._expected_elements = expected_elements
         self._lock = threading.Lock()
         # Last byte count observed per handle, and when it last grew: "last seen".
         self._observed: dict[int, tuple[int, float]] = {}
 
     def usage(self, handles: Iterable[int], *, with_flows: bool = False) -> dict[int, GrantUsage]:
+        """Usage of each of `handles`. A grant with no connection, no traffic and never
+        seen shares one NO_USAGE value: at 100k grants most are idle, and the fleet
+        reporter asks for all of them every few seconds."""
         wanted = set(handles)
         now = self._clock()
         with self._lock:
-            state = self._counters.read_state(now, expected=self._expected_elements())
-            traffic: dict[int, tuple[int, int]] = {}
-            for key, element in state.elements.items():
-                if element.handle in wanted:
-                    packets, octets = state.counters.get(key, (0, 0))
-                    old = traffic.get(element.handle, (0, 0))
-                    traffic[element.handle] = (old[0] + packets, old[1] + octets)
+            traffic = self._counters.read_traffic(now)
             counts = self._flows.count_by_mark() if self._flows is not None else {}
             result: dict[int, GrantUsage] = {}
             for handle in wanted:
                 packets, octets = traffic.get(handle, (0, 0))
                 seen = self._seen(handle)
                 last_traffic = self._note_traffic(handle, octets, now)
+                connections = counts.get(handle, 0)
+                if not (connections or octets or packets or seen or last_traffic):
+                    result[handle] = NO_USAGE
+                    continue
                 last_times = [t for t in (seen[1] if seen else None, last_traffic) if t]
                 flows: tuple[Flow, ...] = ()
-                if with_flows and self._flows is not None and counts.get(handle):
+                if with_flows and self._flows is not None and connections:
                     flows = tuple(self._flows.flows(handle))
                 result[handle] = GrantUsage(
-                    connections=counts.get(handle, 0),
+                    connections=connections,
                     packets=packets,
                     bytes=octets,
                     first_seen=seen[0] if seen else None,
@@ -102,5 +118,6 @@ class UsageReader:
             when = now
         else:
             when = previous[1] or None
-        self._observed[handle] = (octets, when or 0.0)
+        # Idle grants share one value instead of a tuple each.
+        self._observed[handle] = (octets, when or 0.0) if octets or when else _IDLE
         return when

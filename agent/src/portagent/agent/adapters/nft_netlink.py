@@ -995,28 +995,21 @@ def read_state(sock: NetlinkSocket, now: float) -> KernelState:
 def _read_state(sock: NetlinkSocket, now: float) -> KernelState:
     started = time.time()
     state = KernelState()
-    seq = sock.take_seq()
-    if not list(sock.request(dump_request(NFT_MSG_GETTABLE, seq), seq)):
+    sets = _our_sets(sock)
+    if sets is None:
         return state  # ENOENT: no table
     state.present = True
-    seq = sock.take_seq()
-    sets: list[tuple[str, int, int]] = []
-    for msg in sock.request(dump_request(NFT_MSG_GETSET, seq), seq):
-        sets.append(parse_set(msg))
-        if len(sets) > MAX_SETS:
-            raise _bad("too many sets in our table")
+    elements, counters = state.elements, state.counters
     for name, key_len, data_len in sets:
-        match = _MAP_NAME.fullmatch(name)
-        if match:
-            version, prefixlen = int(match.group(1)), int(match.group(2))
-            if (
-                key_len != (12 if version == 4 else 24)
-                or data_len != 4
-                or prefixlen > (32 if version == 4 else 128)
-            ):
-                raise _bad(f"map {name} with key length {key_len}, data length {data_len}")
-            state.maps.add((version, prefixlen))
-            _read_map(sock, name, MapDecoder(version, prefixlen, now), state)
+        layout = _map_layout(name, key_len, data_len)
+        if layout is not None:
+            state.maps.add(layout)
+            for element, counter in _map_elements(sock, name, MapDecoder(*layout, now)):
+                key = element.key
+                if key in elements:
+                    raise DumpInterrupted(f"{name} listed an element twice")
+                elements[key] = element
+                counters[key] = counter
         elif _MARK_SET_NAME.fullmatch(name):
             if key_len != 4:
                 raise _bad(f"handle set {name} with key length {key_len}")
@@ -1031,10 +1024,75 @@ def _read_state(sock: NetlinkSocket, now: float) -> KernelState:
     return state
 
 
-def _read_map(sock: NetlinkSocket, name: str, decoder: MapDecoder, state: KernelState) -> None:
-    """The elements of map `name` into `state`: each element list at once when it is
-    laid out like the map's first element (MapDecoder.element_list), else one by one."""
-    elements, counters = state.elements, state.counters
+def read_traffic(sock: NetlinkSocket, now: float) -> dict[int, tuple[int, int]]:
+    """Accepted (packets, bytes) per grant handle, summed over its map elements; handles
+    whose counters are all zero are left out. The same dumps as `read_state`, folded
+    as they stream: a 100k table is never held as a listing (the usage reader runs
+    every few seconds, and the listing cost ~60 MB and its objects' CPU each time)."""
+    for attempt in range(DUMP_ATTEMPTS - 1):
+        try:
+            return _read_traffic(sock, now)
+        except DumpInterrupted:
+            pass
+        time.sleep(DUMP_RETRY_PAUSE * (attempt + 1))
+    return _read_traffic(sock, now)
+
+
+def _read_traffic(sock: NetlinkSocket, now: float) -> dict[int, tuple[int, int]]:
+    traffic: dict[int, tuple[int, int]] = {}
+    for name, key_len, data_len in _our_sets(sock) or []:
+        layout = _map_layout(name, key_len, data_len)
+        if layout is None:
+            continue
+        # Only elements that counted something are summed, so only they are checked
+        # for a repeat (a dump across a hash table resize can list one twice).
+        counted: set[ElementKey] = set()
+        for element, (packets, octets) in _map_elements(sock, name, MapDecoder(*layout, now)):
+            if packets or octets:
+                if element.key in counted:
+                    raise DumpInterrupted(f"{name} listed an element twice")
+                counted.add(element.key)
+                before = traffic.get(element.handle, (0, 0))
+                traffic[element.handle] = (before[0] + packets, before[1] + octets)
+    return traffic
+
+
+def _our_sets(sock: NetlinkSocket) -> list[tuple[str, int, int]] | None:
+    """(name, key length, data length) of every set in our table; None without it."""
+    seq = sock.take_seq()
+    if not list(sock.request(dump_request(NFT_MSG_GETTABLE, seq), seq)):
+        return None  # ENOENT: no table
+    seq = sock.take_seq()
+    sets: list[tuple[str, int, int]] = []
+    for msg in sock.request(dump_request(NFT_MSG_GETSET, seq), seq):
+        sets.append(parse_set(msg))
+        if len(sets) > MAX_SETS:
+            raise _bad("too many sets in our table")
+    return sets
+
+
+def _map_layout(name: str, key_len: int, data_len: int) -> tuple[int, int] | None:
+    """(version, prefix length) of one of our grant maps, None for any other set; a
+    grant map whose lengths do not fit its name is refused."""
+    match = _MAP_NAME.fullmatch(name)
+    if not match:
+        return None
+    version, prefixlen = int(match.group(1)), int(match.group(2))
+    if (
+        key_len != (12 if version == 4 else 24)
+        or data_len != 4
+        or prefixlen > (32 if version == 4 else 128)
+    ):
+        raise _bad(f"map {name} with key length {key_len}, data length {data_len}")
+    return version, prefixlen
+
+
+def _map_elements(
+    sock: NetlinkSocket, name: str, decoder: MapDecoder
+) -> Iterator[tuple[Element, tuple[int, int]]]:
+    """The (element, counter) pairs of map `name` as they stream: each element list
+    at once when it is laid out like the map's first element
+    (MapDecoder.element_list), else one by one."""
     count = 0
     seq = sock.take_seq()
     for msg in sock.request(dump_request(NFT_MSG_GETSETELEM, seq, name), seq):
@@ -1050,12 +1108,7 @@ def _read_map(sock: NetlinkSocket, name: str, decoder: MapDecoder, state: Kernel
             count += len(decoded)
             if count > MAX_ELEMENTS_PER_SET:
                 raise _bad(f"more than {MAX_ELEMENTS_PER_SET} elements in {name}")
-            for element, counter in decoded:
-                key = element.key
-                if key in elements:
-                    raise DumpInterrupted(f"{name} listed an element twice")
-                elements[key] = element
-                counters[key] = counter
+            yield from decoded
 
 
 def _set_element_spans(sock: NetlinkSocket, name: str) -> Iterator[tuple[bytes, int, int]]:
