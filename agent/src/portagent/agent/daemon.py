@@ -449,11 +449,17 @@ def run(settings: Settings, config_path: Path, store: Store) -> int:
     from portagent.agent.adapters.services import ServiceFinder
     from portagent.agent.admin import AdminServer
     from portagent.agent.api.grpc_server import start_server
-    from portagent.agent.engine import Engine, Observers, release_free_memory
+    from portagent.agent.engine import (
+        Engine,
+        Observers,
+        pin_mmap_threshold,
+        release_free_memory,
+    )
     from portagent.agent.fleet_client import FleetClient
     from portagent.agent.store import StoreError
     from portagent.agent.usage import UsageReader
 
+    pin_mmap_threshold()
     events = EventLog()
     audit = _start_audit(settings, events)
     started = time.time()
