@@ -42,7 +42,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from portagent.agent.model import Element, ElementKey, MarkElement, Source
 from portagent.agent.plan import Plan
@@ -976,20 +976,31 @@ class NetlinkSocket:
                 return
 
 
+_Read = TypeVar("_Read")
+
+
 class DumpInterrupted(EnforcementError):
     """The kernel flagged a dump inconsistent (NLM_F_DUMP_INTR): list again."""
 
 
 def read_state(sock: NetlinkSocket, now: float) -> KernelState:
     """Our table as the kernel holds it (see NftablesFirewall.read_state)."""
+    return _until_consistent(_read_state, sock, now)
+
+
+def _until_consistent(
+    read: Callable[[NetlinkSocket, float], _Read], sock: NetlinkSocket, now: float
+) -> _Read:
+    """`read(sock, now)`, again after a short pause while the kernel says the dump was
+    inconsistent (DUMP_ATTEMPTS in all; the last one's DumpInterrupted is raised)."""
     for attempt in range(DUMP_ATTEMPTS - 1):
         try:
-            return _read_state(sock, now)
+            return read(sock, now)
         except DumpInterrupted:
             pass
         # Outside the except block: its traceback would keep the partial listing alive.
         time.sleep(DUMP_RETRY_PAUSE * (attempt + 1))
-    return _read_state(sock, now)
+    return read(sock, now)
 
 
 def _read_state(sock: NetlinkSocket, now: float) -> KernelState:
@@ -1029,13 +1040,7 @@ def read_traffic(sock: NetlinkSocket, now: float) -> dict[int, tuple[int, int]]:
     whose counters are all zero are left out. The same dumps as `read_state`, folded
     as they stream: a 100k table is never held as a listing (the usage reader runs
     every few seconds, and the listing cost ~60 MB and its objects' CPU each time)."""
-    for attempt in range(DUMP_ATTEMPTS - 1):
-        try:
-            return _read_traffic(sock, now)
-        except DumpInterrupted:
-            pass
-        time.sleep(DUMP_RETRY_PAUSE * (attempt + 1))
-    return _read_traffic(sock, now)
+    return _until_consistent(_read_traffic, sock, now)
 
 
 def _read_traffic(sock: NetlinkSocket, now: float) -> dict[int, tuple[int, int]]:
