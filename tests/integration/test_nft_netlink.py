@@ -37,7 +37,7 @@ from portagent.agent.adapters.ruleset_watch import RulesetWatcher, decode_newgen
 from portagent.agent.model import Element, ElementKey, MarkElement, Source
 from portagent.agent.plan import Plan
 from portagent.agent.render import Layout, parse_listing, render_plan
-from portagent.agent.usage import traffic_of
+from portagent.testing.fakes import traffic_of
 from portagent.testing.netns import in_netns
 from portagent.wire.errors import EnforcementError
 from portagent.wire.ports import Protocol, parse_port_spec

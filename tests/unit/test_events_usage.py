@@ -9,8 +9,8 @@ from portagent.agent.cli import ago, human_bytes
 from portagent.agent.events import EventHub, EventKind
 from portagent.agent.model import Element, ElementKey, Flow, Source
 from portagent.agent.render import KernelState
-from portagent.agent.usage import NO_USAGE, UsageReader, traffic_of
-from portagent.testing.fakes import FakeClock
+from portagent.agent.usage import NO_USAGE, UsageReader
+from portagent.testing.fakes import FakeClock, traffic_of
 from portagent.wire.ports import Protocol
 
 

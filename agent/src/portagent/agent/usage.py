@@ -14,24 +14,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from portagent.agent.model import Flow
-from portagent.agent.render import KernelState
 
 
 class CounterSource(Protocol):
     def read_traffic(self, now: float) -> dict[int, tuple[int, int]]:
         """Accepted (packets, bytes) per grant handle; handles at zero left out."""
         ...
-
-
-def traffic_of(state: KernelState) -> dict[int, tuple[int, int]]:
-    """`CounterSource.read_traffic` of a listing (for sources that list the table)."""
-    traffic: dict[int, tuple[int, int]] = {}
-    for key, element in state.elements.items():
-        packets, octets = state.counters.get(key, (0, 0))
-        if packets or octets:
-            before = traffic.get(element.handle, (0, 0))
-            traffic[element.handle] = (before[0] + packets, before[1] + octets)
-    return traffic
 
 
 class FlowSource(Protocol):

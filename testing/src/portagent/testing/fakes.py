@@ -14,6 +14,18 @@ from portagent.agent.render import KernelState, Layout
 from portagent.wire.errors import EnforcementError
 
 
+def traffic_of(state: KernelState) -> dict[int, tuple[int, int]]:
+    """`CounterSource.read_traffic` (portagent.agent.usage) computed from a listing: what
+    the streaming read must equal, and what fakes that hold a listing answer."""
+    traffic: dict[int, tuple[int, int]] = {}
+    for key, element in state.elements.items():
+        packets, octets = state.counters.get(key, (0, 0))
+        if packets or octets:
+            before = traffic.get(element.handle, (0, 0))
+            traffic[element.handle] = (before[0] + packets, before[1] + octets)
+    return traffic
+
+
 class FakeClock:
     def __init__(self, now: float = 1_800_000_000.0) -> None:
         self.now = now
